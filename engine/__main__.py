@@ -1,0 +1,119 @@
+"""Scripting without the UI.
+
+    python -m engine panels --sheet SHEET.png --prompt "running in the rain" --prompt "waving" --seed 7 --out DIR
+    python -m engine info --preset full
+
+Errors (bad input, missing weights) print one line saying what is wrong and what to do, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _override(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--override expects NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="demo", help="full, demo, or a preset JSON file (default: demo)")
+    parser.add_argument("--override", action="append", type=_override, default=[], metavar="NAME=PATH",
+                        help="load component NAME from a local path (repeatable), e.g. adapter=out/ip-adapter.safetensors")
+    parser.add_argument("--device", default=None, help="torch device (default: the preset's policy)")
+    parser.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--low-vram", action="store_true", default=None, help="model CPU offload + VAE slicing/tiling")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    info = sub.add_parser("info", help="load a preset and print which components came from where")
+    _engine_args(info)
+
+    panels = sub.add_parser("panels", help="generate panels of one character from a sheet and prompts")
+    _engine_args(panels)
+    panels.add_argument("--sheet", help="the accepted character sheet (image file); omit for panels without one")
+    panels.add_argument("--prompt", action="append", required=True, help="a panel prompt (repeat for more panels)")
+    panels.add_argument("--negative-prompt", default=None)
+    panels.add_argument("--seed", type=int, default=None, help="seed of the first panel; panel i uses seed + i")
+    panels.add_argument("--steps", type=int, default=None, dest="num_inference_steps")
+    panels.add_argument("--width", type=int, default=None)
+    panels.add_argument("--height", type=int, default=None)
+    panels.add_argument("--guidance", type=float, default=None, dest="guidance_scale")
+    panels.add_argument("--adapter-scale", type=float, default=None)
+    panels.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
+    panels.add_argument("--batch-size", type=int, default=None, dest="max_batch_size",
+                        help="panels per UNet batch (default: all at once)")
+    panels.add_argument("--out", required=True, help="output folder (created)")
+    return parser.parse_args(argv)
+
+
+def _load(args):
+    from . import load_engine
+
+    return load_engine(args.preset, overrides=dict(args.override), device=args.device, dtype=args.dtype,
+                       low_vram=args.low_vram)
+
+
+def run_panels(args) -> dict:
+    from .preprocess import load_image
+
+    sheet = load_image(args.sheet, name="--sheet") if args.sheet else None
+    engine = _load(args)
+    start = time.perf_counter()
+    options = engine.generation_options(
+        num_inference_steps=args.num_inference_steps, width=args.width, height=args.height,
+        guidance_scale=args.guidance_scale, adapter_scale=args.adapter_scale,
+    )
+    output = engine.personalize(
+        prompt=args.prompt, sheet=sheet, negative_prompt=args.negative_prompt, seeds=args.seed,
+        num_images_per_prompt=args.num_images_per_prompt, max_batch_size=args.max_batch_size, **options,
+    )
+    seconds = time.perf_counter() - start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    k = args.num_images_per_prompt
+    records = []
+    for index, image in enumerate(output.images):
+        name = f"panel_{index // k:03d}" + (f"_{index % k}" if k > 1 else "") + ".png"
+        image.save(out / name)
+        records.append({"file": name, "prompt": output.prompts[index // k], "seed": output.seeds[index]})
+    manifest = {
+        "preset": engine.preset.name,
+        "device": str(engine.device),
+        "components": [vars(c) for c in engine.components],
+        "options": options,
+        "sheet": args.sheet,
+        "seconds": round(seconds, 3),
+        "panels": records,
+    }
+    (out / "panels.json").write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.command == "info":
+            print(_load(args).describe())
+        else:
+            manifest = run_panels(args)
+            for record in manifest["panels"]:
+                print(f"{Path(args.out) / record['file']}  seed={record['seed']}  {record['prompt']}")
+            print(f"{len(manifest['panels'])} panels in {manifest['seconds']:.1f} s ({manifest['preset']} on {manifest['device']})")
+    except ValueError as exc:  # bad input and missing weights: one clear message, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from .personalize import PersonalizePipeline, PersonalizePipelineOutput, SheetEmbeds
+
+__all__ = ["PersonalizePipeline", "PersonalizePipelineOutput", "SheetEmbeds"]

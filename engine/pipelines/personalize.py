@@ -1,0 +1,444 @@
+"""Stage II: PersonalizePipeline = SDXL + IP-Adapter conditioned on a standardized character sheet.
+
+Each panel is SDXL(prompt) + adapter(sheet). Differences from a stock ``StableDiffusionXLPipeline`` call:
+
+* many panels per call, one UNet batch (chunked by ``max_batch_size``), each with its own seed, prompt and sheet;
+* the sheet is encoded once per character: embeddings are cached by image content and reused across calls;
+* panels without a character (``sheet=None`` entries) run in the same call with the adapter switched off;
+* defaults follow the paper (DDIM, 20 steps, 512x768).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.models.embeddings import ImageProjection
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
+
+from ..preprocess.image import load_image, pad_to_square
+
+MAX_PROMPT_CHARS = 2000
+
+
+@dataclass(frozen=True)
+class SheetEmbeds:
+    """CLIP-vision encoding of one character sheet (conditional and unconditional), ready for the adapter."""
+
+    cond: torch.Tensor  # [1, tokens, dim] hidden states (Full/Plus adapters) or [1, dim] (basic adapter)
+    uncond: torch.Tensor
+    key: str  # sha256 of the sheet's RGB pixels
+
+
+@dataclass
+class PersonalizePipelineOutput(BaseOutput):
+    """``images[i * num_images_per_prompt + j]`` is image ``j`` of ``prompts[i]``, made with ``seeds[...]`` alike."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    prompts: list[str]
+    seeds: list[int]
+
+
+def sheet_key(image: PIL.Image.Image) -> str:
+    digest = hashlib.sha256(f"{image.size}".encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+class PersonalizePipeline(StableDiffusionXLPipeline):
+    """SerialGen Stage II over SDXL (UNet, two text encoders, VAE, scheduler) + CLIP image encoder + adapter.
+
+    Load the adapter with ``load_ip_adapter`` (our 257-token adapter or ``ip-adapter-plus_sdxl_vit-h``) or
+    install a fresh one with ``engine.models.IPAdapterModules.install``.
+    """
+
+    sheet_cache_size = 32
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        tokenizer_2: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        feature_extractor: CLIPImageProcessor = None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = False,
+    ):
+        # The invisible watermark is off by default: panels are drawn on and exported, and it needs extra packages.
+        super().__init__(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+            force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self._sheet_cache: OrderedDict[tuple, SheetEmbeds] = OrderedDict()
+        self._uncond_cache: dict[tuple, torch.Tensor] = {}
+        self.num_runs = 0
+        self.current_run = 0
+
+    # ------------------------------------------------------------------ sheet encoding
+    @property
+    def has_adapter(self) -> bool:
+        return getattr(self.unet, "encoder_hid_proj", None) is not None and (
+            self.unet.config.encoder_hid_dim_type == "ip_image_proj"
+        )
+
+    def _adapter_wants_hidden_states(self) -> bool:
+        layers = self.unet.encoder_hid_proj.image_projection_layers
+        return not isinstance(layers[0], ImageProjection)
+
+    def _encoder_state(self) -> tuple:
+        # Embeddings are valid for one encoder + output kind; a new encoder or adapter kind invalidates the cache.
+        return (id(self.image_encoder), self._adapter_wants_hidden_states())
+
+    def _encode_pixels(self, pixel_values: torch.Tensor, hidden_states: bool) -> torch.Tensor:
+        device = self._execution_device
+        dtype = next(self.image_encoder.parameters()).dtype
+        pixel_values = pixel_values.to(device=device, dtype=dtype)
+        if hidden_states:
+            return self.image_encoder(pixel_values, output_hidden_states=True).hidden_states[-2]
+        return self.image_encoder(pixel_values).image_embeds
+
+    @torch.no_grad()
+    def encode_sheet(self, sheet) -> SheetEmbeds:
+        """Encodes a character sheet once; the same pixels later return the cached embeddings."""
+        if isinstance(sheet, SheetEmbeds):
+            return sheet
+        if not self.has_adapter:
+            raise ValueError("a sheet was given but no adapter is loaded: call load_ip_adapter(...) first")
+        if self.image_encoder is None or self.feature_extractor is None:
+            raise ValueError("the pipeline has no image_encoder/feature_extractor to encode the sheet with")
+        image = load_image(sheet, name="sheet")
+        state = self._encoder_state()
+        cache_key = (sheet_key(image), *state)
+        if cache_key in self._sheet_cache:
+            self._sheet_cache.move_to_end(cache_key)
+            return self._sheet_cache[cache_key]
+
+        pixel_values = self.feature_extractor(pad_to_square(image), return_tensors="pt").pixel_values
+        cond = self._encode_pixels(pixel_values, hidden_states=state[1])
+        embeds = SheetEmbeds(cond=cond, uncond=self._uncond_embeds(), key=cache_key[0])
+        self._sheet_cache[cache_key] = embeds
+        while len(self._sheet_cache) > self.sheet_cache_size:
+            self._sheet_cache.popitem(last=False)
+        return embeds
+
+    def _uncond_embeds(self) -> torch.Tensor:
+        """The unconditional image embedding (an all-zero image, as in diffusers), computed once per encoder."""
+        state = self._encoder_state()
+        if state not in self._uncond_cache:
+            crop = self.feature_extractor.crop_size
+            zeros = torch.zeros(1, 3, crop["height"], crop["width"])
+            cond_shape_probe = self._encode_pixels(zeros, hidden_states=state[1])
+            self._uncond_cache[state] = cond_shape_probe if state[1] else torch.zeros_like(cond_shape_probe)
+        return self._uncond_cache[state]
+
+    def clear_sheet_cache(self) -> None:
+        self._sheet_cache.clear()
+        self._uncond_cache.clear()
+
+    # ------------------------------------------------------------------ inputs
+    def check_panel_inputs(
+        self, prompt, sheet, negative_prompt, seeds, num_inference_steps, height, width, guidance_scale,
+        adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs,
+    ) -> list[str]:
+        """Validates the call and returns the prompt list; every problem raises ``ValueError`` naming the value."""
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a list of strings; got {type(prompt).__name__}")
+        if len(prompts) == 0:
+            raise ValueError("prompt list is empty: give at least one panel prompt")
+        for i, p in enumerate(prompts):
+            if not p.strip():
+                raise ValueError(f"prompt[{i}] is empty: describe what the panel shows")
+            if len(p) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt[{i}] has {len(p)} characters; keep a panel prompt under {MAX_PROMPT_CHARS}")
+        n = len(prompts)
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % 8 != 0:
+                raise ValueError(f"{name}={value!r} must be a positive multiple of 8 (for example 512 or 768)")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 0")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
+            raise ValueError(f"max_batch_size={max_batch_size!r} must be None or an integer >= 1")
+        if isinstance(negative_prompt, (list, tuple)) and len(negative_prompt) != n:
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {n} prompts: give one, or one per prompt")
+        if isinstance(seeds, (list, tuple)):
+            if len(seeds) not in (n, n * num_images_per_prompt):
+                raise ValueError(
+                    f"{len(seeds)} seeds for {n} prompts x {num_images_per_prompt} images: give one seed per prompt"
+                    f" ({n}) or per image ({n * num_images_per_prompt})"
+                )
+            bad = [s for s in seeds if not isinstance(s, (int, np.integer)) or isinstance(s, bool) or s < 0]
+            if bad:
+                raise ValueError(f"seeds must be non-negative integers; got {bad[0]!r}")
+        elif seeds is not None and (not isinstance(seeds, (int, np.integer)) or isinstance(seeds, bool) or seeds < 0):
+            raise ValueError(f"seeds={seeds!r} must be a non-negative integer or a list of them")
+        if isinstance(sheet, (list, tuple)) and len(sheet) != n:
+            raise ValueError(f"{len(sheet)} sheets for {n} prompts: give one sheet, or one (or None) per prompt")
+        if not isinstance(adapter_scale, (int, float, dict, list)) or isinstance(adapter_scale, bool):
+            raise ValueError(f"adapter_scale={adapter_scale!r} must be a number or a per-block dict")
+        bad_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad_inputs:
+            raise ValueError(f"callback tensor inputs {bad_inputs} are not among {self._callback_tensor_inputs}")
+        return list(prompts)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        sheet=None,
+        negative_prompt: str | list[str] | None = None,
+        seeds: int | list[int] | None = None,
+        num_inference_steps: int = 20,
+        height: int = 768,
+        width: int = 512,
+        guidance_scale: float = 5.0,
+        adapter_scale: float | dict = 1.0,
+        num_images_per_prompt: int = 1,
+        max_batch_size: int | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        r"""Generates one panel per prompt (times ``num_images_per_prompt``).
+
+        Args:
+            prompt: one panel prompt or a list (a batch of panels).
+            sheet: the character sheet (PIL/np/path, any mode) or its ``SheetEmbeds``; one for all panels, or a
+                list with one entry per prompt where ``None`` means a panel without a character.
+            negative_prompt: one for all panels or one per prompt.
+            seeds: per prompt or per image; an int ``s`` means ``s, s+1, ...``; ``None`` draws random seeds (returned
+                in the output so a panel can be redrawn exactly). With per-prompt seeds, image ``j`` of prompt ``i``
+                uses ``seeds[i] + j``. Noise is drawn on the CPU, so a seed gives the same panel on any device and in
+                any batch.
+            adapter_scale: a number, or per-block scales as in ``set_ip_adapter_scale`` (``{"up": {"block_0": ...}}``).
+            max_batch_size: panels per UNet batch (``None``: all panels of a kind in one batch).
+            callback_on_step_end: ``fn(pipe, step, timestep, kwargs) -> dict``; ``pipe.current_run`` and
+                ``pipe.num_runs`` tell which batch is running.
+        """
+        # 1. Check inputs
+        prompts = self.check_panel_inputs(
+            prompt, sheet, negative_prompt, seeds, num_inference_steps, height, width, guidance_scale,
+            adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs,
+        )
+        n, k = len(prompts), num_images_per_prompt
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = 0.0
+        self._clip_skip = None
+        self._cross_attention_kwargs = None
+        self._denoising_end = None
+        self._interrupt = False
+        device = self._execution_device
+
+        # 2. Per-image lists (image j of prompt i sits at i * k + j)
+        sample_prompts = [p for p in prompts for _ in range(k)]
+        negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt or ""] * n
+        sample_negatives = [neg for neg in negatives for _ in range(k)]
+        sample_seeds = self._expand_seeds(seeds, n, k)
+        sheets = list(sheet) if isinstance(sheet, (list, tuple)) else [sheet] * n
+        embeds = [self.encode_sheet(s) if s is not None else None for s in sheets]
+        sample_embeds = [e for e in embeds for _ in range(k)]
+
+        # 3. Encode prompts once for all images
+        prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
+            prompt=sample_prompts,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=self.do_classifier_free_guidance,
+            negative_prompt=sample_negatives,
+        )
+        projection_dim = (
+            int(pooled.shape[-1]) if self.text_encoder_2 is None else self.text_encoder_2.config.projection_dim
+        )
+        time_ids = self._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=prompt_embeds.dtype,
+            text_encoder_projection_dim=projection_dim,
+        ).to(device)
+
+        # 4. Group images into UNet batches: with and without a character, at most max_batch_size each
+        runs = self._plan_runs(sample_embeds, max_batch_size)
+        self.num_runs = len(runs)
+        latents_out: list[torch.Tensor | None] = [None] * len(sample_prompts)
+        for run_index, indices in enumerate(runs):
+            self.current_run = run_index
+            with_sheet = sample_embeds[indices[0]] is not None
+            idx = torch.tensor(indices, device=prompt_embeds.device)
+            latents = self._denoise(
+                indices=indices,
+                prompt_embeds=prompt_embeds[idx],
+                negative_embeds=negative_embeds[idx] if negative_embeds is not None else None,
+                pooled=pooled[idx],
+                negative_pooled=negative_pooled[idx] if negative_pooled is not None else None,
+                time_ids=time_ids,
+                image_embeds=[sample_embeds[i] for i in indices] if with_sheet else None,
+                adapter_scale=adapter_scale,
+                seeds=[sample_seeds[i] for i in indices],
+                height=height,
+                width=width,
+                num_inference_steps=num_inference_steps,
+                callback_on_step_end=callback_on_step_end,
+                callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            )
+            for i, latent in zip(indices, latents):
+                latents_out[i] = latent
+        latents = torch.stack(latents_out)
+
+        # 9. Decode
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.image_processor.postprocess(self._decode(latents), output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return PersonalizePipelineOutput(images=images, prompts=prompts, seeds=sample_seeds)
+
+    @staticmethod
+    def _expand_seeds(seeds, n: int, k: int) -> list[int]:
+        if seeds is None:
+            return [int(s) for s in np.random.default_rng().integers(0, 2**31 - 1, size=n * k)]
+        if isinstance(seeds, (int, np.integer)):
+            return [int(seeds) + i for i in range(n * k)]
+        if len(seeds) == n * k:
+            return [int(s) for s in seeds]
+        return [int(s) + j for s in seeds for j in range(k)]
+
+    def _plan_runs(self, sample_embeds: list, max_batch_size: int | None) -> list[list[int]]:
+        groups = [
+            [i for i, e in enumerate(sample_embeds) if e is not None],
+            [i for i, e in enumerate(sample_embeds) if e is None],
+        ]
+        size = max_batch_size or len(sample_embeds)
+        return [g[s : s + size] for g in groups for s in range(0, len(g), size) if g]
+
+    def _image_embeds_for_run(self, embeds: list[SheetEmbeds] | None, batch: int) -> list[torch.Tensor] | None:
+        if not self.has_adapter:
+            return None
+        if embeds is None:
+            # A panel without a character: the adapter is switched off (scale 0), any embeddings of the right shape do.
+            uncond = self._uncond_embeds()
+            cond = uncond.expand(batch, *uncond.shape[1:])
+            uncond_b = cond
+        else:
+            cond = torch.cat([e.cond for e in embeds])
+            uncond_b = torch.cat([e.uncond for e in embeds])
+        stacked = torch.cat([uncond_b, cond]) if self.do_classifier_free_guidance else cond
+        # diffusers expects [batch, num_images, ...] per adapter.
+        return [stacked.unsqueeze(1).to(device=self._execution_device, dtype=self.unet.dtype)]
+
+    def _denoise(
+        self, indices, prompt_embeds, negative_embeds, pooled, negative_pooled, time_ids, image_embeds,
+        adapter_scale, seeds, height, width, num_inference_steps, callback_on_step_end,
+        callback_on_step_end_tensor_inputs,
+    ) -> torch.Tensor:
+        device = self._execution_device
+        batch = len(indices)
+
+        # 5. Prepare timesteps (per run: stateful schedulers start over)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
+        if hasattr(self.scheduler, "set_begin_index"):
+            self.scheduler.set_begin_index(0)
+
+        # 6. Prepare latents: one CPU generator per image, so a seed reproduces its panel anywhere
+        shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        noise = [randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
+        latents = torch.cat(noise).to(device=device, dtype=prompt_embeds.dtype) * self.scheduler.init_noise_sigma
+
+        # 7. Prepare added conditions
+        add_text_embeds, add_time_ids = pooled, time_ids.repeat(batch, 1)
+        if self.do_classifier_free_guidance:
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+            add_text_embeds = torch.cat([negative_pooled, add_text_embeds])
+            add_time_ids = torch.cat([add_time_ids, add_time_ids])
+        added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
+        ip_embeds = self._image_embeds_for_run(image_embeds, batch)
+        if ip_embeds is not None:
+            added_cond_kwargs["image_embeds"] = ip_embeds
+            self.set_ip_adapter_scale(adapter_scale if image_embeds is not None else 0.0)
+
+        # 8. Denoising loop
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    break
+                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.unet(
+                    model_input,
+                    t,
+                    encoder_hidden_states=prompt_embeds,
+                    added_cond_kwargs=added_cond_kwargs,
+                    return_dict=False,
+                )[0]
+                if self.do_classifier_free_guidance:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+
+                if callback_on_step_end is not None:
+                    callback_kwargs = {}
+                    local_values = {
+                        "latents": latents,
+                        "prompt_embeds": prompt_embeds,
+                        "add_text_embeds": add_text_embeds,
+                        "add_time_ids": add_time_ids,
+                    }
+                    for name in callback_on_step_end_tensor_inputs:
+                        callback_kwargs[name] = local_values[name]
+                    outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = outputs.pop("latents", latents)
+                progress_bar.update()
+        return latents
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
+        if needs_upcasting:
+            self.upcast_vae()
+        latents = latents.to(dtype=next(iter(vae.post_quant_conv.parameters())).dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
+        if needs_upcasting:
+            vae.to(dtype=torch.float16)
+        return image

@@ -1,0 +1,3 @@
+from .image import MAX_PIXELS, load_image, pad_to_square
+
+__all__ = ["MAX_PIXELS", "load_image", "pad_to_square"]

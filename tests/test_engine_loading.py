@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from components import make_sheet
+
+from engine import EngineLoadError, Preset, get_preset, load_engine
+from engine.__main__ import main as cli_main
+from engine.presets import DEMO, FULL
+
+
+def test_presets_name_every_component_and_the_full_fallback_adapter():
+    for preset in (FULL, DEMO):
+        assert set(preset.components) == {"sdxl", "image_encoder", "adapter"}
+    assert FULL.components["sdxl"].source == "stabilityai/stable-diffusion-xl-base-1.0"
+    assert FULL.components["adapter"].filename == "ip-adapter-plus_sdxl_vit-h.safetensors"
+    assert FULL.requires_gpu and not DEMO.requires_gpu
+    assert FULL.defaults["num_inference_steps"] == 20 and (FULL.defaults["width"], FULL.defaults["height"]) == (512, 768)
+
+
+def test_unknown_preset_and_component_are_named():
+    with pytest.raises(ValueError, match="unknown preset 'large'.*'demo'.*'full'"):
+        get_preset("large")
+    with pytest.raises(ValueError, match="unknown component 'vae'"):
+        load_engine("demo", overrides={"vae": "/tmp"})
+
+
+def test_demo_preset_without_models_says_what_is_missing(monkeypatch, tmp_path):
+    empty = DEMO.with_overrides({"sdxl": str(tmp_path / "none")})
+    with pytest.raises(EngineLoadError) as info:
+        load_engine(empty)
+    text = str(info.value)
+    assert "component 'sdxl'" in text and str(tmp_path / "none") in text and "--override sdxl=" in text
+
+
+def test_demo_preset_message_points_at_the_trainer():
+    if DEMO.components["sdxl"].local_path().exists():
+        pytest.skip("demo models are present in this checkout")
+    with pytest.raises(EngineLoadError, match="trainer"):
+        load_engine("demo")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_full_preset_without_gpu_says_so():
+    with pytest.raises(EngineLoadError, match="needs a GPU.*--preset demo"):
+        load_engine("full")
+
+
+def test_full_preset_offline_names_the_hub_repo_and_how_to_get_it(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EngineLoadError) as info:
+        load_engine("full", device="cpu")
+    text = str(info.value)
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in text and "HF_HUB_OFFLINE=1" in text
+    assert "hf download" in text and "--override sdxl=" in text
+
+
+def test_engine_from_local_overrides_reports_sources_and_generates(tiny_overrides):
+    engine = load_engine("demo", overrides=tiny_overrides, device="cpu")
+    report = {c.name: c for c in engine.components}
+    assert set(report) == {"sdxl", "image_encoder", "adapter"}
+    assert report["sdxl"].location == tiny_overrides["sdxl"]
+    assert report["adapter"].location.endswith("ip-adapter.safetensors")
+    assert "IPAdapterFullImageProjection" in report["adapter"].kind
+    assert type(engine.personalize.scheduler).__name__ == "DDIMScheduler"
+    assert "preset demo on cpu" in engine.describe()
+    out = engine.generate_panels(["a", "b"], sheet=make_sheet(), seeds=[1, 2], height=64, width=64,
+                                 num_inference_steps=2, output_type="np")
+    assert out.images.shape == (2, 64, 64, 3)
+
+
+def test_adapter_override_by_folder_finds_the_weight_file(tiny_engine_dir, tiny_overrides):
+    overrides = {**tiny_overrides, "adapter": str(tiny_engine_dir / "adapter")}
+    engine = load_engine("demo", overrides=overrides, device="cpu")
+    assert engine.personalize.has_adapter
+
+
+def test_preset_json_round_trip(tmp_path, tiny_overrides):
+    preset = DEMO.with_overrides(tiny_overrides)
+    path = tmp_path / "preset.json"
+    path.write_text(json.dumps(preset.to_dict()))
+    assert get_preset(str(path)) == preset
+    assert isinstance(get_preset(preset), Preset)
+
+
+def _cli_args(tiny_overrides):
+    args = []
+    for name, path in tiny_overrides.items():
+        args += ["--override", f"{name}={path}"]
+    return args + ["--device", "cpu", "--width", "64", "--height", "64", "--steps", "2"]
+
+
+def test_cli_panels_writes_images_and_manifest(tmp_path, tiny_overrides, capsys):
+    sheet = tmp_path / "sheet.png"
+    make_sheet().save(sheet)
+    out = tmp_path / "out"
+    code = cli_main(["panels", "--sheet", str(sheet), "--prompt", "running", "--prompt", "waving",
+                     "--seed", "7", "--out", str(out), *_cli_args(tiny_overrides)])
+    assert code == 0
+    manifest = json.loads((out / "panels.json").read_text())
+    assert [p["seed"] for p in manifest["panels"]] == [7, 8]
+    assert [p["prompt"] for p in manifest["panels"]] == ["running", "waving"]
+    from PIL import Image
+
+    first = np.asarray(Image.open(out / "panel_000.png"))
+    assert first.shape == (64, 64, 3) and first.std() > 0
+    assert "2 panels in" in capsys.readouterr().out
+    # same seed -> same file content
+    out2 = tmp_path / "out2"
+    cli_main(["panels", "--sheet", str(sheet), "--prompt", "running", "--seed", "7", "--out", str(out2),
+              *_cli_args(tiny_overrides)])
+    np.testing.assert_array_equal(np.asarray(Image.open(out2 / "panel_000.png")), first)
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, tiny_overrides, capsys):
+    code = cli_main(["panels", "--sheet", str(tmp_path / "missing.png"), "--prompt", "x", "--out", str(tmp_path),
+                     *_cli_args(tiny_overrides)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: --sheet: file") and "Traceback" not in err
+    code = cli_main(["panels", "--prompt", "x", "--out", str(tmp_path), "--preset", "nope"])
+    assert code == 2 and "unknown preset 'nope'" in capsys.readouterr().err
+    code = cli_main(["panels", "--prompt", "x", "--out", str(tmp_path), *_cli_args(tiny_overrides)[:-6],
+                     "--width", "63", "--height", "64", "--steps", "2"])
+    assert code == 2 and "width=63" in capsys.readouterr().err

@@ -1,0 +1,198 @@
+import numpy as np
+import pytest
+import torch
+from components import make_sheet, tiny_sdxl_components
+from PIL import Image
+
+from engine.models import IPAdapterModules
+from engine.pipelines import PersonalizePipeline, SheetEmbeds
+
+SIZE = {"height": 64, "width": 64, "num_inference_steps": 2}
+
+
+def make_pipe(with_adapter=True, seed=0):
+    pipe = PersonalizePipeline(**tiny_sdxl_components(seed))
+    pipe.set_progress_bar_config(disable=True)
+    if with_adapter:
+        IPAdapterModules.install(pipe.unet, image_embed_dim=pipe.image_encoder.config.hidden_size, seed=1)
+        # A freshly installed adapter copies to_k/to_v: make the MLP's effect strong enough to see in 2 steps.
+        with torch.no_grad():
+            for p in pipe.unet.encoder_hid_proj.parameters():
+                p.mul_(3.0)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return make_pipe()
+
+
+def run(pipe, prompts, **kw):
+    kw = {**SIZE, "output_type": "np", **kw}
+    return pipe(prompts, **kw)
+
+
+def test_same_seed_same_image_and_different_seed_differs(pipe):
+    sheet = make_sheet()
+    a = run(pipe, "a girl running", sheet=sheet, seeds=5).images
+    b = run(pipe, "a girl running", sheet=sheet, seeds=5).images
+    c = run(pipe, "a girl running", sheet=sheet, seeds=6).images
+    assert a.shape == (1, 64, 64, 3)
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - c).max() > 1e-2
+
+
+def test_batch_returns_images_in_prompt_order(pipe):
+    sheet = make_sheet()
+    prompts = ["running in the rain", "sitting at a desk", "waving on a beach"]
+    batch = run(pipe, prompts, sheet=sheet, seeds=[11, 22, 33])
+    assert batch.images.shape[0] == 3 and batch.prompts == prompts and batch.seeds == [11, 22, 33]
+    for i, (prompt, seed) in enumerate(zip(prompts, [11, 22, 33])):
+        single = run(pipe, prompt, sheet=sheet, seeds=seed).images[0]
+        np.testing.assert_allclose(batch.images[i], single, atol=2e-4)
+    # chunking the batch changes nothing either
+    chunked = run(pipe, prompts, sheet=sheet, seeds=[11, 22, 33], max_batch_size=2).images
+    np.testing.assert_allclose(chunked, batch.images, atol=2e-4)
+
+
+def test_adapter_scale_zero_equals_no_adapter():
+    plain = make_pipe(with_adapter=False)
+    adapted = make_pipe(with_adapter=True)
+    expected = run(plain, ["a knight", "a cat"], seeds=[1, 2]).images
+    got = run(adapted, ["a knight", "a cat"], sheet=make_sheet(), seeds=[1, 2], adapter_scale=0.0).images
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    # ...and the adapter does act at scale 1
+    acting = run(adapted, ["a knight", "a cat"], sheet=make_sheet(), seeds=[1, 2], adapter_scale=1.0).images
+    assert np.abs(acting - expected).max() > 1e-2
+
+
+def test_panel_without_character_in_a_mixed_batch_is_plain_sdxl():
+    plain = make_pipe(with_adapter=False)
+    adapted = make_pipe(with_adapter=True)
+    mixed = run(adapted, ["a knight", "an empty street"], sheet=[make_sheet(), None], seeds=[1, 2]).images
+    expected = run(plain, "an empty street", seeds=2).images[0]
+    np.testing.assert_allclose(mixed[1], expected, atol=1e-5)
+    with_sheet = run(adapted, "a knight", sheet=make_sheet(), seeds=1).images[0]
+    np.testing.assert_allclose(mixed[0], with_sheet, atol=2e-4)
+
+
+def test_different_sheets_give_different_panels(pipe):
+    red = run(pipe, "a person", sheet=make_sheet((220, 30, 30)), seeds=3).images
+    blue = run(pipe, "a person", sheet=make_sheet((30, 30, 220), seed=9), seeds=3).images
+    assert np.abs(red - blue).max() > 1e-2
+
+
+def test_per_block_adapter_scale(pipe):
+    sheet = make_sheet()
+    full = run(pipe, "a person", sheet=sheet, seeds=3, adapter_scale=1.0).images
+    off = run(pipe, "a person", sheet=sheet, seeds=3, adapter_scale=0.0).images
+    up_only = run(pipe, "a person", sheet=sheet, seeds=3, adapter_scale={"up": {"block_0": [1.0]}}).images
+    assert np.abs(up_only - full).max() > 1e-3 and np.abs(up_only - off).max() > 1e-3
+
+
+def test_sheet_cache_hit_does_not_rerun_image_encoder(pipe):
+    calls = []
+    handle = pipe.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pipe.clear_sheet_cache()
+        sheet = make_sheet(seed=42)
+        run(pipe, ["a", "b"], sheet=sheet, seeds=0)
+        first = len(calls)
+        assert first == 2  # the sheet and the unconditional (blank) image, once each for two panels
+        run(pipe, ["c", "d", "e"], sheet=sheet.copy(), seeds=0)  # same pixels, another object
+        assert len(calls) == first
+        run(pipe, "f", sheet=make_sheet(seed=43), seeds=0)  # new content: one more encode
+        assert len(calls) == first + 1
+    finally:
+        handle.remove()
+
+
+def test_sheet_embeds_can_be_passed_instead_of_image(pipe):
+    sheet = make_sheet()
+    embeds = pipe.encode_sheet(sheet)
+    assert isinstance(embeds, SheetEmbeds) and embeds.cond.shape == (1, 65, 32)  # 64 patches + CLS, penultimate layer
+    a = run(pipe, "x", sheet=sheet, seeds=1).images
+    b = run(pipe, "x", sheet=embeds, seeds=1).images
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "array", "float-array"])
+def test_sheet_in_any_mode(pipe, mode):
+    rgb = make_sheet()
+    sheet = {
+        "RGBA": rgb.convert("RGBA"),
+        "L": rgb.convert("L"),
+        "P": rgb.convert("P"),
+        "CMYK": rgb.convert("CMYK"),
+        "array": np.asarray(rgb),
+        "float-array": np.asarray(rgb).astype(np.float32) / 255.0,
+    }[mode]
+    out = run(pipe, "a person", sheet=sheet, seeds=1).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+
+
+def test_transparent_sheet_is_composited_on_white(pipe):
+    rgba = Image.new("RGBA", (48, 72), (0, 0, 0, 0))
+    rgba.paste((10, 200, 10, 255), (16, 12, 32, 60))
+    on_white = Image.new("RGB", (48, 72), (255, 255, 255))
+    on_white.paste((10, 200, 10), (16, 12, 32, 60))
+    assert pipe.encode_sheet(rgba).key == pipe.encode_sheet(on_white).key
+
+
+def test_num_images_per_prompt_and_seed_rules(pipe):
+    out = run(pipe, ["a", "b"], sheet=make_sheet(), seeds=[10, 20], num_images_per_prompt=2)
+    assert out.images.shape[0] == 4 and out.seeds == [10, 11, 20, 21]
+    single = run(pipe, "b", sheet=make_sheet(), seeds=21).images[0]
+    np.testing.assert_allclose(out.images[3], single, atol=2e-4)
+    drawn = run(pipe, "a", sheet=make_sheet(), seeds=None)
+    again = run(pipe, "a", sheet=make_sheet(), seeds=drawn.seeds)
+    np.testing.assert_array_equal(drawn.images, again.images)
+
+
+def test_callback_on_step_end_sees_every_step(pipe):
+    steps = []
+
+    def callback(p, i, t, kwargs):
+        steps.append((p.current_run, i, tuple(kwargs["latents"].shape)))
+        return {}
+
+    run(pipe, ["a", "b"], sheet=[make_sheet(), None], seeds=0, num_inference_steps=3, callback_on_step_end=callback)
+    assert pipe.num_runs == 2
+    assert [s[:2] for s in steps] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert steps[0][2] == (1, 4, 32, 32)
+
+
+def test_pil_output(pipe):
+    out = pipe("a person", sheet=make_sheet(), seeds=0, **SIZE)
+    assert isinstance(out.images[0], Image.Image) and out.images[0].size == (64, 64)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"prompt": []}, "prompt list is empty"),
+        ({"prompt": ["ok", "  "]}, "prompt[1] is empty"),
+        ({"prompt": "x" * 5000}, "prompt[0] has 5000 characters"),
+        ({"prompt": 5}, "prompt must be a string"),
+        ({"height": 65}, "height=65 must be a positive multiple of 8"),
+        ({"width": 0}, "width=0 must be a positive multiple of 8"),
+        ({"seeds": [1, 2, 3]}, "3 seeds for 2 prompts"),
+        ({"seeds": -1}, "seeds=-1"),
+        ({"sheet": "no/such/sheet.png"}, "does not exist"),
+        ({"sheet": 12}, "sheet must be an image"),
+        ({"sheet": np.zeros((4, 4, 7))}, "is not an image"),
+        ({"sheet": [make_sheet()]}, "1 sheets for 2 prompts"),
+        ({"negative_prompt": ["a"]}, "1 negative prompts for 2 prompts"),
+        ({"num_inference_steps": 0}, "num_inference_steps=0"),
+        ({"adapter_scale": "high"}, "adapter_scale='high'"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
+    call = {"prompt": ["a", "b"], "sheet": make_sheet(), "seeds": [1, 2], **SIZE, **kwargs}
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        pipe(**call)
+
+
+def test_sheet_without_adapter_is_an_error():
+    with pytest.raises(ValueError, match="no adapter is loaded"):
+        run(make_pipe(with_adapter=False), "a", sheet=make_sheet(), seeds=0)
