@@ -196,11 +196,15 @@ def load_engine(
     dtype: str | None = None,
     low_vram: bool | None = None,
 ) -> Engine:
-    """Builds the engine of a preset (``full``, ``demo``, a JSON file or a ``Preset``).
+    """Builds the engine of a preset (``full``, ``demo``, ``auto``, a JSON file or a ``Preset``).
+
+    ``auto`` picks ``full`` when a GPU and its weights are available, otherwise ``demo``; ``Engine.why`` says why.
 
     ``overrides`` maps component names to local paths (or hub ids); ``device``/``dtype``/``low_vram`` override the
     preset's policy. Raises :class:`EngineLoadError` (a ``ValueError``) naming any missing component and how to get it.
     """
+    if preset == "auto":
+        return _load_auto(overrides, device, dtype, low_vram)
     preset = get_preset(preset)
     fields = {"low_vram": low_vram} if low_vram is not None else {}
     preset = preset.with_overrides(overrides, **fields)
@@ -211,3 +215,18 @@ def load_engine(
     personalize, report = load_personalize(preset, torch_device, torch_dtype)
     return Engine(preset=preset, device=torch_device, dtype=torch_dtype, personalize=personalize,
                   components=report, why=why)
+
+
+def _load_auto(overrides, device, dtype, low_vram) -> Engine:
+    if torch.cuda.is_available() or (device or "").startswith("cuda"):
+        try:
+            engine = load_engine("full", overrides, device, dtype, low_vram)
+            engine.why = "auto: a GPU and the full weights are available"
+            return engine
+        except EngineLoadError as exc:
+            reason = f"auto: the full preset could not load ({str(exc).splitlines()[0]}), so the demo preset runs"
+    else:
+        reason = "auto: no GPU found, so the CPU demo preset runs"
+    engine = load_engine("demo", overrides, device, dtype, low_vram)
+    engine.why = reason
+    return engine

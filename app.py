@@ -1,0 +1,38 @@
+"""SerialGen Studio: `python app.py [--preset demo|full|auto] [--share] [--port N] [--server-name H]`."""
+
+import argparse
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="SerialGen Studio")
+    parser.add_argument("--preset", default="auto", help="demo, full, auto (full on a GPU with weights) or a JSON file")
+    parser.add_argument("--override", action="append", default=[], metavar="NAME=PATH", help="component from a path")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--server-name", default="127.0.0.1")
+    args = parser.parse_args(argv)
+
+    from engine import load_engine
+    from studio import build_demo
+
+    engine, status = None, ""
+    try:
+        overrides = dict(o.split("=", 1) for o in args.override)
+        engine = load_engine(args.preset, overrides=overrides, device=args.device)
+        print(engine.describe())
+    except ValueError as exc:  # missing weights etc.: the page says what is missing and keeps serving
+        status = f"The studio could not load its models:\n{exc}"
+        print(status)
+    demo = build_demo(engine, status)
+    try:
+        demo.launch(server_name=args.server_name, server_port=args.port, share=args.share)
+    except Exception as exc:  # noqa: BLE001 - a share link needs the network; serve locally without it
+        if not args.share:
+            raise
+        print(f"Could not create a share link ({exc}); serving locally at http://{args.server_name}:{args.port}")
+        demo.launch(server_name=args.server_name, server_port=args.port, share=False)
+
+
+if __name__ == "__main__":
+    main()
