@@ -1,21 +1,30 @@
-"""SerialGen inference engine: presets, models, pipelines, preprocessing (no UI code)."""
+"""SerialGen inference engine: presets, models, pipelines, preprocessing (no UI code).
 
-from .loading import Engine, EngineLoadError, LoadedComponent, load_engine
-from .models import IPAdapterModules
-from .pipelines import PersonalizePipeline, PersonalizePipelineOutput, SheetEmbeds
-from .presets import PRESETS, ComponentSource, Preset, get_preset
+Imports are lazy (as in diffusers): ``engine.preprocess.pose`` and the synthetic world need only numpy and Pillow,
+so importing a light submodule must not pull in torch and diffusers.
+"""
 
-__all__ = [
-    "PRESETS",
-    "ComponentSource",
-    "Engine",
-    "EngineLoadError",
-    "IPAdapterModules",
-    "LoadedComponent",
-    "PersonalizePipeline",
-    "PersonalizePipelineOutput",
-    "Preset",
-    "SheetEmbeds",
-    "get_preset",
-    "load_engine",
-]
+import importlib
+
+_EXPORTS = {
+    "Engine": ".loading",
+    "EngineLoadError": ".loading",
+    "LoadedComponent": ".loading",
+    "load_engine": ".loading",
+    "IPAdapterModules": ".models",
+    "PersonalizePipeline": ".pipelines",
+    "PersonalizePipelineOutput": ".pipelines",
+    "SheetEmbeds": ".pipelines",
+    "PRESETS": ".presets",
+    "ComponentSource": ".presets",
+    "Preset": ".presets",
+    "get_preset": ".presets",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

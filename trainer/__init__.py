@@ -1,0 +1,1 @@
+"""Reproducing SerialGen's models: the synthetic world, dataset/pair builders, trainers and evaluation."""

@@ -1,0 +1,22 @@
+"""The synthetic character world: procedural (reference, standard) pairs with exact ground truth.
+
+numpy + Pillow only (the torch datasets live in ``trainer.synthetic.dataset``).
+"""
+
+from .character import (
+    Character,
+    appearance_combinations,
+    character_ids,
+    make_character,
+    split_of,
+)
+from .figure import BODY_LABELS, EXPRESSIONS, LABELS
+from .render import FRAMINGS, Sample, SceneSpec, render_sample, render_standard, sample_scene
+from .scenes import SCENES
+from .skeleton import POSE_FAMILIES, VIEWS
+
+__all__ = [
+    "BODY_LABELS", "EXPRESSIONS", "FRAMINGS", "LABELS", "POSE_FAMILIES", "SCENES", "VIEWS", "Character", "Sample",
+    "SceneSpec", "appearance_combinations", "character_ids", "make_character", "render_sample", "render_standard",
+    "sample_scene", "split_of",
+]

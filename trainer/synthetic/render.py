@@ -1,0 +1,275 @@
+"""Rendering samples: a character in a scene, and the same character's standard render (numpy + Pillow)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+from PIL import Image
+
+from engine.preprocess.pose import draw_pose_map
+
+from .character import Character, make_character, split_of
+from .figure import EXPRESSIONS, LABELS, Canvas, FigureDrawer, Transform2D
+from .scenes import LIGHTING, OUTDOOR, PHRASES, SCENES, draw_background
+from .skeleton import POSE_FAMILIES, STANDARD_POSE, VIEWS, Body, Projector, forward_kinematics, pose_angles
+
+FRAMINGS = ("full body", "three-quarter", "half body", "head only")
+EXPRESSION_WORDS = {"neutral": "neutral expression", "smile": "smiling", "laugh": "laughing", "sad": "sad",
+                    "angry": "angry", "surprised": "surprised", "eyes closed": "eyes closed"}
+FRAMING_WORDS = {"full body": "full body", "three-quarter": "three-quarter shot", "half body": "half body",
+                 "head only": "head only"}
+DEFAULT_SIZE = (512, 768)
+SUPERSAMPLE = 2
+# The standard render: head centre at (0.5 W, STANDARD_HEAD_Y H), head height STANDARD_HEAD_H * H.
+STANDARD_HEAD_Y = 0.125
+STANDARD_HEAD_H = 0.1
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """The non-appearance elements of one image (what a panel's text controls)."""
+
+    pose: str
+    mirror: bool
+    expression: str
+    view: str
+    view_mirror: bool
+    framing: str
+    background: str
+    time: str
+    lighting: str
+    rotation: float
+    fill: float
+    position: float
+    seed: int
+
+    def caption(self) -> str:
+        parts = []
+        if self.framing != "head only":
+            parts.append(POSE_FAMILIES[self.pose][0])
+        if self.view != "back":
+            parts.append(EXPRESSION_WORDS[self.expression])
+        parts += [f"{self.view} view", FRAMING_WORDS[self.framing]]
+        place = PHRASES[self.background]
+        if self.background in OUTDOOR and self.time != "day":
+            place += " at sunset" if self.time == "sunset" else " at night"
+        if self.lighting != "neutral":
+            place += f" in {self.lighting} light"
+        return ", ".join(parts + [place])
+
+    def attributes(self) -> dict:
+        return {k: getattr(self, k) for k in ("pose", "expression", "view", "framing", "background", "time",
+                                              "lighting", "rotation")}
+
+
+def _choice(rng, options, p=None):
+    return options[int(rng.choice(len(options), p=p))]
+
+
+def sample_scene(character_id: int, scene_seed: int) -> SceneSpec:
+    """The scene for (character id, scene seed): deterministic."""
+    rng = np.random.default_rng([int(character_id), int(scene_seed), 0x5CE4E])
+    pose = _choice(rng, sorted(POSE_FAMILIES))
+    framing = _choice(rng, FRAMINGS, [0.5, 0.2, 0.15, 0.15]) if pose != "lie_down" else "full body"
+    background = _choice(rng, SCENES)
+    return SceneSpec(
+        pose=pose,
+        mirror=bool(POSE_FAMILIES[pose][3] and rng.random() < 0.5),
+        expression=_choice(rng, EXPRESSIONS),
+        view=_choice(rng, list(VIEWS), [0.4, 0.3, 0.2, 0.1]),
+        view_mirror=bool(rng.random() < 0.5),
+        framing=framing,
+        background=background,
+        time=_choice(rng, ("day", "sunset", "night"), [0.6, 0.25, 0.15]) if background in OUTDOOR else "day",
+        lighting=_choice(rng, list(LIGHTING), [0.55, 0.15, 0.15, 0.15]),
+        rotation=float(np.clip(rng.normal(0, 3.0), -4 if framing == "head only" else -8, 4 if framing == "head only" else 8)),
+        fill=float(rng.uniform(0.72, 0.94)),
+        position=float(rng.uniform(0.3, 0.7)),
+        seed=int(rng.integers(2**31)),
+    )
+
+
+@dataclass
+class Sample:
+    character_id: int
+    scene_seed: int
+    split: str
+    image: Image.Image  # the character in the scene
+    standard: Image.Image  # the same character's standard render
+    mask: Image.Image  # L, 255 = figure (of image)
+    labels: Image.Image  # L, body-part labels (figure.LABELS) of image
+    keypoints: np.ndarray  # (18, 3) OpenPose of image
+    pose_map: Image.Image
+    standard_mask: Image.Image
+    standard_keypoints: np.ndarray
+    standard_pose_map: Image.Image
+    caption: str
+    appearance: str
+    attributes: dict = field(default_factory=dict)
+
+
+@dataclass
+class FigureRender:
+    color: np.ndarray  # (H, W, 3) uint8, premultiplied by alpha
+    alpha: np.ndarray  # (H, W) float32 in [0, 1]
+    labels: np.ndarray  # (H, W) uint8
+    keypoints: np.ndarray
+
+
+def _extent_points(drawer: FigureDrawer) -> tuple[np.ndarray, dict]:
+    """Projected key points (units, y down) used for framing."""
+    sk, b, proj = drawer.sk, drawer.b, drawer.proj
+    j = sk.joints
+    pts = {name: proj(p) for name, p in j.items()}
+    pts["head_top"] = proj(sk.head_center + sk.head_up * b.head_ry * 1.1)
+    pts["chin"] = proj(sk.head_center - sk.head_up * b.head_ry * 1.0)
+    for sx in (-1, 1):
+        pts[f"head_side{sx}"] = proj(sk.head_center + np.array([sx * b.head_rx * 1.2, 0, 0]))
+    return np.array(list(pts.values())), pts
+
+
+def _rotate(points, angle_degrees, center):
+    a = np.radians(angle_degrees)
+    m = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
+    return (np.asarray(points) - center) @ m.T
+
+
+def render_figure(character: Character, angles: dict, view: str, view_mirror: bool, expression: str,
+                  size: tuple[int, int], placement, supersample: int = SUPERSAMPLE) -> FigureRender:
+    """Draws the figure at ``supersample`` x size and averages down (anti-aliasing); ``placement(drawer, extent)``
+    returns (scale px/unit, angle degrees, center_from (units), center_to (px))."""
+    w, h = size
+    body = Body.of(character)
+    skeleton = forward_kinematics(body, angles)
+    projector = Projector(VIEWS[view], mirror_view=view_mirror)
+    drawer = FigureDrawer(character, body, skeleton, projector, Transform2D(1, 0, (0, 0), (0, 0)), expression)
+    scale, angle, center_from, center_to = placement(drawer)
+    ss = supersample
+    drawer.tf = Transform2D(scale * ss, angle, center_from, np.asarray(center_to, float) * ss)
+    drawer.px = drawer.tf.scale
+    color = Image.new("RGB", (w * ss, h * ss), (0, 0, 0))
+    labels = Image.new("L", (w * ss, h * ss), 0)
+    drawer.draw(Canvas(color, labels, outline=0.045 * drawer.px))
+
+    # Anti-aliasing by box-averaging ss x ss blocks (Pillow's C reduce); the figure is premultiplied by coverage.
+    inside = labels.point([0] + [255] * 255)
+    premult = np.asarray(Image.composite(color, Image.new("RGB", color.size), inside).reduce(ss))
+    alpha = np.asarray(inside.reduce(ss), np.float32) / 255.0
+    lab = np.asarray(labels)
+    label_final = np.maximum.reduce([lab[i::ss, j::ss] for i in range(ss) for j in range(ss)]) * (alpha >= 0.5)
+    kp = drawer.keypoints()
+    kp[:, :2] /= ss
+    inside_canvas = (kp[:, 0] >= 0) & (kp[:, 0] < w) & (kp[:, 1] >= 0) & (kp[:, 1] < h)
+    kp[:, 2] = kp[:, 2] * inside_canvas
+    return FigureRender(premult, alpha, label_final.astype(np.uint8), kp)
+
+
+def _scene_placement(spec: SceneSpec, size):
+    w, h = size
+
+    def placement(drawer):
+        points, named = _extent_points(drawer)
+        angle = drawer.sk.roll + spec.rotation
+        center = named["pelvis"]
+        rot = _rotate(points, angle, center)
+        r = {k: v for k, v in zip(named, rot)}
+        top = float(rot[:, 1].min())
+        bottom = {"full body": float(rot[:, 1].max()) + 0.15,
+                  "three-quarter": float((r["r_knee"][1] + r["l_knee"][1]) / 2),
+                  "half body": float(r["pelvis"][1]) + 0.1,
+                  "head only": float(r["chin"][1]) + 0.12}[spec.framing]
+        if spec.framing == "head only":  # the crop hides the body: above the torso top and the upper arms
+            bottom = min(bottom, float(min(r["r_shoulder"][1], r["l_shoulder"][1])) - 0.3, float(r["neck"][1]) - 0.1)
+        top -= 0.15
+        left, right = float(rot[:, 0].min()) - 0.2, float(rot[:, 0].max()) + 0.2
+        if spec.framing != "full body":
+            sel = rot[rot[:, 1] <= bottom]
+            left, right = float(sel[:, 0].min()) - 0.2, float(sel[:, 0].max()) + 0.2
+        scale = spec.fill * h / max(1e-6, bottom - top)
+        if spec.framing == "full body":  # the whole figure fits across too (lying down is wider than tall)
+            scale = min(scale, 0.96 * w / max(1e-6, right - left))
+            free = h - (bottom - top) * scale
+            y_top = free * (0.3 + 0.6 * spec.fill)  # keep a little sky above, more ground below
+        else:
+            y_top = h - (bottom - top) * scale  # the crop line sits on the bottom edge
+        span = (right - left) * scale
+        x_left = (w - span) * spec.position if span < w else (w - span) / 2
+        center_to = (x_left - left * scale, y_top - top * scale)
+        return scale, angle, center, center_to
+
+    return placement
+
+
+def _standard_placement(size):
+    w, h = size
+
+    def placement(drawer):
+        head = drawer.proj(drawer.sk.head_center)
+        scale = STANDARD_HEAD_H * h / (2 * drawer.b.head_ry)
+        return scale, 0.0, head, (0.5 * w, STANDARD_HEAD_Y * h)
+
+    return placement
+
+
+def tint(array: np.ndarray, lighting: str) -> np.ndarray:
+    factor = np.array(LIGHTING[lighting], np.float32)
+    return np.clip(array.astype(np.float32) * factor, 0, 255)
+
+
+@lru_cache(maxsize=256)
+def render_standard(character_id: int, size: tuple[int, int] = DEFAULT_SIZE):
+    """(image, mask, keypoints, pose map) of the standard render: A-pose, front, neutral, white, head fixed.
+
+    Depends on the character alone, so every scene of a character shares exactly the same bytes."""
+    character = make_character(character_id)
+    fig = render_figure(character, dict(STANDARD_POSE), "front", False, "neutral", size, _standard_placement(size))
+    white = 255.0 * (1.0 - fig.alpha[..., None])
+    image = Image.fromarray(np.clip(np.rint(white + fig.color), 0, 255).astype(np.uint8))
+    mask = Image.fromarray(((fig.alpha >= 0.5) * 255).astype(np.uint8))
+    kp = fig.keypoints
+    kp.setflags(write=False)
+    return image, mask, kp, draw_pose_map(kp, size)
+
+
+def render_background(spec: SceneSpec, size: tuple[int, int]) -> Image.Image:
+    """The scene's background alone (untinted), exactly as it lies behind the figure."""
+    return draw_background(spec.background, size, np.random.default_rng([spec.seed, 2]), spec.time)
+
+
+def render_sample(character_id: int, scene_seed: int, size: tuple[int, int] = DEFAULT_SIZE) -> Sample:
+    """One training/measurement sample; deterministic in (character id, scene seed, size)."""
+    size = (int(size[0]), int(size[1]))
+    if min(size) < 32:
+        raise ValueError(f"size {size} is too small; use at least 32x32 (e.g. 128x192)")
+    character = make_character(character_id)
+    spec = sample_scene(character_id, scene_seed)
+    angles = pose_angles(spec.pose, np.random.default_rng([spec.seed, 1]), spec.mirror)
+    fig = render_figure(character, angles, spec.view, spec.view_mirror, spec.expression, size,
+                        _scene_placement(spec, size))
+    background = np.asarray(render_background(spec, size), np.float32)
+    composite = background * (1.0 - fig.alpha[..., None]) + fig.color
+    image = Image.fromarray(np.rint(tint(composite, spec.lighting)).astype(np.uint8))
+    standard, standard_mask, standard_kp, standard_pose = render_standard(character.id, size)
+    return Sample(
+        character_id=character.id,
+        scene_seed=int(scene_seed),
+        split=split_of(character.id),
+        image=image,
+        standard=standard,
+        mask=Image.fromarray(((fig.alpha >= 0.5) * 255).astype(np.uint8)),
+        labels=Image.fromarray(fig.labels),
+        keypoints=fig.keypoints,
+        pose_map=draw_pose_map(fig.keypoints, size),
+        standard_mask=standard_mask,
+        standard_keypoints=np.array(standard_kp),
+        standard_pose_map=standard_pose,
+        caption=spec.caption(),
+        appearance=character.description(),
+        attributes={"character": character.attributes(), "scene": spec.attributes()},
+    )
+
+
+__all__ = ["FRAMINGS", "LABELS", "SceneSpec", "Sample", "render_background", "render_sample", "render_standard",
+           "sample_scene", "tint"]
