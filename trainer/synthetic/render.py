@@ -182,11 +182,15 @@ def _scene_placement(spec: SceneSpec, size):
                   "head only": float(r["chin"][1]) + 0.12}[spec.framing]
         if spec.framing == "head only":  # the crop hides the body: above the torso top and the upper arms
             bottom = min(bottom, float(min(r["r_shoulder"][1], r["l_shoulder"][1])) - 0.3, float(r["neck"][1]) - 0.1)
-        top -= 0.15
         left, right = float(rot[:, 0].min()) - 0.2, float(rot[:, 0].max()) + 0.2
-        if spec.framing != "full body":
-            sel = rot[rot[:, 1] <= bottom]
+        if spec.framing != "full body":  # crops frame the head (and torso); limbs may run off the edges
+            core = ["head_top", "chin", "head_side-1", "head_side1"]
+            if spec.framing != "head only":
+                core += ["neck", "pelvis", "r_shoulder", "l_shoulder"]
+            sel = np.array([r[k] for k in core])
+            top = float(sel[:, 1].min())
             left, right = float(sel[:, 0].min()) - 0.2, float(sel[:, 0].max()) + 0.2
+        top -= 0.15
         scale = spec.fill * h / max(1e-6, bottom - top)
         if spec.framing == "full body":  # the whole figure fits across too (lying down is wider than tall)
             scale = min(scale, 0.96 * w / max(1e-6, right - left))
