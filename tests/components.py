@@ -102,3 +102,49 @@ def make_sheet(color=(200, 40, 40), size=(48, 72), seed: int = 0) -> Image.Image
     array[: h // 5, w // 3 : 2 * w // 3] = (240, 200, 170)
     array = np.clip(array.astype(int) + rng.integers(-20, 20, array.shape), 0, 255).astype(np.uint8)
     return Image.fromarray(array)
+
+
+def tiny_sd_unet(seed: int = 0, cross_attention_dim: int = 32) -> UNet2DConditionModel:
+    """An SD1.5-shaped UNet (2 levels) for Stage I tests."""
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=8,
+    ).eval()
+
+
+def tiny_stage1_components(seed: int = 0, with_conditioner: bool = True) -> dict:
+    """Reference UNet, denoising UNet, pose guider, FBDM/RPIM, /8 VAE, image encoder (projection 32), DDIM."""
+    from engine.models.stage1 import PoseGuider, ReferenceConditioner
+
+    reference_unet = tiny_sd_unet(seed)
+    denoising_unet = tiny_sd_unet(seed + 1)
+    torch.manual_seed(seed)
+    pose_guider = PoseGuider(conditioning_embedding_channels=32, block_out_channels=(8, 8, 16, 16)).eval()
+    conditioner = (ReferenceConditioner.for_unet(reference_unet, pose_block_out_channels=(8, 8, 16, 16),
+                                                 pose_embedding_channels=16).eval() if with_conditioner else None)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        block_out_channels=[8, 8, 16, 16], in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=64,
+    ).eval()
+    torch.manual_seed(seed)
+    image_encoder = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4,
+                         image_size=32, intermediate_size=37, patch_size=4)
+    ).eval()
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    return {
+        "vae": vae, "image_encoder": image_encoder, "reference_unet": reference_unet, "denoising_unet": denoising_unet,
+        "pose_guider": pose_guider, "reference_conditioner": conditioner, "scheduler": scheduler,
+        "feature_extractor": CLIPImageProcessor(crop_size=32, size=32),
+    }

@@ -1,0 +1,311 @@
+"""Stage I models: ReferenceNet attention through processors + an explicit bank, pose guider, FBDM and RPIM.
+
+How the pieces meet (Animate Anyone without temporal attention, plus SerialGen's two modules):
+
+* ``ReferenceAttnProcessor`` is set on every self-attention (``attn1``) of both UNets (diffusers'
+  ``UNet2DConditionModel`` as is). In the reference UNet ("write") it receives the self-attention input (after
+  ``norm1``), applies FBDM + RPIM (``ReferenceConditioner``) and stores the result in the per-call
+  ``ReferenceBank``. In the denoising UNet ("read") it attends with keys/values from [own tokens ; reference tokens]
+  for the samples the bank maps to a reference, and plain self-attention for the others (the CFG unconditional half).
+  The bank travels in ``cross_attention_kwargs``, so concurrent calls never share one.
+* The pose guider's output is added after the denoiser's ``conv_in`` by a forward hook on ``conv_in`` that reads a
+  ``ContextVar`` set only around the denoiser call: diffusers' UNet has no input for a residual there, and a hook
+  keeps the UNet and its state dict untouched (so Animate Anyone checkpoints load key for key).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class PoseGuider(ModelMixin, ConfigMixin):
+    """Pose map -> latent-resolution features (/8). Same layout and keys as Animate Anyone's pose guider:
+    ``conv_in``, ``blocks.{2i}`` (c -> c), ``blocks.{2i+1}`` (c -> c', stride 2), ``conv_out`` (zero-initialised)."""
+
+    @register_to_config
+    def __init__(self, conditioning_embedding_channels: int = 320, conditioning_channels: int = 3,
+                 block_out_channels: tuple[int, ...] = (16, 32, 96, 256), zero_init_out: bool = True):
+        super().__init__()
+        self.conv_in = nn.Conv2d(conditioning_channels, block_out_channels[0], kernel_size=3, padding=1)
+        self.blocks = nn.ModuleList()
+        for c_in, c_out in zip(block_out_channels[:-1], block_out_channels[1:]):
+            self.blocks.append(nn.Conv2d(c_in, c_in, kernel_size=3, padding=1))
+            self.blocks.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=2))
+        self.conv_out = nn.Conv2d(block_out_channels[-1], conditioning_embedding_channels, kernel_size=3, padding=1)
+        if zero_init_out:
+            zero_module(self.conv_out)
+
+    def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
+        x = F.silu(self.conv_in(conditioning))
+        for block in self.blocks:
+            x = F.silu(block(x))
+        return self.conv_out(x)
+
+
+def self_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
+    """name -> attn1 module, in ``unet.attn_processors`` order (names are equal in same-architecture UNets)."""
+    modules = dict(unet.named_modules())
+    return {name[: -len(".processor")]: modules[name[: -len(".processor")]]
+            for name in unet.attn_processors if name.endswith("attn1.processor")}
+
+
+class ReferenceConditioner(ModelMixin, ConfigMixin):
+    """FBDM + RPIM for every ReferenceNet self-attention, zero-initialised (a new one changes nothing).
+
+    FBDM (paper eq. 3): two tokens per block, ``f~ = (f + v_b) * m + (f + v_f) * (1 - m)`` with ``m`` the background
+    mask resized to the block. RPIM (eq. 4): the reference pose map -> a light conv encoder (16, 32, 96, 256 -> 320,
+    /8) -> per block a 1x1 conv to the block's width (our choice: the paper says "a convolutional layer") ->
+    interpolated to the block's resolution -> added to ``f~``.
+    """
+
+    @register_to_config
+    def __init__(self, attention_names: list[str], attention_dims: list[int], use_fbdm: bool = True,
+                 use_rpim: bool = True, pose_channels: int = 3,
+                 pose_block_out_channels: tuple[int, ...] = (16, 32, 96, 256), pose_embedding_channels: int = 320):
+        super().__init__()
+        if len(attention_names) != len(attention_dims):
+            raise ValueError("attention_names and attention_dims must have the same length")
+        self.index = {name: i for i, name in enumerate(attention_names)}
+        if use_fbdm:  # row 0: foreground token v_f, row 1: background token v_b
+            self.fbdm_tokens = nn.ParameterList([nn.Parameter(torch.zeros(2, d)) for d in attention_dims])
+        if use_rpim:
+            self.pose_encoder = PoseGuider(pose_embedding_channels, pose_channels, tuple(pose_block_out_channels),
+                                           zero_init_out=False)
+            self.pose_projections = nn.ModuleList(
+                zero_module(nn.Conv2d(pose_embedding_channels, d, kernel_size=1)) for d in attention_dims
+            )
+
+    @classmethod
+    def for_unet(cls, reference_unet: UNet2DConditionModel, **kwargs) -> "ReferenceConditioner":
+        layers = self_attention_layers(reference_unet)
+        return cls(attention_names=list(layers), attention_dims=[m.to_q.in_features for m in layers.values()],
+                   **kwargs)
+
+    def encode_pose(self, pose_map: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.config.use_rpim or pose_map is None:
+            return None
+        return self.pose_encoder(pose_map.to(self.dtype))
+
+    def condition(self, name: str, hidden: torch.Tensor, hw: tuple[int, int], background: torch.Tensor | None,
+                  pose_features: torch.Tensor | None) -> torch.Tensor:
+        """hidden (B, h*w, C) -> f~ for block ``name``."""
+        i = self.index[name]
+        b, n, c = hidden.shape
+        if self.config.use_fbdm and background is not None:
+            m = F.interpolate(background.to(hidden.dtype), size=hw, mode="bilinear", align_corners=False)
+            m = m.flatten(2).transpose(1, 2)  # (B, N, 1)
+            v_f, v_b = self.fbdm_tokens[i][0], self.fbdm_tokens[i][1]
+            hidden = (hidden + v_b) * m + (hidden + v_f) * (1 - m)
+        if self.config.use_rpim and pose_features is not None:
+            p = self.pose_projections[i](pose_features.to(hidden.dtype))
+            p = F.interpolate(p, size=hw, mode="bilinear", align_corners=False)
+            hidden = hidden + p.flatten(2).transpose(1, 2)
+        return hidden
+
+
+def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) of a block's token grid from its token count and the latent size (UNet halves with ceil)."""
+    h, w = latent_hw
+    while h * w > num_tokens:
+        h, w = math.ceil(h / 2), math.ceil(w / 2)
+    if h * w != num_tokens:
+        raise ValueError(f"{num_tokens} tokens do not form a grid of a {latent_hw} latent")
+    return h, w
+
+
+class ReferenceBank:
+    """Per-call store of the reference self-attention features (never shared between calls).
+
+    Write with the reference UNet (``writing`` True), then ``start_reading(ref_index)`` with, for every sample of
+    the denoiser batch, the row of the reference it sees (-1: none, e.g. the CFG unconditional half).
+    """
+
+    def __init__(self, latent_hw: tuple[int, int], conditioner: ReferenceConditioner | None = None,
+                 background: torch.Tensor | None = None, pose_features: torch.Tensor | None = None,
+                 record_shapes: bool = False):
+        self.latent_hw = tuple(latent_hw)
+        self.conditioner = conditioner
+        self.background = background
+        self.pose_features = pose_features
+        self.features: dict[str, torch.Tensor] = {}
+        self.writing = True
+        self.ref_index: torch.Tensor | None = None
+        self.applied: dict[str, tuple] = {} if record_shapes else None  # for tests: what reached each block
+
+    def write(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
+        if self.conditioner is not None:
+            hw = token_grid(hidden.shape[1], self.latent_hw)
+            hidden = self.conditioner.condition(name, hidden, hw, self.background, self.pose_features)
+            if self.applied is not None:
+                self.applied[name] = (hw, self.background is not None, self.pose_features is not None)
+        self.features[name] = hidden
+        return hidden
+
+    def start_reading(self, ref_index: torch.Tensor) -> None:
+        self.writing = False
+        self.ref_index = ref_index
+
+    def clear(self) -> None:
+        self.features.clear()
+        self.ref_index = None
+        self.writing = True
+
+
+def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Tensor) -> torch.Tensor:
+    """diffusers' scaled-dot-product attention (AttnProcessor2_0 for token inputs) with separate K/V states."""
+    b = query_states.shape[0]
+    q, k, v = attn.to_q(query_states), attn.to_k(kv_states), attn.to_v(kv_states)
+    head_dim = k.shape[-1] // attn.heads
+    q = q.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    k = k.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    v = v.view(b, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        q, k = attn.norm_q(q), attn.norm_k(k)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
+    out = attn.to_out[1](attn.to_out[0](out))
+    if attn.residual_connection:
+        out = out + query_states
+    return out / attn.rescale_output_factor
+
+
+class ReferenceAttnProcessor:
+    """Self-attention of the reference UNet (``role="write"``) or the denoising UNet (``role="read"``)."""
+
+    def __init__(self, name: str, role: str):
+        if role not in ("write", "read"):
+            raise ValueError(f"role must be 'write' or 'read', got {role!r}")
+        self.name, self.role = name, role
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 reference_bank: ReferenceBank | None = None):
+        if hidden_states.ndim != 3 or attention_mask is not None or attn.spatial_norm is not None:
+            return AttnProcessor2_0()(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        bank = reference_bank
+        if bank is not None and self.role == "write" and bank.writing:
+            hidden_states = bank.write(self.name, hidden_states)
+        elif bank is not None and self.role == "read" and not bank.writing and self.name in bank.features:
+            return self._read(attn, hidden_states, bank)
+        return _attention(attn, hidden_states, hidden_states)
+
+    def _read(self, attn, hidden_states, bank: ReferenceBank):
+        ref = bank.features[self.name].to(hidden_states.dtype)
+        index = bank.ref_index
+        if index is None or index.shape[0] != hidden_states.shape[0]:
+            raise ValueError(f"reference bank maps {None if index is None else index.shape[0]} samples, "
+                             f"the denoiser batch has {hidden_states.shape[0]}")
+        has_ref = index >= 0
+        if bool(has_ref.all()):
+            return _attention(attn, hidden_states, torch.cat([hidden_states, ref[index]], dim=1))
+        plain = _attention(attn, hidden_states[~has_ref], hidden_states[~has_ref])
+        out = torch.empty((hidden_states.shape[0],) + plain.shape[1:], dtype=plain.dtype, device=plain.device)
+        out[~has_ref] = plain
+        if bool(has_ref.any()):
+            sel = hidden_states[has_ref]
+            out[has_ref] = _attention(attn, sel, torch.cat([sel, ref[index[has_ref]]], dim=1))
+        return out
+
+
+class CrossAttnProcessor(AttnProcessor2_0):
+    """Cross-attention that accepts (and ignores) the bank so ``cross_attention_kwargs`` can carry it."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 reference_bank=None):
+        return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+
+
+def set_reference_processors(unet: UNet2DConditionModel, role: str) -> None:
+    """Puts ReferenceAttnProcessor on every self-attention of ``unet`` (role write/read) and CrossAttnProcessor on
+    every cross-attention. Without a bank in the call, the UNet computes exactly what it did before."""
+    processors = {}
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            processors[name] = ReferenceAttnProcessor(name[: -len(".processor")], role)
+        else:
+            processors[name] = CrossAttnProcessor()
+    unet.set_attn_processor(processors)
+
+
+_POSE_RESIDUAL: contextvars.ContextVar = contextvars.ContextVar("serialgen_pose_residual", default=None)
+
+
+def _add_pose_residual(module, inputs, output):
+    residual = _POSE_RESIDUAL.get()
+    if residual is None:
+        return output
+    if residual.shape != output.shape:
+        raise ValueError(f"pose features {tuple(residual.shape)} do not match conv_in output {tuple(output.shape)}")
+    return output + residual.to(output.dtype)
+
+
+def install_pose_hook(unet: UNet2DConditionModel) -> None:
+    """Lets ``pose_residual(...)`` add pose-guider features after ``unet.conv_in`` (idempotent)."""
+    if getattr(unet, "_serialgen_pose_hook", None) is None:
+        unet._serialgen_pose_hook = unet.conv_in.register_forward_hook(_add_pose_residual)
+
+
+@contextlib.contextmanager
+def pose_residual(features: torch.Tensor | None):
+    """Within this block, UNets with the pose hook add ``features`` after conv_in (per thread / task)."""
+    token = _POSE_RESIDUAL.set(features)
+    try:
+        yield
+    finally:
+        _POSE_RESIDUAL.reset(token)
+
+
+class StandardizerNet(nn.Module):
+    """The Stage I network, shared by the pipeline and the trainer: ReferenceNet + denoiser + pose guider (+ FBDM/RPIM).
+
+    ``encode_reference`` runs the reference UNet once (t = 0) and returns the filled bank; ``forward`` predicts noise
+    with the denoiser reading that bank and the target pose added after conv_in.
+    """
+
+    def __init__(self, reference_unet: UNet2DConditionModel, denoising_unet: UNet2DConditionModel,
+                 pose_guider: PoseGuider, conditioner: ReferenceConditioner | None = None):
+        super().__init__()
+        self.reference_unet, self.denoising_unet = reference_unet, denoising_unet
+        self.pose_guider, self.conditioner = pose_guider, conditioner
+        set_reference_processors(reference_unet, "write")
+        set_reference_processors(denoising_unet, "read")
+        install_pose_hook(denoising_unet)
+
+    def encode_reference(self, reference_latents, image_embeds, background=None, reference_pose=None,
+                         record_shapes=False) -> ReferenceBank:
+        """reference_latents (B, 4, h, w); image_embeds (B, 1, D); background (B, 1, H, W) in [0, 1] (1 = background);
+        reference_pose (B, 3, H, W) in [0, 1]."""
+        pose_features = self.conditioner.encode_pose(reference_pose) if self.conditioner is not None else None
+        bank = ReferenceBank(reference_latents.shape[-2:], self.conditioner, background, pose_features, record_shapes)
+        timestep = torch.zeros(reference_latents.shape[0], device=reference_latents.device, dtype=torch.long)
+        self.reference_unet(reference_latents, timestep, encoder_hidden_states=image_embeds,
+                            cross_attention_kwargs={"reference_bank": bank}, return_dict=False)
+        return bank
+
+    def forward(self, latents, timestep, image_embeds, target_pose, bank: ReferenceBank | None,
+                ref_index: torch.Tensor | None = None):
+        """Noise prediction. ``ref_index[i]``: the bank row sample ``i`` reads (-1: none); default: row i."""
+        if bank is not None:
+            if ref_index is None:
+                ref_index = torch.arange(latents.shape[0], device=latents.device)
+            bank.start_reading(ref_index)
+        pose = self.pose_guider(target_pose.to(self.pose_guider.dtype)) if target_pose is not None else None
+        kwargs = {"reference_bank": bank} if bank is not None else None
+        with pose_residual(pose):
+            return self.denoising_unet(latents, timestep, encoder_hidden_states=image_embeds,
+                                       cross_attention_kwargs=kwargs, return_dict=False)[0]
