@@ -15,6 +15,8 @@ _EXPORTS = {
     "PersonalizePipeline": ".pipelines",
     "PersonalizePipelineOutput": ".pipelines",
     "SheetEmbeds": ".pipelines",
+    "StandardizePipeline": ".pipelines",
+    "StandardizePipelineOutput": ".pipelines",
     "PRESETS": ".presets",
     "ComponentSource": ".presets",
     "Preset": ".presets",

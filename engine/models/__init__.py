@@ -1,3 +1,23 @@
 from .adapter import ADAPTER_WEIGHT_NAME, IPAdapterModules, read_adapter_file
+from .stage1 import (
+    PoseGuider,
+    ReferenceAttnProcessor,
+    ReferenceBank,
+    ReferenceConditioner,
+    StandardizerNet,
+    pose_residual,
+    set_reference_processors,
+)
 
-__all__ = ["ADAPTER_WEIGHT_NAME", "IPAdapterModules", "read_adapter_file"]
+__all__ = [
+    "ADAPTER_WEIGHT_NAME",
+    "IPAdapterModules",
+    "PoseGuider",
+    "ReferenceAttnProcessor",
+    "ReferenceBank",
+    "ReferenceConditioner",
+    "StandardizerNet",
+    "pose_residual",
+    "read_adapter_file",
+    "set_reference_processors",
+]

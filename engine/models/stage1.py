@@ -232,7 +232,11 @@ class CrossAttnProcessor(AttnProcessor2_0):
 
 def set_reference_processors(unet: UNet2DConditionModel, role: str) -> None:
     """Puts ReferenceAttnProcessor on every self-attention of ``unet`` (role write/read) and CrossAttnProcessor on
-    every cross-attention. Without a bank in the call, the UNet computes exactly what it did before."""
+    every cross-attention. Without a bank in the call, the UNet computes exactly what it did before. Idempotent."""
+    current = unet.attn_processors
+    if all(isinstance(p, ReferenceAttnProcessor) and p.role == role if n.endswith("attn1.processor")
+           else isinstance(p, CrossAttnProcessor) for n, p in current.items()):
+        return
     processors = {}
     for name in unet.attn_processors:
         if name.endswith("attn1.processor"):
@@ -297,14 +301,20 @@ class StandardizerNet(nn.Module):
                             cross_attention_kwargs={"reference_bank": bank}, return_dict=False)
         return bank
 
+    def encode_target_pose(self, target_pose: torch.Tensor) -> torch.Tensor:
+        return self.pose_guider(target_pose.to(self.pose_guider.dtype))
+
     def forward(self, latents, timestep, image_embeds, target_pose, bank: ReferenceBank | None,
-                ref_index: torch.Tensor | None = None):
-        """Noise prediction. ``ref_index[i]``: the bank row sample ``i`` reads (-1: none); default: row i."""
+                ref_index: torch.Tensor | None = None, pose_features: torch.Tensor | None = None):
+        """Noise prediction. ``ref_index[i]``: the bank row sample ``i`` reads (-1: none); default: row i.
+        ``pose_features``: ``encode_target_pose(target_pose)`` computed once, instead of ``target_pose``."""
         if bank is not None:
             if ref_index is None:
                 ref_index = torch.arange(latents.shape[0], device=latents.device)
             bank.start_reading(ref_index)
-        pose = self.pose_guider(target_pose.to(self.pose_guider.dtype)) if target_pose is not None else None
+        pose = pose_features
+        if pose is None and target_pose is not None:
+            pose = self.encode_target_pose(target_pose)
         kwargs = {"reference_bank": bank} if bank is not None else None
         with pose_residual(pose):
             return self.denoising_unet(latents, timestep, encoder_hidden_states=image_embeds,

@@ -1,3 +1,10 @@
 from .personalize import PersonalizePipeline, PersonalizePipelineOutput, SheetEmbeds
+from .standardize import StandardizePipeline, StandardizePipelineOutput
 
-__all__ = ["PersonalizePipeline", "PersonalizePipelineOutput", "SheetEmbeds"]
+__all__ = [
+    "PersonalizePipeline",
+    "PersonalizePipelineOutput",
+    "SheetEmbeds",
+    "StandardizePipeline",
+    "StandardizePipelineOutput",
+]

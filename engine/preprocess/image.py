@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# Refuse images whose pixel count could exhaust memory (decompression bombs). 50 MP covers any real reference.
-MAX_PIXELS = 50_000_000
+# Refuse images whose pixel count could exhaust memory (decompression bombs). 40 MP covers any real reference.
+MAX_PIXELS = 40_000_000
 
 
 def _describe(value) -> str:

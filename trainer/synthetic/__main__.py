@@ -2,6 +2,7 @@
 
     python -m trainer.synthetic export --split train --n 10000 --size 128x192 --out data/synthetic/train
     python -m trainer.synthetic preview --n 16 --out grid.png [--size 256x384] [--split test]
+    python -m trainer.synthetic standard-pose --out assets/standard_pose.json
 
 export writes shards of ``--shard-size`` samples: ``shard-00000/000000_image.png`` (+ ``_mask``, ``_labels``,
 ``_pose``), ``shard-00000/metadata.jsonl`` (one JSON per sample: files, caption, appearance, attributes, keypoints)
@@ -137,6 +138,30 @@ def preview(args) -> Path:
     return out
 
 
+def standard_pose(args) -> Path:
+    """Writes the standard target pose (the A-pose of an average body) for engine.preprocess.standard."""
+    from dataclasses import replace
+
+    from .character import make_character
+    from .render import STANDARD_HEAD_H, STANDARD_HEAD_Y, _standard_placement, render_figure
+    from .skeleton import STANDARD_POSE
+
+    w, h = 512, 768
+    average = replace(make_character(0), height=1.0, build=1.05, head_size=1.03)
+    fig = render_figure(average, dict(STANDARD_POSE), "front", False, "neutral", (w, h), _standard_placement((w, h)))
+    kp = fig.keypoints
+    data = {
+        "description": "SerialGen standard pose: A-pose, front view; (dx, y, visible) in canvas heights, dx from the"
+                       " centre line; head = (dx, y, height) of the head centre",
+        "head": [0.0, STANDARD_HEAD_Y, STANDARD_HEAD_H],
+        "keypoints": [[round((x - w / 2) / h, 5), round(y / h, 5), int(v)] for x, y, v in kp.tolist()],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.synthetic", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -148,11 +173,16 @@ def main(argv=None) -> int:
         p.add_argument("--out", required=True)
         p.add_argument("--first-character", type=int, default=0)
         p.add_argument("--seed", type=int, default=0, help="scene seed offset")
+    sp = sub.add_parser("standard-pose", help="write the standard target pose JSON (assets/standard_pose.json)")
+    sp.add_argument("--out", default="assets/standard_pose.json")
     exp = sub.choices["export"]
     exp.add_argument("--scenes-per-character", type=int, default=10)
     exp.add_argument("--shard-size", type=int, default=1000)
     exp.add_argument("--workers", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.command == "standard-pose":
+        print(standard_pose(args))
+        return 0
     if args.n < 1:
         parser.error("--n must be at least 1")
     path = export(args) if args.command == "export" else preview(args)
