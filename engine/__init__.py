@@ -12,6 +12,8 @@ _EXPORTS = {
     "LoadedComponent": ".loading",
     "load_engine": ".loading",
     "IPAdapterModules": ".models",
+    "PoseGuider": ".models",
+    "ReferenceConditioner": ".models",
     "PersonalizePipeline": ".pipelines",
     "PersonalizePipelineOutput": ".pipelines",
     "SheetEmbeds": ".pipelines",

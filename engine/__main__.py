@@ -1,5 +1,6 @@
 """Scripting without the UI.
 
+    python -m engine standardize REF.png --out SHEET.png [--seed N] [--preset ...] [--intermediates DIR]
     python -m engine panels --sheet SHEET.png --prompt "running in the rain" --prompt "waving" --seed 7 --out DIR
     python -m engine info --preset full
 
@@ -38,6 +39,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     info = sub.add_parser("info", help="load a preset and print which components came from where")
     _engine_args(info)
 
+    std = sub.add_parser("standardize", help="turn a reference picture into a standardized character sheet")
+    _engine_args(std)
+    std.add_argument("reference", help="the reference picture (photo or drawing, any pose, any background)")
+    std.add_argument("--out", required=True, help="where to write the sheet (PNG)")
+    std.add_argument("--seed", type=int, default=None)
+    std.add_argument("--steps", type=int, default=None, dest="num_inference_steps")
+    std.add_argument("--guidance", type=float, default=None, dest="guidance_scale")
+    std.add_argument("--width", type=int, default=None)
+    std.add_argument("--height", type=int, default=None)
+    std.add_argument("--mask", default=None, help="a foreground mask image of the reference (else the detector's)")
+    std.add_argument("--intermediates", default=None, help="also write canvas, mask and pose maps to this folder")
+
     panels = sub.add_parser("panels", help="generate panels of one character from a sheet and prompts")
     _engine_args(panels)
     panels.add_argument("--sheet", help="the accepted character sheet (image file); omit for panels without one")
@@ -56,18 +69,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _load(args):
+def _load(args, stages=("personalize", "standardize")):
     from . import load_engine
 
     return load_engine(args.preset, overrides=dict(args.override), device=args.device, dtype=args.dtype,
-                       low_vram=args.low_vram)
+                       low_vram=args.low_vram, stages=stages)
+
+
+def run_standardize(args) -> dict:
+    import numpy as np
+
+    from .preprocess import load_image
+
+    reference = load_image(args.reference, name="reference")
+    mask = None
+    if args.mask:
+        mask = np.asarray(load_image(args.mask, name="--mask").convert("L"), np.float32) / 255.0
+    engine = _load(args, stages=("standardize",))
+    start = time.perf_counter()
+    out = engine.standardize_reference(reference, mask=mask, seed=args.seed, num_inference_steps=args.num_inference_steps,
+                                       guidance_scale=args.guidance_scale, width=args.width, height=args.height)
+    seconds = time.perf_counter() - start
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    out.sheet.save(args.out)
+    if args.intermediates:
+        folder = Path(args.intermediates)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("canvas", "mask", "reference_pose_map", "target_pose_map"):
+            image = getattr(out, name)
+            if image is not None:
+                image.save(folder / f"{name}.png")
+    return {"sheet": args.out, "seed": out.seed, "seconds": round(seconds, 3), "preset": engine.preset.name,
+            "device": str(engine.device)}
 
 
 def run_panels(args) -> dict:
     from .preprocess import load_image
 
     sheet = load_image(args.sheet, name="--sheet") if args.sheet else None
-    engine = _load(args)
+    engine = _load(args, stages=("personalize",))
     start = time.perf_counter()
     options = engine.generation_options(
         num_inference_steps=args.num_inference_steps, width=args.width, height=args.height,
@@ -104,6 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "info":
             print(_load(args).describe())
+        elif args.command == "standardize":
+            result = run_standardize(args)
+            print(f"{result['sheet']}  seed={result['seed']}  {result['seconds']:.1f} s "
+                  f"({result['preset']} on {result['device']})")
         else:
             manifest = run_panels(args)
             for record in manifest["panels"]:

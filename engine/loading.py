@@ -38,7 +38,8 @@ class Engine:
     preset: Preset
     device: torch.device
     dtype: torch.dtype
-    personalize: PersonalizePipeline
+    personalize: PersonalizePipeline | None
+    standardize: "StandardizePipeline | None" = None
     components: list[LoadedComponent] = field(default_factory=list)
     why: str = ""  # why this preset/device was chosen (shown by the UI)
 
@@ -57,7 +58,17 @@ class Engine:
 
     def generate_panels(self, prompts, sheet=None, **options):
         """Panels for ``prompts`` with the preset's defaults; returns ``PersonalizePipelineOutput``."""
+        if self.personalize is None:
+            raise ValueError("this engine was loaded without Stage II (personalize)")
         return self.personalize(prompt=prompts, sheet=sheet, **self.generation_options(**options))
+
+    def standardize_reference(self, reference, **options):
+        """A character sheet from ``reference`` with the preset's Stage I defaults; ``StandardizePipelineOutput``."""
+        if self.standardize is None:
+            raise ValueError("this engine was loaded without Stage I (standardize)")
+        merged = dict(self.preset.standardize_defaults)
+        merged.update({k: v for k, v in options.items() if v is not None})
+        return self.standardize(reference, **merged)
 
 
 def resolve_device(policy: str | None, requires_gpu: bool, preset_name: str) -> tuple[torch.device, str]:
@@ -100,7 +111,9 @@ def check_sources(preset: Preset, names: list[str]) -> None:
             problems.append(f"preset {preset.name!r} has no component {name!r}")
             continue
         spec = preset.components[name]
-        if spec.is_local and not spec.local_path().exists():
+        if not spec.is_set:
+            problems.append(_missing_message(name, spec, "no source is set"))
+        elif spec.is_local and not spec.local_path().exists():
             problems.append(_missing_message(name, spec, f"{spec.local_path()} does not exist"))
     if problems:
         raise EngineLoadError("\n".join(problems))
@@ -189,44 +202,174 @@ def load_personalize(preset: Preset, device: torch.device, dtype: torch.dtype) -
     return pipe, report
 
 
+STAGE_COMPONENTS = {
+    "personalize": ("sdxl", "image_encoder", "adapter"),
+    "standardize": ("standardize",),  # a saved pipeline folder, or the parts below
+    "standardize_parts": ("stage1_unet_config", "stage1_vae", "stage1_image_encoder", "animate_anyone"),
+}
+STAGES = ("personalize", "standardize")
+
+
 def load_engine(
     preset: str | os.PathLike | Preset = "demo",
     overrides: dict[str, str] | None = None,
     device: str | None = None,
     dtype: str | None = None,
     low_vram: bool | None = None,
+    stages: tuple[str, ...] = STAGES,
 ) -> Engine:
     """Builds the engine of a preset (``full``, ``demo``, ``auto``, a JSON file or a ``Preset``).
 
     ``auto`` picks ``full`` when a GPU and its weights are available, otherwise ``demo``; ``Engine.why`` says why.
-
     ``overrides`` maps component names to local paths (or hub ids); ``device``/``dtype``/``low_vram`` override the
-    preset's policy. Raises :class:`EngineLoadError` (a ``ValueError``) naming any missing component and how to get it.
+    preset's policy; ``stages`` loads only ``personalize`` and/or ``standardize``. Raises :class:`EngineLoadError`
+    (a ``ValueError``) naming any missing component and how to get it.
     """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise EngineLoadError(f"stages {list(stages)!r}: choose from {list(STAGES)}")
     if preset == "auto":
-        return _load_auto(overrides, device, dtype, low_vram)
+        return _load_auto(overrides, device, dtype, low_vram, stages)
     preset = get_preset(preset)
     fields = {"low_vram": low_vram} if low_vram is not None else {}
     preset = preset.with_overrides(overrides, **fields)
-    check_sources(preset, ["sdxl", "image_encoder", "adapter"])
+    check_sources(preset, _required(preset, stages))
     torch_device, why = resolve_device(device or (None if preset.device == "auto" else preset.device),
                                        preset.requires_gpu, preset.name)
     torch_dtype = resolve_dtype(dtype or preset.dtype, torch_device)
-    personalize, report = load_personalize(preset, torch_device, torch_dtype)
+    report, personalize, standardize = [], None, None
+    if "standardize" in stages:
+        standardize, rep = load_standardize(preset, torch_device, torch_dtype)
+        report += rep
+    if "personalize" in stages:
+        personalize, rep = load_personalize(preset, torch_device, torch_dtype)
+        report += rep
     return Engine(preset=preset, device=torch_device, dtype=torch_dtype, personalize=personalize,
-                  components=report, why=why)
+                  standardize=standardize, components=report, why=why)
 
 
-def _load_auto(overrides, device, dtype, low_vram) -> Engine:
+def _required(preset: Preset, stages) -> list[str]:
+    names = []
+    if "personalize" in stages:
+        names += STAGE_COMPONENTS["personalize"]
+    if "standardize" in stages:
+        names += ["standardize"] if "standardize" in preset.components else STAGE_COMPONENTS["standardize_parts"]
+    return names
+
+
+def _load_auto(overrides, device, dtype, low_vram, stages) -> Engine:
     if torch.cuda.is_available() or (device or "").startswith("cuda"):
         try:
-            engine = load_engine("full", overrides, device, dtype, low_vram)
+            engine = load_engine("full", overrides, device, dtype, low_vram, stages)
             engine.why = "auto: a GPU and the full weights are available"
             return engine
         except EngineLoadError as exc:
             reason = f"auto: the full preset could not load ({str(exc).splitlines()[0]}), so the demo preset runs"
     else:
         reason = "auto: no GPU found, so the CPU demo preset runs"
-    engine = load_engine("demo", overrides, device, dtype, low_vram)
+    engine = load_engine("demo", overrides, device, dtype, low_vram, stages)
     engine.why = reason
     return engine
+
+
+def _file(name: str, spec: ComponentSource, filename: str | None = None, subfolder: str | None = None) -> str:
+    """A local file of a component: its local path, or the hub file (from the cache when offline)."""
+    filename = filename or spec.filename
+    if spec.is_local:
+        path = Path(spec.source) / (subfolder or spec.subfolder or "") / (filename or "")
+        if not path.exists():
+            raise EngineLoadError(_missing_message(name, spec, f"{path} does not exist"))
+        return str(path)
+    from huggingface_hub import hf_hub_download
+
+    return _load(name, spec, lambda: hf_hub_download(
+        spec.source, filename, subfolder=subfolder or spec.subfolder, revision=spec.revision,
+        local_files_only=_offline(),
+    ))
+
+
+def load_detectors(preset: Preset) -> tuple[object | None, object | None, list[LoadedComponent]]:
+    """(pose detector, mask detector, report). Optional detectors that are not there are reported and skipped."""
+    from .preprocess.detectors import DWPoseDetector, OnnxKeypointDetector, OnnxMattingDetector
+
+    report, found = [], {}
+    for name in ("pose_detector", "mask_detector"):
+        spec = preset.components.get(name)
+        if spec is None or not spec.is_set or (spec.optional and spec.is_local and not spec.local_path().exists()):
+            report.append(LoadedComponent(name, "not configured", "none (FBDM/RPIM get no input)"))
+            found[name] = None
+            continue
+        if name == "pose_detector" and not spec.filename:  # DWPose: a folder or repo with the two ONNX files
+            det = DWPoseDetector(_file(name, spec, "yolox_l.onnx"), _file(name, spec, "dw-ll_ucoco_384.onnx"))
+        elif name == "pose_detector":
+            det = OnnxKeypointDetector(_file(name, spec))
+        else:
+            det = OnnxMattingDetector(_file(name, spec))
+        found[name] = det
+        report.append(LoadedComponent(name, spec.describe(), type(det).__name__))
+    return found["pose_detector"], found["mask_detector"], report
+
+
+def load_standardize(preset: Preset, device: torch.device, dtype: torch.dtype):
+    """The Stage I pipeline: a saved StandardizePipeline folder, or Animate Anyone parts (+ our FBDM/RPIM)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from .models.animate_anyone import load_animate_anyone
+    from .models.stage1 import PoseGuider, ReferenceConditioner
+    from .pipelines.standardize import StandardizePipeline
+
+    comps, report = preset.components, []
+    if "standardize" in comps:
+        spec = comps["standardize"]
+        pipe = _load("standardize", spec, lambda: StandardizePipeline.from_pretrained(
+            str(spec.local_path()) if spec.is_local else spec.source, dtype=dtype,
+            **({} if spec.is_local else _hub_kwargs(spec)),
+        ))
+        kind = "StandardizePipeline" + (" + FBDM/RPIM" if pipe.reference_conditioner is not None else " (baseline)")
+        report.append(LoadedComponent("standardize", spec.describe(), kind))
+    else:
+        config_path = _file("stage1_unet_config", comps["stage1_unet_config"])
+        unet_config = UNet2DConditionModel.load_config(config_path)
+        reference_unet = UNet2DConditionModel.from_config(unet_config)
+        denoising_unet = UNet2DConditionModel.from_config(unet_config)
+        pose_guider = PoseGuider(conditioning_embedding_channels=unet_config["block_out_channels"][0])
+        aa = comps["animate_anyone"]
+        folder = Path(_file("animate_anyone", aa, "reference_unet.pth")).parent
+        for extra in ("denoising_unet.pth", "pose_guider.pth"):
+            _file("animate_anyone", aa, extra)
+        loaded = _load("animate_anyone", aa, lambda: load_animate_anyone(folder, reference_unet, denoising_unet,
+                                                                         pose_guider))
+        report.append(LoadedComponent("animate_anyone", aa.describe(), "; ".join(str(r) for r in loaded)))
+        vae_spec = comps["stage1_vae"]
+        vae = _load("stage1_vae", vae_spec, lambda: AutoencoderKL.from_pretrained(
+            str(vae_spec.local_path()) if vae_spec.is_local else vae_spec.source,
+            **({} if vae_spec.is_local else {**_hub_kwargs(vae_spec), **({"subfolder": vae_spec.subfolder}
+                                                                          if vae_spec.subfolder else {})})))
+        enc_spec = comps["stage1_image_encoder"]
+        encoder = _load("stage1_image_encoder", enc_spec, lambda: CLIPVisionModelWithProjection.from_pretrained(
+            str(enc_spec.local_path()) if enc_spec.is_local else enc_spec.source,
+            **({} if enc_spec.is_local else {**_hub_kwargs(enc_spec), "subfolder": enc_spec.subfolder})))
+        conditioner = None
+        mod_spec = comps.get("stage1_modules")
+        if mod_spec is not None and mod_spec.is_set:
+            conditioner = _load("stage1_modules", mod_spec, lambda: ReferenceConditioner.from_pretrained(
+                str(mod_spec.local_path()) if mod_spec.is_local else mod_spec.source))
+        scheduler = DDIMScheduler(**preset.stage1_scheduler)
+        pipe = StandardizePipeline(vae=vae, image_encoder=encoder, reference_unet=reference_unet,
+                                   denoising_unet=denoising_unet, pose_guider=pose_guider, scheduler=scheduler,
+                                   reference_conditioner=conditioner)
+        pipe.to(dtype=dtype)
+        for name, spec in (("stage1_vae", vae_spec), ("stage1_image_encoder", enc_spec)):
+            report.append(LoadedComponent(name, spec.describe(), "loaded"))
+        report.append(LoadedComponent("stage1_modules", mod_spec.describe() if conditioner else "not given",
+                                      "FBDM/RPIM" if conditioner else "baseline (no FBDM/RPIM)"))
+    pose, mask, rep = load_detectors(preset)
+    pipe.set_detectors(pose=pose, mask=mask)
+    report += rep
+    if preset.low_vram and device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=device)
+        pipe.vae.enable_slicing()
+    else:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, report

@@ -27,6 +27,11 @@ class ComponentSource:
     filename: str | None = None
     revision: str | None = None
     how_to_get: str = ""  # shown when the component is missing
+    optional: bool = False  # a missing optional component is reported and skipped
+
+    @property
+    def is_set(self) -> bool:
+        return bool(self.source)
 
     @property
     def is_local(self) -> bool:
@@ -61,7 +66,9 @@ class Preset:
     requires_gpu: bool = False
     low_vram: bool = False  # model CPU offload + VAE slicing/tiling
     scheduler: str = "ddim"
-    defaults: dict = field(default_factory=dict)  # generation defaults: height, width, steps, guidance, ...
+    defaults: dict = field(default_factory=dict)  # Stage II generation defaults: height, width, steps, guidance, ...
+    standardize_defaults: dict = field(default_factory=dict)  # Stage I defaults: height, width, steps, guidance
+    stage1_scheduler: dict = field(default_factory=dict)  # DDIM config for Stage I built from parts
 
     def with_overrides(self, overrides: dict[str, str] | None = None, **fields) -> "Preset":
         """A copy with some component sources replaced by local paths (or hub ids) and some fields changed."""
@@ -100,6 +107,8 @@ def _override_source(old: ComponentSource, source: str) -> ComponentSource:
 
 PAPER_DEFAULTS = {"height": 768, "width": 512, "num_inference_steps": 20, "guidance_scale": 5.0, "adapter_scale": 1.0}
 
+STAGE1_DEFAULTS = {"height": 768, "width": 512, "num_inference_steps": 20, "guidance_scale": 3.5}
+
 _HUB_HOW = "download it with `hf download {repo}` on a machine with network access (it lands in the HF cache)"
 
 FULL = Preset(
@@ -120,9 +129,31 @@ FULL = Preset(
             filename="ip-adapter-plus_sdxl_vit-h.safetensors",
             how_to_get=_HUB_HOW.format(repo="h94/IP-Adapter"),
         ),
+        # Stage I backbone: Animate Anyone (Moore) on the SD1.5 UNet config, sd-vae-ft-mse, sd-image-variations CLIP.
+        "stage1_unet_config": ComponentSource(
+            "stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="unet", filename="config.json",
+            how_to_get=_HUB_HOW.format(repo="stable-diffusion-v1-5/stable-diffusion-v1-5"),
+        ),
+        "stage1_vae": ComponentSource("stabilityai/sd-vae-ft-mse", how_to_get=_HUB_HOW.format(repo="stabilityai/sd-vae-ft-mse")),
+        "stage1_image_encoder": ComponentSource(
+            "lambdalabs/sd-image-variations-diffusers", subfolder="image_encoder",
+            how_to_get=_HUB_HOW.format(repo="lambdalabs/sd-image-variations-diffusers"),
+        ),
+        "animate_anyone": ComponentSource("patrolli/AnimateAnyone",
+                                          how_to_get=_HUB_HOW.format(repo="patrolli/AnimateAnyone")),
+        # Our trained FBDM/RPIM (a ReferenceConditioner folder); without it Stage I runs the Animate Anyone baseline.
+        "stage1_modules": ComponentSource("", optional=True, how_to_get="train it with python -m trainer.train_standardizer"),
+        "pose_detector": ComponentSource("yzd-v/DWPose", how_to_get=_HUB_HOW.format(repo="yzd-v/DWPose")),
+        "mask_detector": ComponentSource("Xenova/modnet", subfolder="onnx", filename="model.onnx",
+                                         how_to_get=_HUB_HOW.format(repo="Xenova/modnet")),
     },
     requires_gpu=True,
     defaults=PAPER_DEFAULTS,
+    standardize_defaults=STAGE1_DEFAULTS,
+    # Moore-AnimateAnyone trains with zero terminal SNR: v-prediction, rescaled betas, trailing timesteps.
+    stage1_scheduler={"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
+                      "clip_sample": False, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                      "timestep_spacing": "trailing"},
 )
 
 _DEMO_HOW = (
@@ -136,10 +167,18 @@ DEMO = Preset(
     components={
         "sdxl": ComponentSource(str(DEMO_MODELS_DIR / "personalize"), how_to_get=_DEMO_HOW),
         "image_encoder": ComponentSource(str(DEMO_MODELS_DIR / "image_encoder"), how_to_get=_DEMO_HOW),
-        "adapter": ComponentSource(str(DEMO_MODELS_DIR / "adapter"), filename="ip-adapter.safetensors", how_to_get=_DEMO_HOW),
+        "adapter": ComponentSource(str(DEMO_MODELS_DIR / "adapter"), filename="ip-adapter.safetensors",
+                                   how_to_get=_DEMO_HOW),
+        # A saved StandardizePipeline folder (model_index.json + components) and the small detectors.
+        "standardize": ComponentSource(str(DEMO_MODELS_DIR / "standardize"), how_to_get=_DEMO_HOW),
+        "pose_detector": ComponentSource(str(DEMO_MODELS_DIR / "detectors"), filename="pose.onnx", optional=True,
+                                         how_to_get=_DEMO_HOW),
+        "mask_detector": ComponentSource(str(DEMO_MODELS_DIR / "detectors"), filename="mask.onnx", optional=True,
+                                         how_to_get=_DEMO_HOW),
     },
     dtype="float32",
     defaults={**PAPER_DEFAULTS, "height": 192, "width": 128},
+    standardize_defaults={**STAGE1_DEFAULTS, "height": 192, "width": 128},
 )
 
 PRESETS = {p.name: p for p in (FULL, DEMO)}

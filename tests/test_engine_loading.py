@@ -12,7 +12,9 @@ from engine.presets import DEMO, FULL
 
 def test_presets_name_every_component_and_the_full_fallback_adapter():
     for preset in (FULL, DEMO):
-        assert set(preset.components) == {"sdxl", "image_encoder", "adapter"}
+        assert {"sdxl", "image_encoder", "adapter", "pose_detector", "mask_detector"} <= set(preset.components)
+    assert {"stage1_unet_config", "stage1_vae", "stage1_image_encoder", "animate_anyone"} <= set(FULL.components)
+    assert "standardize" in DEMO.components
     assert FULL.components["sdxl"].source == "stabilityai/stable-diffusion-xl-base-1.0"
     assert FULL.components["adapter"].filename == "ip-adapter-plus_sdxl_vit-h.safetensors"
     assert FULL.requires_gpu and not DEMO.requires_gpu
@@ -50,14 +52,14 @@ def test_full_preset_without_gpu_says_so():
 def test_full_preset_offline_names_the_hub_repo_and_how_to_get_it(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(EngineLoadError) as info:
-        load_engine("full", device="cpu")
+        load_engine("full", device="cpu", stages=("personalize",))
     text = str(info.value)
     assert "stabilityai/stable-diffusion-xl-base-1.0" in text and "HF_HUB_OFFLINE=1" in text
     assert "hf download" in text and "--override sdxl=" in text
 
 
 def test_engine_from_local_overrides_reports_sources_and_generates(tiny_overrides):
-    engine = load_engine("demo", overrides=tiny_overrides, device="cpu")
+    engine = load_engine("demo", overrides=tiny_overrides, device="cpu", stages=("personalize",))
     report = {c.name: c for c in engine.components}
     assert set(report) == {"sdxl", "image_encoder", "adapter"}
     assert report["sdxl"].location == tiny_overrides["sdxl"]
@@ -72,7 +74,7 @@ def test_engine_from_local_overrides_reports_sources_and_generates(tiny_override
 
 def test_adapter_override_by_folder_finds_the_weight_file(tiny_engine_dir, tiny_overrides):
     overrides = {**tiny_overrides, "adapter": str(tiny_engine_dir / "adapter")}
-    engine = load_engine("demo", overrides=overrides, device="cpu")
+    engine = load_engine("demo", overrides=overrides, device="cpu", stages=("personalize",))
     assert engine.personalize.has_adapter
 
 

@@ -7,7 +7,7 @@ from studio import build_demo
 
 @pytest.fixture(scope="module")
 def served(tiny_overrides):
-    engine = load_engine("demo", overrides=tiny_overrides, device="cpu")
+    engine = load_engine("demo", overrides=tiny_overrides, device="cpu", stages=("personalize",))
     engine.preset.defaults.update({"height": 64, "width": 64, "num_inference_steps": 2})
     demo = build_demo(engine)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=None, quiet=True)

@@ -169,6 +169,32 @@ class OnnxMattingDetector:
         return np.asarray(alpha, np.float32) / 255.0
 
 
+class OnnxKeypointDetector:
+    """A small keypoint regressor (the demo preset's, made by our trainer): input (1, 3, H, W) in [-1, 1] of the
+    white-letterboxed image, output (1, 18, 3) = OpenPose-18 (x / W, y / H, visibility probability)."""
+
+    def __init__(self, onnx_path: str | Path, threshold: float = 0.5):
+        self.session = _session(onnx_path)
+        self.threshold = threshold
+
+    def __call__(self, image: Image.Image) -> np.ndarray | None:
+        inp = self.session.get_inputs()[0]
+        in_h, in_w = (int(v) for v in inp.shape[2:4])
+        w, h = image.size
+        r = min(in_w / w, in_h / h)
+        resized = image.convert("RGB").resize((max(1, round(w * r)), max(1, round(h * r))), Image.Resampling.BILINEAR)
+        canvas = Image.new("RGB", (in_w, in_h), (255, 255, 255))
+        ox, oy = (in_w - resized.size[0]) // 2, (in_h - resized.size[1]) // 2
+        canvas.paste(resized, (ox, oy))
+        x = np.asarray(canvas, np.float32) / 127.5 - 1.0
+        out = self.session.run(None, {inp.name: x.transpose(2, 0, 1)[None]})[0][0].astype(np.float64)
+        kp = np.zeros((18, 3))
+        kp[:, 0] = (out[:, 0] * in_w - ox) / r
+        kp[:, 1] = (out[:, 1] * in_h - oy) / r
+        kp[:, 2] = (out[:, 2] > self.threshold).astype(float)
+        return kp if kp[:, 2].sum() >= 2 else None
+
+
 class WhiteBackgroundMask:
     """A fallback mask detector for drawings on a plain light background: pixels that differ from the border colour.
     Used only where no trained mask detector is configured."""
