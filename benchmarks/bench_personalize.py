@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -42,6 +40,8 @@ from transformers import (  # noqa: E402
     CLIPVisionModelWithProjection,
 )
 
+from common import build_random, peak_gb, timed  # noqa: E402
+
 from engine import IPAdapterModules, PersonalizePipeline, load_engine  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"
@@ -58,49 +58,21 @@ PROMPTS = [
 ]
 
 
-def _random_init_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Fills weights in place (fast on a GPU; avoids minutes of CPU init for 2.6B parameters)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif p.ndim == 1:
-                p.fill_(1.0)
-            else:
-                p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p))
-    return module
-
-
-def _build(cls, config, device, dtype, seed):
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        model = cls(config) if not hasattr(cls, "from_config") else cls.from_config(config)
-    model = model.to_empty(device=device)
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
-    for name, buf in model.named_buffers():  # position ids etc. must be real values
-        if "position_ids" in name:
-            buf.copy_(torch.arange(buf.shape[-1], device=device).expand_as(buf))
-    return _random_init_(model, seed).to(dtype).eval()
-
-
 def random_components(config_name: str, device, dtype) -> dict:
     cfg = json.loads((CONFIGS / f"{config_name}.json").read_text())
     tokenizer = CLIPTokenizer(str(TOKENIZER / "vocab.json"), str(TOKENIZER / "merges.txt"), model_max_length=77)
     enc = cfg["image_encoder"]
     return {
-        "unet": _build(UNet2DConditionModel, cfg["unet"], device, dtype, 0),
-        "vae": _build(AutoencoderKL, cfg["vae"], device, dtype, 1),
-        "text_encoder": _build(CLIPTextModel, CLIPTextConfig(**cfg["text_encoder"]), device, dtype, 2),
-        "text_encoder_2": _build(CLIPTextModelWithProjection, CLIPTextConfig(**cfg["text_encoder_2"]), device, dtype, 3),
+        "unet": build_random(UNet2DConditionModel, cfg["unet"], device, dtype, 0),
+        "vae": build_random(AutoencoderKL, cfg["vae"], device, dtype, 1),
+        "text_encoder": build_random(CLIPTextModel, CLIPTextConfig(**cfg["text_encoder"]), device, dtype, 2),
+        "text_encoder_2": build_random(CLIPTextModelWithProjection, CLIPTextConfig(**cfg["text_encoder_2"]), device, dtype, 3),
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer,
         "scheduler": DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                    timestep_spacing="leading"),
-        "image_encoder": _build(CLIPVisionModelWithProjection, CLIPVisionConfig(**enc), device, dtype, 4),
+        "image_encoder": build_random(CLIPVisionModelWithProjection, CLIPVisionConfig(**enc), device, dtype, 4),
         "feature_extractor": CLIPImageProcessor(size={"shortest_edge": enc["image_size"]},
                                                 crop_size={"height": enc["image_size"], "width": enc["image_size"]}),
     }
@@ -111,35 +83,6 @@ def sheet_image(width: int, height: int) -> Image.Image:
     img.paste((200, 60, 60), (width // 3, height // 5, 2 * width // 3, 9 * height // 10))
     img.paste((240, 200, 170), (5 * width // 12, height // 16, 7 * width // 12, height // 5))
     return img
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _peak_reset(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # process peak RSS (KiB -> GiB)
-
-
-def timed(fn, device, repeats: int) -> tuple[float, float]:
-    _peak_reset(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), _peak_gb(device)
 
 
 def main(argv=None):
