@@ -190,3 +190,20 @@ def test_animate_anyone_key_mapping_is_strict(tmp_path):
     wrong["conv_in.weight"] = torch.zeros(1, 1, 1, 1)
     with pytest.raises(ValueError, match="shape mismatches: conv_in.weight"):
         load_strict(tiny_sd_unet(), wrong, "reference_unet")
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "L", "P", "CMYK", "exif"])
+def test_references_in_any_mode(pipe, sample, mode, tmp_path):
+    ref = sample.image.convert(mode) if mode != "exif" else None
+    if mode == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        path = tmp_path / "rotated.jpg"
+        sample.image.rotate(90, expand=True).save(path, exif=exif)  # stored sideways, displayed upright
+        ref = str(path)
+    out = pipe(ref, seed=1, **SIZE)
+    assert out.sheet.size == (64, 96) and out.canvas.mode == "RGB"
+    if mode == "exif":  # upright after EXIF: the canvas matches the one of the upright original
+        upright = pipe(sample.image, seed=1, **SIZE).canvas
+        diff = np.abs(np.asarray(out.canvas, int) - np.asarray(upright, int)).mean()
+        assert diff < 12  # JPEG noise only
