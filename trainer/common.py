@@ -1,0 +1,229 @@
+"""What every trainer shares (diffusers examples/ style): config files + flag overrides, accelerate setup with
+save/load hooks writing ``save_pretrained`` folders, resume from the latest checkpoint, EMA, JSONL logs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="a YAML/JSON config file (see trainer/configs/)")
+    parser.add_argument("--output_dir", default=None, help="overrides the config's output_dir")
+    parser.add_argument("--max_train_steps", type=int, default=None)
+    parser.add_argument("--train_batch_size", type=int, default=None)
+    parser.add_argument("--learning_rate", type=float, default=None)
+    parser.add_argument("--checkpointing_steps", type=int, default=None)
+    parser.add_argument("--validation_steps", type=int, default=None)
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key (dotted for nested, YAML value), e.g. --set model.use_fbdm=false")
+    return parser
+
+
+def load_config(args: argparse.Namespace, defaults: dict) -> dict:
+    """defaults <- config file <- --set KEY=VALUE <- explicit flags."""
+    path = Path(args.config)
+    if not path.is_file():
+        raise ValueError(f"config {path} does not exist")
+    text = path.read_text()
+    loaded = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    config = _merge(dict(defaults), loaded or {})
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        node = config
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    for key in ("output_dir", "max_train_steps", "train_batch_size", "learning_rate", "checkpointing_steps",
+                "validation_steps", "mixed_precision", "seed", "resume_from_checkpoint"):
+        value = getattr(args, key, None)
+        if value is not None:
+            config[key] = value
+    return config
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = _merge(dict(base[key]), value)
+        else:
+            base[key] = value
+    return base
+
+
+COMMON_DEFAULTS = {
+    "output_dir": "runs/experiment",
+    "seed": 0,
+    "max_train_steps": 1000,
+    "train_batch_size": 8,
+    "gradient_accumulation_steps": 1,
+    "learning_rate": 1e-4,
+    "lr_warmup_steps": 0,
+    "adam_weight_decay": 1e-2,
+    "max_grad_norm": 1.0,
+    "mixed_precision": "no",
+    "checkpointing_steps": 500,
+    "checkpoints_total_limit": 2,
+    "validation_steps": 500,
+    "log_steps": 10,
+    "use_ema": True,
+    "ema_decay": 0.999,
+    "resume_from_checkpoint": "latest",
+    "dataloader_num_workers": 0,
+}
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    folders = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
+    return max(folders, key=lambda p: int(p.name.split("-")[1])) if folders else None
+
+
+def resolve_resume(config: dict) -> tuple[Path | None, int]:
+    """(checkpoint folder, step) to resume from, or (None, 0)."""
+    resume = config.get("resume_from_checkpoint")
+    if not resume:
+        return None, 0
+    path = latest_checkpoint(config["output_dir"]) if resume == "latest" else Path(resume)
+    if path is None:
+        return None, 0
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path} does not exist")
+    return path, int(path.name.split("-")[1])
+
+
+def prune_checkpoints(output_dir: str | os.PathLike, keep: int) -> None:
+    folders = sorted((p for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()),
+                     key=lambda p: int(p.name.split("-")[1]))
+    for old in folders[: max(0, len(folders) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def register_pretrained_hooks(accelerator, parts: dict[str, str], ema: "EMA | None" = None) -> None:
+    """accelerator.save_state/load_state write/read the trained model as ``save_pretrained`` folders.
+
+    ``parts`` maps a folder name to an attribute of the (single) prepared model ("" = the model itself), e.g.
+    ``{"reference_unet": "reference_unet", ...}``. The EMA goes to ``ema.safetensors`` (never a pickle).
+    """
+    from safetensors.torch import load_file, save_file
+
+    def part(model, attr):
+        model = accelerator.unwrap_model(model)
+        return model if not attr else getattr(model, attr)
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for name, attr in parts.items():
+                module = part(models[0], attr)
+                if module is not None:
+                    module.save_pretrained(os.path.join(output_dir, name))
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.state_dict().items()},
+                          os.path.join(output_dir, "ema.safetensors"))
+        while weights:
+            weights.pop()
+
+    def load_hook(models, input_dir):
+        model = models.pop(0)
+        for name, attr in parts.items():
+            target = part(model, attr)
+            if target is None:
+                continue
+            loaded = type(target).from_pretrained(os.path.join(input_dir, name))
+            target.load_state_dict(loaded.state_dict())
+            del loaded
+        if ema is not None and os.path.exists(os.path.join(input_dir, "ema.safetensors")):
+            ema.load_state_dict(load_file(os.path.join(input_dir, "ema.safetensors")))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+class EMA:
+    """Exponential moving average of a module's trainable parameters (tensors only: checkpoints stay weights-only)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float = 0.999):
+        self.decay = decay
+        self.step = 0
+        self.shadow = {n: p.detach().clone().float() for n, p in module.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        self.step += 1
+        decay = min(self.decay, (1 + self.step) / (10 + self.step))  # warm-up, as diffusers' EMAModel
+        for name, param in module.named_parameters():
+            if name in self.shadow:
+                self.shadow[name].lerp_(param.detach().float(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters():
+            if name in self.shadow:
+                param.copy_(self.shadow[name].to(param.dtype))
+
+    def state_dict(self) -> dict:
+        return {"step": torch.tensor(self.step), **{f"shadow.{k}": v for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        for key, value in state.items():
+            if key.startswith("shadow."):
+                self.shadow[key[len("shadow."):]] = value.float()
+
+
+class JsonlLogger:
+    """Appends one JSON line per log: step, loss, lr, samples/s, and anything else given."""
+
+    def __init__(self, path: str | os.PathLike, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        self.last_time, self.last_step = time.perf_counter(), None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, step: int, samples_per_step: int, **values) -> dict:
+        now = time.perf_counter()
+        if self.last_step is not None and step > self.last_step:
+            values["samples_per_s"] = round(samples_per_step * (step - self.last_step) / (now - self.last_time), 3)
+        self.last_time, self.last_step = now, step
+        record = {"step": step, **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in values.items()}}
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+
+def cosine_with_warmup(optimizer, warmup: int, total: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def image_grid(rows: list[list], tile: tuple[int, int]):
+    from PIL import Image
+
+    w, h = tile
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), (255, 255, 255))
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            if image is not None:
+                grid.paste(image.convert("RGB").resize((w, h)), (x * w, y * h))
+    return grid

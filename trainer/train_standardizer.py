@@ -1,0 +1,266 @@
+"""Train SerialGen's Stage I (standardization) on synthetic (reference, standard) pairs.
+
+    python -m trainer.train_standardizer --config trainer/configs/standardizer_demo.yaml
+    accelerate launch -m trainer.train_standardizer --config ... [--set model.use_fbdm=false --set model.use_rpim=false]
+
+Trained: reference UNet, denoising UNet, pose guider, FBDM + RPIM. Frozen: VAE and CLIP image encoder. Pairs are
+rendered on the fly (composited over procedural backgrounds); a ``reference_dropout`` share of samples drops the
+reference and the image embedding (unconditional, for CFG). Writes ``checkpoint-N/`` (save_pretrained folders +
+EMA, resumable) and ``pipeline/`` (a StandardizePipeline with EMA weights, what the engine loads).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from engine.metrics import psnr, ssim
+from engine.models.stage1 import PoseGuider, ReferenceConditioner, StandardizerNet
+from engine.pipelines.standardize import StandardizePipeline
+
+from .common import (
+    COMMON_DEFAULTS,
+    EMA,
+    JsonlLogger,
+    base_parser,
+    cosine_with_warmup,
+    image_grid,
+    load_config,
+    prune_checkpoints,
+    register_pretrained_hooks,
+    resolve_resume,
+)
+from .synthetic import render_sample
+from .synthetic.character import character_ids
+from .synthetic.dataset import SyntheticStream
+
+DEFAULTS = {
+    **COMMON_DEFAULTS,
+    "resolution": [128, 192],
+    "num_characters": 5000,
+    "reference_dropout": 0.1,
+    "noise_offset": 0.0,
+    "prediction_type": "epsilon",
+    "num_validation_samples": 4,
+    "validation_inference_steps": 20,
+    "validation_guidance_scale": 3.5,
+    "model": {"use_fbdm": True, "use_rpim": True, "pose_guider": {"block_out_channels": [16, 32, 96, 256]},
+              "conditioner": {"pose_block_out_channels": [16, 32, 96, 256], "pose_embedding_channels": 320}},
+}
+PARTS = {"reference_unet": "reference_unet", "denoising_unet": "denoising_unet", "pose_guider": "pose_guider",
+         "reference_conditioner": "conditioner"}
+
+
+def parse_args(argv=None):
+    return base_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+
+
+def _vae(spec):
+    return AutoencoderKL.from_pretrained(spec) if isinstance(spec, str) else AutoencoderKL.from_config(spec)
+
+
+def _image_encoder(spec):
+    if isinstance(spec, str):
+        return CLIPVisionModelWithProjection.from_pretrained(spec)
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(**spec))
+
+
+def _unet(spec, seed):
+    if isinstance(spec, str):
+        return UNet2DConditionModel.from_pretrained(spec)
+    torch.manual_seed(seed)
+    return UNet2DConditionModel.from_config(spec)
+
+
+def build_models(config: dict) -> dict:
+    """Frozen VAE + image encoder; trainable Stage I net (from configs, or pretrained folders given as paths)."""
+    model = config["model"]
+    vae, encoder = _vae(config["vae"]), _image_encoder(config["image_encoder"])
+    reference_unet = _unet(model["unet"], config["seed"])
+    denoising_unet = _unet(model.get("denoising_unet", model["unet"]), config["seed"] + 1)
+    pose_guider = PoseGuider(conditioning_embedding_channels=denoising_unet.config.block_out_channels[0],
+                             block_out_channels=tuple(model["pose_guider"]["block_out_channels"]))
+    conditioner = None
+    if model["use_fbdm"] or model["use_rpim"]:
+        cond = model["conditioner"]
+        conditioner = ReferenceConditioner.for_unet(
+            reference_unet, use_fbdm=model["use_fbdm"], use_rpim=model["use_rpim"],
+            pose_block_out_channels=tuple(cond["pose_block_out_channels"]),
+            pose_embedding_channels=cond["pose_embedding_channels"])
+    size = encoder.config.image_size
+    return {
+        "vae": vae.requires_grad_(False).eval(),
+        "image_encoder": encoder.requires_grad_(False).eval(),
+        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        "net": StandardizerNet(reference_unet, denoising_unet, pose_guider, conditioner),
+    }
+
+
+class ClipPreprocess:
+    """Batch (B, 3, H, W) in [-1, 1] -> CLIP pixel values: squashed to a square (as the pipeline does) and normalised."""
+
+    def __init__(self, feature_extractor: CLIPImageProcessor):
+        self.size = feature_extractor.crop_size["height"]
+        self.mean = torch.tensor(feature_extractor.image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(feature_extractor.image_std).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images + 1) / 2
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
+        return (x - self.mean.to(x)) / self.std.to(x)
+
+
+def make_pipeline(models: dict, net: StandardizerNet, scheduler_config) -> StandardizePipeline:
+    return StandardizePipeline(
+        vae=models["vae"], image_encoder=models["image_encoder"], reference_unet=net.reference_unet,
+        denoising_unet=net.denoising_unet, pose_guider=net.pose_guider, reference_conditioner=net.conditioner,
+        scheduler=DDIMScheduler.from_config(scheduler_config), feature_extractor=models["feature_extractor"])
+
+
+@torch.no_grad()
+def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) -> dict:
+    """Standardizes held-out (val) characters with ground-truth mask and pose; PSNR/SSIM and a grid."""
+    w, h = config["resolution"]
+    ids = character_ids("val", config["num_validation_samples"])
+    rows, psnrs, ssims = [], [], []
+    for i, cid in enumerate(ids):
+        sample = render_sample(cid, 10_000 + i, (w, h))
+        out = pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
+                   height=h, width=w, num_inference_steps=config["validation_inference_steps"],
+                   guidance_scale=config["validation_guidance_scale"], seed=i)
+        psnrs.append(psnr(out.sheet, sample.standard))
+        ssims.append(ssim(out.sheet, sample.standard))
+        rows.append([sample.image, out.canvas, out.sheet, sample.standard])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, (w, h)).save(out_dir / f"step-{step:07d}.png")
+    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims))}
+
+
+def main(args) -> Path:
+    config = load_config(args, DEFAULTS)
+    out = Path(config["output_dir"])
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config["gradient_accumulation_steps"], mixed_precision=config["mixed_precision"],
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(config["seed"])
+    models = build_models(config)
+    net = models["net"]
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    models["vae"].to(accelerator.device, weight_dtype)
+    models["image_encoder"].to(accelerator.device, weight_dtype)
+    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                    clip_sample=False, steps_offset=1, prediction_type=config["prediction_type"])
+    clip_preprocess = ClipPreprocess(models["feature_extractor"])
+
+    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=config["learning_rate"],
+                                  weight_decay=config["adam_weight_decay"])
+    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
+    ema = EMA(net, config["ema_decay"]) if config["use_ema"] else None
+    register_pretrained_hooks(accelerator, PARTS, ema)
+    net, optimizer, lr_scheduler = accelerator.prepare(net, optimizer, lr_scheduler)
+
+    checkpoint, global_step = resolve_resume(config)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    # a resumed run draws new samples: the stream is seeded by the step it starts from
+    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
+                             seed=config["seed"] * 1_000_003 + global_step + accelerator.process_index)
+    loader = torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
+                                         num_workers=config["dataloader_num_workers"])
+    batches = iter(loader)
+    logger = JsonlLogger(out / "logs.jsonl", accelerator.is_main_process)
+    rng = np.random.default_rng(config["seed"] + global_step)
+    sf = models["vae"].config.scaling_factor
+    samples_per_step = config["train_batch_size"] * accelerator.num_processes * config["gradient_accumulation_steps"]
+
+    while global_step < config["max_train_steps"]:
+        net.train()
+        with accelerator.accumulate(net):
+            batch = next(batches)
+            image = batch["image"].to(accelerator.device, weight_dtype)
+            standard = batch["standard"].to(accelerator.device, weight_dtype)
+            with torch.no_grad():
+                ref_latents = models["vae"].encode(image).latent_dist.mean * sf
+                target = models["vae"].encode(standard).latent_dist.sample() * sf
+                embeds = models["image_encoder"](clip_preprocess(image)).image_embeds.unsqueeze(1)
+            b = target.shape[0]
+            noise = torch.randn_like(target)
+            if config["noise_offset"]:
+                noise = noise + config["noise_offset"] * torch.randn(b, target.shape[1], 1, 1, device=target.device)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=target.device)
+            noisy = noise_scheduler.add_noise(target, noise, t)
+            keep = torch.from_numpy(rng.random(b) >= config["reference_dropout"]).to(target.device)
+            embeds = embeds * keep.view(b, 1, 1).to(embeds.dtype)  # dropped: no image embedding, no reference
+            background = 1.0 - batch["mask"].to(accelerator.device, weight_dtype)
+            ref_pose = ((batch["pose_map"] + 1) / 2).to(accelerator.device, weight_dtype)
+            target_pose = ((batch["standard_pose_map"] + 1) / 2).to(accelerator.device, weight_dtype)
+            unwrapped = accelerator.unwrap_model(net)
+            bank, ref_index = None, None
+            if bool(keep.any()):
+                idx = keep.nonzero().flatten()
+                bank = unwrapped.encode_reference(ref_latents[idx], embeds[idx], background[idx], ref_pose[idx])
+                ref_index = torch.full((b,), -1, device=target.device, dtype=torch.long)
+                ref_index[idx] = torch.arange(len(idx), device=target.device)
+            pred = net(noisy, t, embeds, target_pose, bank, ref_index=ref_index)
+            goal = noise if config["prediction_type"] == "epsilon" else noise_scheduler.get_velocity(target, noise, t)
+            loss = F.mse_loss(pred.float(), goal.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(net.parameters(), config["max_grad_norm"])
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if bank is not None:
+                bank.clear()
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(net))
+        if global_step % config["log_steps"] == 0 or global_step == 1:
+            loss_value = accelerator.gather(loss.detach()).mean().item()
+            record = logger.log(global_step, samples_per_step, loss=loss_value, lr=lr_scheduler.get_last_lr()[0])
+            accelerator.print(record)
+        if global_step % config["checkpointing_steps"] == 0 or global_step == config["max_train_steps"]:
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(out / f"checkpoint-{global_step}"))
+            if accelerator.is_main_process:
+                prune_checkpoints(out, config["checkpoints_total_limit"])
+        if accelerator.is_main_process and global_step % config["validation_steps"] == 0:
+            pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config)
+            pipe.set_progress_bar_config(disable=True)
+            logger.log(global_step, samples_per_step, **validate(pipe, config, global_step, out / "validation"))
+
+    accelerator.wait_for_everyone()
+    final = out / "pipeline"
+    if accelerator.is_main_process:
+        net_final = _averaged(accelerator.unwrap_model(net), ema)
+        pipe = make_pipeline(models, net_final, noise_scheduler.config)
+        pipe.to(torch.float32)
+        pipe.save_pretrained(final)
+    accelerator.end_training()
+    return final
+
+
+def _averaged(net: StandardizerNet, ema: EMA | None) -> StandardizerNet:
+    """The EMA weights in a copy of the net (the training weights stay as they are)."""
+    if ema is None:
+        return net
+    import copy
+
+    averaged = copy.deepcopy(net)
+    ema.copy_to(averaged)
+    return averaged.eval()
+
+
+if __name__ == "__main__":
+    main(parse_args())
