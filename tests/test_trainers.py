@@ -90,3 +90,83 @@ def test_fbdm_rpim_switches(tmp_path):
     cfg["model"]["conditioner"] = {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}
     net = train_standardizer.build_models(cfg)["net"]
     assert net.conditioner.config.use_fbdm and not net.conditioner.config.use_rpim
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny SDXL-shaped base (saved like the demo's) and its image encoder config."""
+    from components import tiny_sdxl_components
+
+    from engine.pipelines import PersonalizePipeline
+
+    root = tmp_path_factory.mktemp("base")
+    c = tiny_sdxl_components()
+    encoder = c.pop("image_encoder")
+    c.pop("feature_extractor")
+    PersonalizePipeline(**c).save_pretrained(root / "sdxl")
+    encoder.save_pretrained(root / "image_encoder")
+    return root
+
+
+def test_build_pairs_with_the_trained_standardizer(standardizer_run, tmp_path):
+    from trainer import build_pairs
+    from trainer.synthetic.__main__ import main as synthetic_main
+
+    _, _, final = standardizer_run
+    synthetic_main(["export", "--split", "train", "--n", "3", "--size", "64x96", "--out", str(tmp_path / "images")])
+    out = build_pairs.main(build_pairs.parse_args(
+        ["--standardizer", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "pairs"),
+         "--size", "64x96", "--steps", "2", "--ground-truth"]))
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2] and all(r["caption"] for r in records)
+    from PIL import Image
+
+    assert Image.open(out / records[0]["sheet"]).size == (64, 96)
+    assert Image.open(out / records[0]["target"]).size == (64, 96)
+
+
+def _personalizer_config(root, base, pairs="synthetic-oracle"):
+    return write_config(root / "personalizer.yaml", {
+        "output_dir": str(root / "run"), "base": str(base / "sdxl"), "image_encoder": str(base / "image_encoder"),
+        "resolution": [64, 64], "pairs": pairs, "num_characters": 10, "train_batch_size": 2, "max_train_steps": 2,
+        "checkpointing_steps": 2, "validation_steps": 2, "num_validation_samples": 1, "validation_inference_steps": 2,
+        "log_steps": 1, "text_dropout": 0.3, "image_dropout": 0.3, "both_dropout": 0.3,
+    })
+
+
+def test_personalizer_trains_resumes_and_its_adapter_loads_through_the_engine(tiny_base, tmp_path):
+    from components import make_sheet
+
+    from engine import load_engine
+    from trainer import train_personalizer
+
+    cfg = _personalizer_config(tmp_path, tiny_base)
+    adapter = train_personalizer.main(train_personalizer.parse_args(["--config", cfg]))
+    assert adapter.is_file() and (tmp_path / "run" / "validation" / "step-0000002.png").is_file()
+    assert (tmp_path / "run" / "checkpoint-2" / "adapter" / "ip-adapter.safetensors").is_file()
+    train_personalizer.main(train_personalizer.parse_args(["--config", cfg, "--max_train_steps", "3"]))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    engine = load_engine("demo", device="cpu", stages=("personalize",), overrides={
+        "sdxl": str(tiny_base / "sdxl"), "image_encoder": str(tiny_base / "image_encoder"), "adapter": str(adapter)})
+    out = engine.generate_panels(["a", "b"], sheet=make_sheet(), seeds=[1, 2], height=64, width=64,
+                                 num_inference_steps=2, output_type="np")
+    assert out.images.shape == (2, 64, 64, 3)
+
+
+def test_personalizer_on_built_pairs(tiny_base, tmp_path):
+    from PIL import Image
+
+    from trainer import train_personalizer
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    lines = []
+    for i in range(3):
+        Image.new("RGB", (64, 64), (200, 30 * i, 30)).save(pairs / f"{i}_sheet.png")
+        Image.new("RGB", (64, 64), (30, 30 * i, 200)).save(pairs / f"{i}_target.png")
+        lines.append(json.dumps({"sheet": f"{i}_sheet.png", "target": f"{i}_target.png", "caption": f"pose {i}"}))
+    (pairs / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    adapter = train_personalizer.main(train_personalizer.parse_args(
+        ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs))]))
+    assert adapter.is_file()

@@ -144,6 +144,9 @@ def register_pretrained_hooks(accelerator, parts: dict[str, str], ema: "EMA | No
             target = part(model, attr)
             if target is None:
                 continue
+            if hasattr(target, "load_pretrained_weights"):  # modules installed in a model (the adapter)
+                target.load_pretrained_weights(os.path.join(input_dir, name))
+                continue
             loaded = type(target).from_pretrained(os.path.join(input_dir, name))
             target.load_state_dict(loaded.state_dict())
             del loaded

@@ -139,12 +139,32 @@ class IPAdapterModules(torch.nn.Module):
             out[f"ip_adapter.{key_id}.to_v_ip.weight"] = proc.to_v_ip[0].weight
         return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
+    def load_pretrained_weights(self, directory: str | os.PathLike, weight_name: str = ADAPTER_WEIGHT_NAME) -> None:
+        """Loads a file written by :meth:`save_pretrained` into these (installed) modules."""
+        _load_into(self, read_adapter_file(os.path.join(directory, weight_name)))
+
     def save_pretrained(self, save_directory: str | os.PathLike, weight_name: str = ADAPTER_WEIGHT_NAME) -> str:
         """Writes the adapter as one safetensors file that ``pipe.load_ip_adapter(dir, "", weight_name)`` loads."""
         os.makedirs(save_directory, exist_ok=True)
         path = os.path.join(save_directory, weight_name)
         save_file(self.h94_state_dict(), path, metadata={"format": "pt", "layout": "h94-ip-adapter-full-257"})
         return path
+
+
+def _load_into(modules: "IPAdapterModules", grouped: dict) -> None:
+    proj = {}
+    for key, value in grouped["image_proj"].items():
+        for diffusers_name, h94_name in _FULL_PROJ_TO_H94:
+            if key.startswith(h94_name + "."):
+                key = diffusers_name + key[len(h94_name):]
+                break
+        proj[key] = value
+    modules.image_proj.load_state_dict(proj)
+    with torch.no_grad():
+        for index, proc in enumerate(modules.processors):
+            key_id = 2 * index + 1
+            proc.to_k_ip[0].weight.copy_(grouped["ip_adapter"][f"{key_id}.to_k_ip.weight"])
+            proc.to_v_ip[0].weight.copy_(grouped["ip_adapter"][f"{key_id}.to_v_ip.weight"])
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:

@@ -1,0 +1,109 @@
+"""Build Stage II training pairs: standardize a folder of images with a Stage I model (paper section 3.4).
+
+    python -m trainer.build_pairs --standardizer runs/standardizer/pipeline --images data/train --out data/pairs
+    accelerate launch -m trainer.build_pairs ...   # the images are split across processes
+
+``--images`` is a folder written by ``python -m trainer.synthetic export`` (its ``metadata.jsonl`` gives captions,
+and with ``--ground-truth`` masks and keypoints), or any folder of images with optional ``NAME.txt`` captions.
+Writes ``NNNNNN_sheet.png`` (the standardized reference), ``NNNNNN_target.png`` (the image) and ``metadata.jsonl``
+(sheet, target, caption, source) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--standardizer", required=True, help="a saved StandardizePipeline folder")
+    parser.add_argument("--images", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--size", default="128x192", help="WxH of sheet and target (the standardizer's training size)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=3.5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--ground-truth", action="store_true", help="use the export's masks/keypoints, no detectors")
+    parser.add_argument("--device", default=None)
+    return parser.parse_args(argv)
+
+
+def list_items(folder: Path, ground_truth: bool) -> list[dict]:
+    """[{image, caption, mask?, keypoints?}] from an export (metadata.jsonl) or a plain folder."""
+    records = sorted(folder.glob("shard-*/metadata.jsonl")) or sorted(folder.glob("metadata.jsonl"))
+    items = []
+    if records:
+        for path in records:
+            for line in path.read_text().splitlines():
+                rec = json.loads(line)
+                item = {"image": str(folder / rec["files"]["image"]), "caption": rec.get("caption", "")}
+                if ground_truth:
+                    item["mask"] = str(folder / rec["files"]["mask"])
+                    item["keypoints"] = rec["keypoints"]
+                items.append(item)
+        return items
+    if ground_truth:
+        raise ValueError("--ground-truth needs an export folder with metadata.jsonl")
+    for path in sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES):
+        txt = path.with_suffix(".txt")
+        items.append({"image": str(path), "caption": txt.read_text().strip() if txt.is_file() else ""})
+    return items
+
+
+def main(args) -> Path:
+    import torch
+    from accelerate import PartialState
+
+    from engine.pipelines.standardize import StandardizePipeline
+
+    state = PartialState()
+    folder, out = Path(args.images), Path(args.out)
+    if not folder.is_dir():
+        raise ValueError(f"--images {folder} is not a folder")
+    items = list_items(folder, args.ground_truth)[: args.limit]
+    if not items:
+        raise ValueError(f"no images found in {folder}")
+    pipe = StandardizePipeline.from_pretrained(args.standardizer).to(args.device or state.device)
+    pipe.set_progress_bar_config(disable=True)
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    out.mkdir(parents=True, exist_ok=True)
+    indices = list(range(len(items)))
+    records = []
+    with state.split_between_processes(indices) as mine:
+        for index in mine:
+            item = items[index]
+            image = Image.open(item["image"]).convert("RGB")
+            mask = keypoints = None
+            if args.ground_truth:
+                mask = np.asarray(Image.open(item["mask"]), np.float32) / 255.0
+                keypoints = np.asarray(item["keypoints"], np.float64)
+            with torch.no_grad():
+                result = pipe(image, mask=mask, reference_pose=keypoints, height=h, width=w,
+                              num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + index)
+            sheet_name, target_name = f"{index:06d}_sheet.png", f"{index:06d}_target.png"
+            result.sheet.save(out / sheet_name)
+            image.resize((w, h), Image.Resampling.LANCZOS).save(out / target_name)
+            records.append({"index": index, "sheet": sheet_name, "target": target_name, "caption": item["caption"],
+                            "source": item["image"], "seed": result.seed})
+    (out / f"metadata-{state.process_index}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged = []
+        for part in sorted(out.glob("metadata-*.jsonl")):
+            merged += [json.loads(line) for line in part.read_text().splitlines() if line]
+            part.unlink()
+        merged.sort(key=lambda r: r["index"])
+        (out / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in merged))
+    return out
+
+
+if __name__ == "__main__":
+    main(parse_args())

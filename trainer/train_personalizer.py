@@ -1,0 +1,286 @@
+"""Train SerialGen's Stage II adapter (257-token IP-Adapter) on (standardized reference, target, caption) pairs.
+
+    python -m trainer.train_personalizer --config trainer/configs/personalizer_demo.yaml
+    accelerate launch -m trainer.train_personalizer --config ...
+
+Only the adapter trains (MLP projection + to_k_ip/to_v_ip); the SDXL-shaped base and the image encoder are frozen.
+Data: a ``trainer.build_pairs`` folder (the paper's recipe: sheets made by our Stage I), or ``pairs: synthetic-oracle``
+(ground-truth standard renders as sheets, for ablations). Condition dropout: text, image, or both. Writes
+``checkpoint-N/`` (resumable) and ``adapter/ip-adapter.safetensors`` (EMA weights, h94 layout, what the engine loads).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler
+from PIL import Image
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from engine.models.adapter import IPAdapterModules
+from engine.pipelines.personalize import PersonalizePipeline
+from engine.preprocess.image import pad_to_square
+
+from .common import (
+    COMMON_DEFAULTS,
+    EMA,
+    JsonlLogger,
+    base_parser,
+    cosine_with_warmup,
+    image_grid,
+    load_config,
+    prune_checkpoints,
+    register_pretrained_hooks,
+    resolve_resume,
+)
+from .synthetic import render_sample
+from .synthetic.character import character_ids
+
+DEFAULTS = {
+    **COMMON_DEFAULTS,
+    "resolution": [128, 192],
+    "pairs": "synthetic-oracle",
+    "num_characters": 5000,
+    "text_dropout": 0.05,
+    "image_dropout": 0.05,
+    "both_dropout": 0.05,
+    "num_validation_samples": 2,
+    "validation_prompts": ["running, laughing, side view, full body, on a beach",
+                           "sitting, sad, front view, full body, in a classroom"],
+    "validation_inference_steps": 20,
+}
+
+
+def parse_args(argv=None):
+    return base_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+
+
+class PairFolder(torch.utils.data.Dataset):
+    """A ``trainer.build_pairs`` folder: (sheet, target, caption)."""
+
+    def __init__(self, folder: str | Path, size: tuple[int, int]):
+        self.folder = Path(folder)
+        meta = self.folder / "metadata.jsonl"
+        if not meta.is_file():
+            raise ValueError(f"{meta} does not exist: build pairs with python -m trainer.build_pairs")
+        self.records = [json.loads(line) for line in meta.read_text().splitlines() if line]
+        self.size = tuple(size)
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, index):
+        r = self.records[index]
+        return {"sheet": Image.open(self.folder / r["sheet"]).convert("RGB"),
+                "target": Image.open(self.folder / r["target"]).convert("RGB").resize(self.size),
+                "caption": r["caption"]}
+
+
+class OraclePairs(torch.utils.data.IterableDataset):
+    """Endless synthetic pairs whose sheet is the ground-truth standard render (an oracle Stage I)."""
+
+    def __init__(self, num_characters: int, size: tuple[int, int], seed: int):
+        self.ids, self.size, self.seed = character_ids("train", num_characters), tuple(size), seed
+
+    def __iter__(self):
+        rng = np.random.default_rng(self.seed)
+        while True:
+            s = render_sample(self.ids[int(rng.integers(len(self.ids)))], int(rng.integers(2**31)), self.size)
+            yield {"sheet": s.standard, "target": s.image, "caption": s.caption}
+
+
+def collate(items):
+    return {k: [item[k] for item in items] for k in items[0]}
+
+
+def to_tensor(images) -> torch.Tensor:
+    arrays = np.stack([np.asarray(im, np.float32) / 127.5 - 1.0 for im in images])
+    return torch.from_numpy(arrays).permute(0, 3, 1, 2)
+
+
+class AdapterTrainer(torch.nn.Module):
+    """The frozen UNet with the trainable adapter installed; ``adapter`` holds exactly the trained parameters."""
+
+    def __init__(self, unet, image_embed_dim: int, seed: int):
+        super().__init__()
+        unet.requires_grad_(False)
+        self.unet = unet
+        self.adapter = IPAdapterModules.install(unet, image_embed_dim=image_embed_dim, seed=seed)
+        self.adapter.requires_grad_(True)
+
+    def forward(self, noisy, t, prompt_embeds, added_cond_kwargs):
+        return self.unet(noisy, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs,
+                         return_dict=False)[0]
+
+
+def build(config: dict):
+    pipe = PersonalizePipeline.from_pretrained(config["base"], image_encoder=None, feature_extractor=None)
+    spec = config["image_encoder"]
+    encoder = (CLIPVisionModelWithProjection.from_pretrained(spec) if isinstance(spec, str)
+               else CLIPVisionModelWithProjection(CLIPVisionConfig(**spec)))
+    size = encoder.config.image_size
+    pipe.register_modules(image_encoder=encoder.requires_grad_(False).eval(),
+                          feature_extractor=CLIPImageProcessor(size={"shortest_edge": size},
+                                                               crop_size={"height": size, "width": size}))
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False).eval()
+    return pipe, AdapterTrainer(pipe.unet, encoder.config.hidden_size, config["seed"])
+
+
+@torch.no_grad()
+def image_embeddings(pipe: PersonalizePipeline, sheets, drop: torch.Tensor) -> torch.Tensor:
+    """Penultimate CLIP tokens of the padded sheets (as ``encode_sheet``); dropped rows get the blank-image tokens."""
+    pixels = pipe.feature_extractor([pad_to_square(s) for s in sheets], return_tensors="pt").pixel_values
+    pixels = pixels.to(pipe.image_encoder.device, pipe.image_encoder.dtype)
+    pixels[drop.to(pixels.device)] = 0.0
+    return pipe.image_encoder(pixels, output_hidden_states=True).hidden_states[-2]
+
+
+@torch.no_grad()
+def validate(pipe: PersonalizePipeline, config: dict, step: int, out_dir: Path) -> None:
+    w, h = config["resolution"]
+    pipe.clear_sheet_cache()
+    rows = []
+    for i, cid in enumerate(character_ids("val", config["num_validation_samples"])):
+        sheet = render_sample(cid, 0, (w, h)).standard
+        out = pipe(config["validation_prompts"], sheet=sheet, seeds=i, height=h, width=w,
+                   num_inference_steps=config["validation_inference_steps"])
+        rows.append([sheet, *out.images])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_grid(rows, (w, h)).save(out_dir / f"step-{step:07d}.png")
+    pipe.clear_sheet_cache()
+
+
+def main(args) -> Path:
+    config = load_config(args, DEFAULTS)
+    out = Path(config["output_dir"])
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config["gradient_accumulation_steps"], mixed_precision=config["mixed_precision"],
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(config["seed"])
+    pipe, model = build(config)
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.image_encoder):
+        module.to(accelerator.device, weight_dtype)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    w, h = config["resolution"]
+
+    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=config["learning_rate"],
+                                  weight_decay=config["adam_weight_decay"])
+    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
+    ema = EMA(model.adapter, config["ema_decay"]) if config["use_ema"] else None
+    register_pretrained_hooks(accelerator, {"adapter": "adapter"}, ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    checkpoint, global_step = resolve_resume(config)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+
+    seed = config["seed"] * 1_000_003 + global_step + accelerator.process_index
+    if config["pairs"] == "synthetic-oracle":
+        dataset, shuffle = OraclePairs(config["num_characters"], (w, h), seed), False
+    else:
+        dataset, shuffle = PairFolder(config["pairs"], (w, h)), True
+    loader = torch.utils.data.DataLoader(dataset, batch_size=config["train_batch_size"], shuffle=shuffle,
+                                         collate_fn=collate, num_workers=config["dataloader_num_workers"],
+                                         generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+    def batches():
+        while True:
+            yield from loader
+
+    stream = batches()
+    logger = JsonlLogger(out / "logs.jsonl", accelerator.is_main_process)
+    rnd = random.Random(seed)
+    sf = pipe.vae.config.scaling_factor
+    samples_per_step = config["train_batch_size"] * accelerator.num_processes * config["gradient_accumulation_steps"]
+    projection_dim = pipe.text_encoder_2.config.projection_dim
+
+    while global_step < config["max_train_steps"]:
+        model.train()
+        with accelerator.accumulate(model):
+            batch = next(stream)
+            b = len(batch["caption"])
+            # condition dropout: text only, image only, or both
+            drops = [rnd.random() for _ in range(b)]
+            d_t, d_i = config["text_dropout"], config["image_dropout"]
+            d_b = config["both_dropout"]
+            drop_text = [r < d_t or r >= 1 - d_b for r in drops]
+            drop_image = torch.tensor([d_t <= r < d_t + d_i or r >= 1 - d_b for r in drops])
+            captions = ["" if dt else c for dt, c in zip(drop_text, batch["caption"])]
+            with torch.no_grad():
+                target = to_tensor(batch["target"]).to(accelerator.device, weight_dtype)
+                latents = pipe.vae.encode(target).latent_dist.sample() * sf
+                prompt_embeds, _, pooled, _ = pipe.encode_prompt(
+                    prompt=captions, device=accelerator.device, num_images_per_prompt=1,
+                    do_classifier_free_guidance=False)
+                embeds = image_embeddings(pipe, batch["sheet"], drop_image)
+            time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=prompt_embeds.dtype,
+                                              text_encoder_projection_dim=projection_dim)
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
+            noisy = noise_scheduler.add_noise(latents, noise, t)
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device).repeat(b, 1),
+                     "image_embeds": [embeds.unsqueeze(1).to(weight_dtype)]}
+            pred = model(noisy, t, prompt_embeds, added)
+            loss = F.mse_loss(pred.float(), noise.float())
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        global_step += 1
+        if ema is not None:
+            ema.update(accelerator.unwrap_model(model).adapter)
+        if global_step % config["log_steps"] == 0 or global_step == 1:
+            loss_value = accelerator.gather(loss.detach()).mean().item()
+            accelerator.print(logger.log(global_step, samples_per_step, loss=loss_value,
+                                         lr=lr_scheduler.get_last_lr()[0]))
+        if global_step % config["checkpointing_steps"] == 0 or global_step == config["max_train_steps"]:
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(out / f"checkpoint-{global_step}"))
+            if accelerator.is_main_process:
+                prune_checkpoints(out, config["checkpoints_total_limit"])
+        if accelerator.is_main_process and global_step % config["validation_steps"] == 0:
+            with _ema_weights(accelerator.unwrap_model(model).adapter, ema):
+                pipe.set_progress_bar_config(disable=True)
+                validate(pipe, config, global_step, out / "validation")
+
+    accelerator.wait_for_everyone()
+    final = out / "adapter"
+    if accelerator.is_main_process:
+        with _ema_weights(accelerator.unwrap_model(model).adapter, ema):
+            accelerator.unwrap_model(model).adapter.save_pretrained(final)
+    accelerator.end_training()
+    return final / "ip-adapter.safetensors"
+
+
+class _ema_weights:
+    """Temporarily swaps the EMA weights into the adapter."""
+
+    def __init__(self, adapter, ema):
+        self.adapter, self.ema, self.saved = adapter, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.saved = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
+            self.ema.copy_to(self.adapter)
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.adapter.load_state_dict(self.saved)
+        return False
+
+
+if __name__ == "__main__":
+    main(parse_args())
