@@ -230,3 +230,85 @@ def image_grid(rows: list[list], tile: tuple[int, int]):
             if image is not None:
                 grid.paste(image.convert("RGB").resize((w, h)), (x * w, y * h))
     return grid
+
+
+def setup_accelerator(config: dict):
+    """(accelerator, output folder, dtype for frozen modules)."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    out = Path(config["output_dir"])
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config["gradient_accumulation_steps"], mixed_precision=config["mixed_precision"],
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    set_seed(config["seed"])
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return accelerator, out, weight_dtype
+
+
+def resume(accelerator, config: dict) -> int:
+    """Loads the latest (or given) checkpoint into the prepared objects; returns the step to continue from."""
+    checkpoint, step = resolve_resume(config)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        accelerator.print(f"resumed from {checkpoint} at step {step}")
+    return step
+
+
+def training_loop(*, accelerator, config: dict, model, optimizer, lr_scheduler, batches, loss_fn, start_step: int,
+                  ema: EMA | None = None, ema_module=None, validate=None) -> int:
+    """The loop every trainer shares: accumulate, clip, step, EMA, JSONL logs, checkpoints, validation.
+
+    ``batches`` yields training batches; ``loss_fn(batch)`` returns the loss; ``ema_module()`` the module the EMA
+    follows; ``validate(step)`` returns a dict of numbers to log (main process only)."""
+    out = Path(config["output_dir"])
+    logger = JsonlLogger(out / "logs.jsonl", accelerator.is_main_process)
+    samples_per_step = config["train_batch_size"] * accelerator.num_processes * config["gradient_accumulation_steps"]
+    step = start_step
+    while step < config["max_train_steps"]:
+        model.train()
+        with accelerator.accumulate(model):
+            loss = loss_fn(next(batches))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        if ema is not None:
+            ema.update(ema_module())
+        if step % config["log_steps"] == 0 or step == 1:
+            loss_value = accelerator.gather(loss.detach()).mean().item()
+            accelerator.print(logger.log(step, samples_per_step, loss=loss_value, lr=lr_scheduler.get_last_lr()[0]))
+        if step % config["checkpointing_steps"] == 0 or step == config["max_train_steps"]:
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(out / f"checkpoint-{step}"))
+            if accelerator.is_main_process:
+                prune_checkpoints(out, config["checkpoints_total_limit"])
+        if validate is not None and accelerator.is_main_process and step % config["validation_steps"] == 0:
+            numbers = validate(step)
+            if numbers:
+                logger.log(step, samples_per_step, **numbers)
+    accelerator.wait_for_everyone()
+    return step
+
+
+class ema_weights:
+    """Temporarily swaps the EMA weights into ``module`` (a no-op without EMA)."""
+
+    def __init__(self, module: torch.nn.Module, ema: EMA | None):
+        self.module, self.ema, self.saved = module, ema, None
+
+    def __enter__(self):
+        if self.ema is not None:
+            self.saved = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+            self.ema.copy_to(self.module)
+        return self.module
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            self.module.load_state_dict(self.saved)
+        return False

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler
 from PIL import Image
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -31,14 +29,15 @@ from engine.preprocess.image import pad_to_square
 from .common import (
     COMMON_DEFAULTS,
     EMA,
-    JsonlLogger,
     base_parser,
     cosine_with_warmup,
+    ema_weights,
     image_grid,
     load_config,
-    prune_checkpoints,
     register_pretrained_hooks,
-    resolve_resume,
+    resume,
+    setup_accelerator,
+    training_loop,
 )
 from .synthetic import render_sample
 from .synthetic.character import character_ids
@@ -160,30 +159,21 @@ def validate(pipe: PersonalizePipeline, config: dict, step: int, out_dir: Path) 
 
 def main(args) -> Path:
     config = load_config(args, DEFAULTS)
-    out = Path(config["output_dir"])
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config["gradient_accumulation_steps"], mixed_precision=config["mixed_precision"],
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    set_seed(config["seed"])
+    accelerator, out, weight_dtype = setup_accelerator(config)
     pipe, model = build(config)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.image_encoder):
         module.to(accelerator.device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     w, h = config["resolution"]
-
     optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=config["learning_rate"],
                                   weight_decay=config["adam_weight_decay"])
     lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
     ema = EMA(model.adapter, config["ema_decay"]) if config["use_ema"] else None
     register_pretrained_hooks(accelerator, {"adapter": "adapter"}, ema)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    checkpoint, global_step = resolve_resume(config)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    start = resume(accelerator, config)
 
-    seed = config["seed"] * 1_000_003 + global_step + accelerator.process_index
+    seed = config["seed"] * 1_000_003 + start + accelerator.process_index
     if config["pairs"] == "synthetic-oracle":
         dataset, shuffle = OraclePairs(config["num_characters"], (w, h), seed), False
     else:
@@ -196,90 +186,46 @@ def main(args) -> Path:
         while True:
             yield from loader
 
-    stream = batches()
-    logger = JsonlLogger(out / "logs.jsonl", accelerator.is_main_process)
     rnd = random.Random(seed)
     sf = pipe.vae.config.scaling_factor
-    samples_per_step = config["train_batch_size"] * accelerator.num_processes * config["gradient_accumulation_steps"]
     projection_dim = pipe.text_encoder_2.config.projection_dim
+    d_t, d_i, d_b = config["text_dropout"], config["image_dropout"], config["both_dropout"]
 
-    while global_step < config["max_train_steps"]:
-        model.train()
-        with accelerator.accumulate(model):
-            batch = next(stream)
-            b = len(batch["caption"])
-            # condition dropout: text only, image only, or both
-            drops = [rnd.random() for _ in range(b)]
-            d_t, d_i = config["text_dropout"], config["image_dropout"]
-            d_b = config["both_dropout"]
-            drop_text = [r < d_t or r >= 1 - d_b for r in drops]
-            drop_image = torch.tensor([d_t <= r < d_t + d_i or r >= 1 - d_b for r in drops])
-            captions = ["" if dt else c for dt, c in zip(drop_text, batch["caption"])]
-            with torch.no_grad():
-                target = to_tensor(batch["target"]).to(accelerator.device, weight_dtype)
-                latents = pipe.vae.encode(target).latent_dist.sample() * sf
-                prompt_embeds, _, pooled, _ = pipe.encode_prompt(
-                    prompt=captions, device=accelerator.device, num_images_per_prompt=1,
-                    do_classifier_free_guidance=False)
-                embeds = image_embeddings(pipe, batch["sheet"], drop_image)
-            time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=prompt_embeds.dtype,
-                                              text_encoder_projection_dim=projection_dim)
-            noise = torch.randn_like(latents)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
-            noisy = noise_scheduler.add_noise(latents, noise, t)
-            added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device).repeat(b, 1),
-                     "image_embeds": [embeds.unsqueeze(1).to(weight_dtype)]}
-            pred = model(noisy, t, prompt_embeds, added)
-            loss = F.mse_loss(pred.float(), noise.float())
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(model).adapter)
-        if global_step % config["log_steps"] == 0 or global_step == 1:
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            accelerator.print(logger.log(global_step, samples_per_step, loss=loss_value,
-                                         lr=lr_scheduler.get_last_lr()[0]))
-        if global_step % config["checkpointing_steps"] == 0 or global_step == config["max_train_steps"]:
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(out / f"checkpoint-{global_step}"))
-            if accelerator.is_main_process:
-                prune_checkpoints(out, config["checkpoints_total_limit"])
-        if accelerator.is_main_process and global_step % config["validation_steps"] == 0:
-            with _ema_weights(accelerator.unwrap_model(model).adapter, ema):
-                pipe.set_progress_bar_config(disable=True)
-                validate(pipe, config, global_step, out / "validation")
+    def loss_fn(batch):
+        b = len(batch["caption"])
+        draws = [rnd.random() for _ in range(b)]  # condition dropout: text only, image only, or both
+        drop_text = [r < d_t or r >= 1 - d_b for r in draws]
+        drop_image = torch.tensor([d_t <= r < d_t + d_i or r >= 1 - d_b for r in draws])
+        captions = ["" if dt else c for dt, c in zip(drop_text, batch["caption"])]
+        with torch.no_grad():
+            target = to_tensor(batch["target"]).to(accelerator.device, weight_dtype)
+            latents = pipe.vae.encode(target).latent_dist.sample() * sf
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=accelerator.device,
+                                                             num_images_per_prompt=1, do_classifier_free_guidance=False)
+            embeds = image_embeddings(pipe, batch["sheet"], drop_image)
+        time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=prompt_embeds.dtype,
+                                          text_encoder_projection_dim=projection_dim)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device).repeat(b, 1),
+                 "image_embeds": [embeds.unsqueeze(1).to(weight_dtype)]}
+        return F.mse_loss(model(noisy, t, prompt_embeds, added).float(), noise.float())
 
-    accelerator.wait_for_everyone()
+    def run_validation(step):
+        with ema_weights(accelerator.unwrap_model(model).adapter, ema):
+            pipe.set_progress_bar_config(disable=True)
+            validate(pipe, config, step, out / "validation")
+
+    training_loop(accelerator=accelerator, config=config, model=model, optimizer=optimizer,
+                  lr_scheduler=lr_scheduler, batches=batches(), loss_fn=loss_fn, start_step=start, ema=ema,
+                  ema_module=lambda: accelerator.unwrap_model(model).adapter, validate=run_validation)
     final = out / "adapter"
     if accelerator.is_main_process:
-        with _ema_weights(accelerator.unwrap_model(model).adapter, ema):
-            accelerator.unwrap_model(model).adapter.save_pretrained(final)
+        with ema_weights(accelerator.unwrap_model(model).adapter, ema) as adapter:
+            adapter.save_pretrained(final)
     accelerator.end_training()
     return final / "ip-adapter.safetensors"
-
-
-class _ema_weights:
-    """Temporarily swaps the EMA weights into the adapter."""
-
-    def __init__(self, adapter, ema):
-        self.adapter, self.ema, self.saved = adapter, ema, None
-
-    def __enter__(self):
-        if self.ema is not None:
-            self.saved = {k: v.detach().clone() for k, v in self.adapter.state_dict().items()}
-            self.ema.copy_to(self.adapter)
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            self.adapter.load_state_dict(self.saved)
-        return False
 
 
 if __name__ == "__main__":

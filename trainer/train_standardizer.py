@@ -11,14 +11,11 @@ EMA, resumable) and ``pipeline/`` (a StandardizePipeline with EMA weights, what 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
@@ -29,14 +26,14 @@ from engine.pipelines.standardize import StandardizePipeline
 from .common import (
     COMMON_DEFAULTS,
     EMA,
-    JsonlLogger,
     base_parser,
     cosine_with_warmup,
     image_grid,
     load_config,
-    prune_checkpoints,
     register_pretrained_hooks,
-    resolve_resume,
+    resume,
+    setup_accelerator,
+    training_loop,
 )
 from .synthetic import render_sample
 from .synthetic.character import character_ids
@@ -146,105 +143,69 @@ def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) 
 
 def main(args) -> Path:
     config = load_config(args, DEFAULTS)
-    out = Path(config["output_dir"])
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config["gradient_accumulation_steps"], mixed_precision=config["mixed_precision"],
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    set_seed(config["seed"])
+    accelerator, out, weight_dtype = setup_accelerator(config)
     models = build_models(config)
     net = models["net"]
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     models["vae"].to(accelerator.device, weight_dtype)
     models["image_encoder"].to(accelerator.device, weight_dtype)
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     clip_sample=False, steps_offset=1, prediction_type=config["prediction_type"])
     clip_preprocess = ClipPreprocess(models["feature_extractor"])
-
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=config["learning_rate"],
                                   weight_decay=config["adam_weight_decay"])
     lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
     ema = EMA(net, config["ema_decay"]) if config["use_ema"] else None
     register_pretrained_hooks(accelerator, PARTS, ema)
     net, optimizer, lr_scheduler = accelerator.prepare(net, optimizer, lr_scheduler)
-
-    checkpoint, global_step = resolve_resume(config)
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        accelerator.print(f"resumed from {checkpoint} at step {global_step}")
+    start = resume(accelerator, config)
     # a resumed run draws new samples: the stream is seeded by the step it starts from
     stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
-                             seed=config["seed"] * 1_000_003 + global_step + accelerator.process_index)
+                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
     loader = torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
                                          num_workers=config["dataloader_num_workers"])
-    batches = iter(loader)
-    logger = JsonlLogger(out / "logs.jsonl", accelerator.is_main_process)
-    rng = np.random.default_rng(config["seed"] + global_step)
+    rng = np.random.default_rng(config["seed"] + start)
     sf = models["vae"].config.scaling_factor
-    samples_per_step = config["train_batch_size"] * accelerator.num_processes * config["gradient_accumulation_steps"]
 
-    while global_step < config["max_train_steps"]:
-        net.train()
-        with accelerator.accumulate(net):
-            batch = next(batches)
-            image = batch["image"].to(accelerator.device, weight_dtype)
-            standard = batch["standard"].to(accelerator.device, weight_dtype)
-            with torch.no_grad():
-                ref_latents = models["vae"].encode(image).latent_dist.mean * sf
-                target = models["vae"].encode(standard).latent_dist.sample() * sf
-                embeds = models["image_encoder"](clip_preprocess(image)).image_embeds.unsqueeze(1)
-            b = target.shape[0]
-            noise = torch.randn_like(target)
-            if config["noise_offset"]:
-                noise = noise + config["noise_offset"] * torch.randn(b, target.shape[1], 1, 1, device=target.device)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=target.device)
-            noisy = noise_scheduler.add_noise(target, noise, t)
-            keep = torch.from_numpy(rng.random(b) >= config["reference_dropout"]).to(target.device)
-            embeds = embeds * keep.view(b, 1, 1).to(embeds.dtype)  # dropped: no image embedding, no reference
-            background = 1.0 - batch["mask"].to(accelerator.device, weight_dtype)
-            ref_pose = ((batch["pose_map"] + 1) / 2).to(accelerator.device, weight_dtype)
-            target_pose = ((batch["standard_pose_map"] + 1) / 2).to(accelerator.device, weight_dtype)
-            unwrapped = accelerator.unwrap_model(net)
-            bank, ref_index = None, None
-            if bool(keep.any()):
-                idx = keep.nonzero().flatten()
-                bank = unwrapped.encode_reference(ref_latents[idx], embeds[idx], background[idx], ref_pose[idx])
-                ref_index = torch.full((b,), -1, device=target.device, dtype=torch.long)
-                ref_index[idx] = torch.arange(len(idx), device=target.device)
-            pred = net(noisy, t, embeds, target_pose, bank, ref_index=ref_index)
-            goal = noise if config["prediction_type"] == "epsilon" else noise_scheduler.get_velocity(target, noise, t)
-            loss = F.mse_loss(pred.float(), goal.float())
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(net.parameters(), config["max_grad_norm"])
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if bank is not None:
-                bank.clear()
-        if not accelerator.sync_gradients:
-            continue
-        global_step += 1
-        if ema is not None:
-            ema.update(accelerator.unwrap_model(net))
-        if global_step % config["log_steps"] == 0 or global_step == 1:
-            loss_value = accelerator.gather(loss.detach()).mean().item()
-            record = logger.log(global_step, samples_per_step, loss=loss_value, lr=lr_scheduler.get_last_lr()[0])
-            accelerator.print(record)
-        if global_step % config["checkpointing_steps"] == 0 or global_step == config["max_train_steps"]:
-            accelerator.wait_for_everyone()
-            accelerator.save_state(str(out / f"checkpoint-{global_step}"))
-            if accelerator.is_main_process:
-                prune_checkpoints(out, config["checkpoints_total_limit"])
-        if accelerator.is_main_process and global_step % config["validation_steps"] == 0:
-            pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config)
-            pipe.set_progress_bar_config(disable=True)
-            logger.log(global_step, samples_per_step, **validate(pipe, config, global_step, out / "validation"))
+    def loss_fn(batch):
+        image = batch["image"].to(accelerator.device, weight_dtype)
+        standard = batch["standard"].to(accelerator.device, weight_dtype)
+        with torch.no_grad():
+            ref_latents = models["vae"].encode(image).latent_dist.mean * sf
+            target = models["vae"].encode(standard).latent_dist.sample() * sf
+            embeds = models["image_encoder"](clip_preprocess(image)).image_embeds.unsqueeze(1)
+        b = target.shape[0]
+        noise = torch.randn_like(target)
+        if config["noise_offset"]:
+            noise = noise + config["noise_offset"] * torch.randn(b, target.shape[1], 1, 1, device=target.device)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=target.device)
+        noisy = noise_scheduler.add_noise(target, noise, t)
+        keep = torch.from_numpy(rng.random(b) >= config["reference_dropout"]).to(target.device)
+        embeds = embeds * keep.view(b, 1, 1).to(embeds.dtype)  # dropped: no image embedding, no reference
+        background = 1.0 - batch["mask"].to(accelerator.device, weight_dtype)
+        ref_pose = ((batch["pose_map"] + 1) / 2).to(accelerator.device, weight_dtype)
+        target_pose = ((batch["standard_pose_map"] + 1) / 2).to(accelerator.device, weight_dtype)
+        bank, ref_index = None, None
+        if bool(keep.any()):
+            idx = keep.nonzero().flatten()
+            bank = accelerator.unwrap_model(net).encode_reference(ref_latents[idx], embeds[idx], background[idx],
+                                                                  ref_pose[idx])
+            ref_index = torch.full((b,), -1, device=target.device, dtype=torch.long)
+            ref_index[idx] = torch.arange(len(idx), device=target.device)
+        pred = net(noisy, t, embeds, target_pose, bank, ref_index=ref_index)
+        goal = noise if config["prediction_type"] == "epsilon" else noise_scheduler.get_velocity(target, noise, t)
+        return F.mse_loss(pred.float(), goal.float())
 
-    accelerator.wait_for_everyone()
+    def run_validation(step):
+        pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        return validate(pipe, config, step, out / "validation")
+
+    training_loop(accelerator=accelerator, config=config, model=net, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                  batches=iter(loader), loss_fn=loss_fn, start_step=start, ema=ema,
+                  ema_module=lambda: accelerator.unwrap_model(net), validate=run_validation)
     final = out / "pipeline"
     if accelerator.is_main_process:
-        net_final = _averaged(accelerator.unwrap_model(net), ema)
-        pipe = make_pipeline(models, net_final, noise_scheduler.config)
+        pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config)
         pipe.to(torch.float32)
         pipe.save_pretrained(final)
     accelerator.end_training()
