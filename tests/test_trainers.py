@@ -170,3 +170,66 @@ def test_personalizer_on_built_pairs(tiny_base, tmp_path):
     adapter = train_personalizer.main(train_personalizer.parse_args(
         ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs))]))
     assert adapter.is_file()
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_demo_recipe_end_to_end_at_tiny_size(tmp_path):
+    """clip -> vae -> base -> standardizer -> pairs -> personalizer, then the engine loads the lot like the demo."""
+    from trainer import (build_pairs, train_clip, train_personalizer, train_standardizer, train_text_to_image,
+                         train_vae)
+    from trainer.synthetic.__main__ import main as synthetic_main
+
+    common = {"train_batch_size": 2, "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 100,
+              "log_steps": 1, "num_characters": 10}
+    clip = train_clip.main(train_clip.parse_args(["--config", write_config(tmp_path / "clip.yaml", {
+        **common, "output_dir": str(tmp_path / "clip"), "resolution": [64, 96], "bpe_merges": 50,
+        "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1},
+        "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+                          "num_hidden_layers": 1, "image_size": 32, "patch_size": 8},
+        "projection_dim": 32})]))
+    assert {p.name for p in clip.iterdir()} >= {"image_encoder", "text_encoder", "text_encoder_2", "tokenizer"}
+    import torch
+    from transformers import CLIPModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    full = CLIPModel.from_pretrained(clip / "clip")
+    ids = CLIPTokenizer.from_pretrained(clip / "tokenizer")(["running, laughing"], return_tensors="pt").input_ids
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():  # the split-out encoders compute exactly what the CLIP towers compute
+        torch.testing.assert_close(CLIPTextModelWithProjection.from_pretrained(clip / "text_encoder_2")(ids).text_embeds,
+                                   full.get_text_features(ids).pooler_output, rtol=0, atol=1e-6)
+        torch.testing.assert_close(CLIPVisionModelWithProjection.from_pretrained(clip / "image_encoder")(pixels)
+                                   .image_embeds, full.get_image_features(pixels).pooler_output, rtol=0, atol=1e-6)
+    vae = train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "vae.yaml", {
+        **common, "output_dir": str(tmp_path / "vae"), "resolution": [64, 96], "vae": TINY_VAE})]))
+    base = train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "t2i.yaml", {
+        **common, "output_dir": str(tmp_path / "base"), "resolution": [64, 96], "vae": str(vae),
+        "text_encoder": str(clip / "text_encoder"), "text_encoder_2": str(clip / "text_encoder_2"),
+        "tokenizer": str(clip / "tokenizer"),
+        "unet": {"block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": [2, 4],
+                 "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                 "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 1],
+                 "addition_time_embed_dim": 8, "norm_num_groups": 8, "use_linear_projection": True}})]))
+    std = train_standardizer.main(train_standardizer.parse_args(["--config", write_config(tmp_path / "std.yaml", {
+        **common, "output_dir": str(tmp_path / "std"), "resolution": [64, 96], "vae": str(vae),
+        "image_encoder": str(clip / "image_encoder"),
+        "model": {"unet": TINY_UNET, "pose_guider": {"block_out_channels": [8, 8, 16, 16]},
+                  "conditioner": {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}}})]))
+    synthetic_main(["export", "--split", "train", "--n", "2", "--size", "64x96", "--out", str(tmp_path / "images")])
+    pairs = build_pairs.main(build_pairs.parse_args(["--standardizer", str(std), "--images", str(tmp_path / "images"),
+                                                     "--out", str(tmp_path / "pairs"), "--size", "64x96",
+                                                     "--steps", "2", "--ground-truth"]))
+    adapter = train_personalizer.main(train_personalizer.parse_args(["--config", write_config(
+        tmp_path / "pers.yaml", {**common, "output_dir": str(tmp_path / "pers"), "resolution": [64, 96],
+                                 "base": str(base), "image_encoder": str(clip / "image_encoder"),
+                                 "pairs": str(pairs)})]))
+
+    from engine import load_engine
+
+    engine = load_engine("demo", device="cpu", overrides={
+        "standardize": str(std), "sdxl": str(base), "image_encoder": str(clip / "image_encoder"),
+        "adapter": str(adapter)})
+    sheet = engine.standardize_reference(str(tmp_path / "images" / "shard-00000" / "000000_image.png"), height=96,
+                                         width=64, num_inference_steps=2, seed=0).sheet
+    panels = engine.generate_panels(["running", "waving"], sheet=sheet, seeds=[1, 2], height=96, width=64,
+                                    num_inference_steps=2)
+    assert sheet.size == (64, 96) and [p.size for p in panels.images] == [(64, 96), (64, 96)]

@@ -1,0 +1,148 @@
+"""Train the demo world's SDXL-shaped text-to-image UNet (the base Stage II personalizes), text encoders and VAE
+frozen (from ``train_clip`` and ``train_vae``).
+
+    python -m trainer.train_text_to_image --config trainer/configs/base_demo.yaml
+
+Texts: "caption, appearance" (60%), the caption alone (30%, as panel prompts read) or empty (10%, for CFG).
+Writes ``checkpoint-N/`` and ``sdxl/``: a PersonalizePipeline folder (UNet with EMA weights, both text encoders and
+tokenizers, VAE, DDIM) that the demo preset and ``train_personalizer`` load.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from engine.pipelines.personalize import PersonalizePipeline
+
+from .common import (
+    COMMON_DEFAULTS,
+    EMA,
+    base_parser,
+    cosine_with_warmup,
+    ema_weights,
+    image_grid,
+    load_config,
+    register_pretrained_hooks,
+    resume,
+    setup_accelerator,
+    training_loop,
+)
+from .synthetic.dataset import SyntheticStream
+
+DEFAULTS = {
+    **COMMON_DEFAULTS,
+    "resolution": [128, 192],
+    "num_characters": 5000,
+    "learning_rate": 2e-4,
+    "unet": {"block_out_channels": [64, 128, 256], "layers_per_block": 1, "attention_head_dim": [2, 4, 8],
+             "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+             "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+             "transformer_layers_per_block": [1, 1, 1], "addition_time_embed_dim": 32, "norm_num_groups": 32,
+             "use_linear_projection": True},
+    "validation_prompts": ["running, laughing, side view, full body, on a beach, a tall slim person with long red hair",
+                           "standing, neutral expression, front view, full body, in a park"],
+}
+
+
+def parse_args(argv=None):
+    return base_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+
+
+def build(config: dict):
+    te = CLIPTextModel.from_pretrained(config["text_encoder"])
+    te2 = CLIPTextModelWithProjection.from_pretrained(config["text_encoder_2"])
+    tok_path, tok2_path = Path(config["tokenizer"]), Path(config.get("tokenizer_2", config["tokenizer"]))
+    tok = CLIPTokenizer.from_pretrained(tok_path)
+    tok2 = CLIPTokenizer.from_pretrained(tok2_path)
+    unet_cfg = dict(config["unet"])
+    w, h = config["resolution"]
+    vae = AutoencoderKL.from_pretrained(config["vae"])
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet_cfg.update(
+        in_channels=4, out_channels=4, sample_size=h // factor, addition_embed_type="text_time",
+        cross_attention_dim=te.config.hidden_size + te2.config.hidden_size,
+        projection_class_embeddings_input_dim=6 * unet_cfg["addition_time_embed_dim"] + te2.config.projection_dim,
+    )
+    torch.manual_seed(config["seed"])
+    unet = UNet2DConditionModel.from_config(unet_cfg)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    for module in (vae, te, te2):
+        module.requires_grad_(False).eval()
+    pipe = PersonalizePipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
+                               scheduler=scheduler)
+    return pipe
+
+
+def texts_for(batch, rng) -> list[str]:
+    out = []
+    for caption, appearance in zip(batch["caption"], batch["appearance"]):
+        r = rng.random()
+        out.append(f"{caption}, {appearance}" if r < 0.6 else caption if r < 0.9 else "")
+    return out
+
+
+def main(args) -> Path:
+    config = load_config(args, DEFAULTS)
+    accelerator, out, weight_dtype = setup_accelerator(config)
+    pipe = build(config)
+    unet = pipe.unet
+    for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.to(accelerator.device, weight_dtype)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config["learning_rate"],
+                                  weight_decay=config["adam_weight_decay"])
+    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
+    ema = EMA(unet, config["ema_decay"]) if config["use_ema"] else None
+    register_pretrained_hooks(accelerator, {"unet": ""}, ema)
+    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
+    start = resume(accelerator, config)
+    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
+                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
+                                              num_workers=config["dataloader_num_workers"]))
+    rng = np.random.default_rng(config["seed"] + start)
+    w, h = config["resolution"]
+    sf = pipe.vae.config.scaling_factor
+    projection_dim = pipe.text_encoder_2.config.projection_dim
+
+    def loss_fn(batch):
+        with torch.no_grad():
+            latents = pipe.vae.encode(batch["image"].to(accelerator.device, weight_dtype)).latent_dist.sample() * sf
+            prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts_for(batch, rng), device=accelerator.device,
+                                                             num_images_per_prompt=1, do_classifier_free_guidance=False)
+        b = latents.shape[0]
+        time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=prompt_embeds.dtype,
+                                          text_encoder_projection_dim=projection_dim).to(latents.device).repeat(b, 1)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
+        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=prompt_embeds,
+                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+        return F.mse_loss(pred.float(), noise.float())
+
+    def run_validation(step):
+        with ema_weights(accelerator.unwrap_model(unet), ema):
+            pipe.set_progress_bar_config(disable=True)
+            images = pipe(config["validation_prompts"], seeds=0, height=h, width=w, num_inference_steps=20).images
+        (out / "validation").mkdir(parents=True, exist_ok=True)
+        image_grid([images], (w, h)).save(out / "validation" / f"step-{step:07d}.png")
+
+    training_loop(accelerator=accelerator, config=config, model=unet, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                  batches=loader, loss_fn=loss_fn, start_step=start, ema=ema,
+                  ema_module=lambda: accelerator.unwrap_model(unet), validate=run_validation)
+    if accelerator.is_main_process:
+        with ema_weights(accelerator.unwrap_model(unet), ema):
+            pipe.to(torch.float32)
+            pipe.save_pretrained(out / "sdxl")
+    accelerator.end_training()
+    return out / "sdxl"
+
+
+if __name__ == "__main__":
+    main(parse_args())

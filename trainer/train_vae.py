@@ -1,0 +1,126 @@
+"""Train the demo world's VAE (diffusers AutoencoderKL, /8) on synthetic scene images and standard renders.
+
+    python -m trainer.train_vae --config trainer/configs/vae_demo.yaml
+
+Loss: L1 + MSE reconstruction + a small KL term (no perceptual network exists offline). Writes ``checkpoint-N/``
+and ``vae/`` (EMA weights, save_pretrained), which both demo pipelines use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from engine.metrics import psnr
+
+from .common import (
+    COMMON_DEFAULTS,
+    EMA,
+    base_parser,
+    cosine_with_warmup,
+    ema_weights,
+    image_grid,
+    load_config,
+    register_pretrained_hooks,
+    resume,
+    setup_accelerator,
+    training_loop,
+)
+from .synthetic import render_sample
+from .synthetic.character import character_ids
+from .synthetic.dataset import SyntheticStream
+
+DEFAULTS = {
+    **COMMON_DEFAULTS,
+    "resolution": [128, 192],
+    "num_characters": 5000,
+    "kl_weight": 1e-6,
+    "learning_rate": 4e-4,
+    "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
+            "norm_num_groups": 32, "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4},
+}
+
+
+def parse_args(argv=None):
+    return base_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+
+
+def to_pil(x: torch.Tensor):
+    from PIL import Image
+
+    array = ((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
+@torch.no_grad()
+def validate(vae: AutoencoderKL, config: dict, step: int, out: Path) -> dict:
+    w, h = config["resolution"]
+    rows, scores = [], []
+    for i, cid in enumerate(character_ids("val", 4)):
+        s = render_sample(cid, i, (w, h))
+        x = torch.from_numpy(np.asarray(s.image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(vae.device)
+        rec = to_pil(vae(x.to(vae.dtype)).sample[0])
+        scores.append(psnr(rec, s.image))
+        rows.append([s.image, rec])
+    (out / "validation").mkdir(parents=True, exist_ok=True)
+    image_grid(rows, (w, h)).save(out / "validation" / f"step-{step:07d}.png")
+    return {"val_psnr": float(np.mean(scores))}
+
+
+class VAEWithKL(torch.nn.Module):
+    """forward -> (reconstruction, KL) through the prepared (possibly DDP-wrapped) module."""
+
+    def __init__(self, vae: AutoencoderKL):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x):
+        posterior = self.vae.encode(x).latent_dist
+        return self.vae.decode(posterior.sample()).sample, posterior.kl().mean()
+
+
+def main(args) -> Path:
+    config = load_config(args, DEFAULTS)
+    accelerator, out, _ = setup_accelerator(config)
+    vae_cfg = {"in_channels": 3, "out_channels": 3, "sample_size": max(config["resolution"]), **config["vae"]}
+    model = VAEWithKL(AutoencoderKL.from_config(vae_cfg))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["adam_weight_decay"])
+    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
+    ema = EMA(model.vae, config["ema_decay"]) if config["use_ema"] else None
+    register_pretrained_hooks(accelerator, {"vae": "vae"}, ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    start = resume(accelerator, config)
+    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
+                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
+                                              num_workers=config["dataloader_num_workers"]))
+
+    def loss_fn(batch):
+        x = torch.cat([batch["image"], batch["standard"][: max(1, len(batch["image"]) // 4)]]).to(accelerator.device)
+        rec, kl = model(x)
+        return F.l1_loss(rec, x) + F.mse_loss(rec, x) + config["kl_weight"] * kl / x[0].numel()
+
+    def vae_of():
+        return accelerator.unwrap_model(model).vae
+
+    def run_validation(step):
+        with ema_weights(vae_of(), ema) as vae:
+            return validate(vae, config, step, out)
+
+    training_loop(accelerator=accelerator, config=config, model=model, optimizer=optimizer,
+                  lr_scheduler=lr_scheduler, batches=loader, loss_fn=loss_fn, start_step=start, ema=ema,
+                  ema_module=vae_of, validate=run_validation)
+    if accelerator.is_main_process:
+        with ema_weights(vae_of(), ema) as vae:
+            vae.save_pretrained(out / "vae")
+    accelerator.end_training()
+    return out / "vae"
+
+
+if __name__ == "__main__":
+    main(parse_args())
