@@ -233,3 +233,17 @@ def test_demo_recipe_end_to_end_at_tiny_size(tmp_path):
     panels = engine.generate_panels(["running", "waving"], sheet=sheet, seeds=[1, 2], height=96, width=64,
                                     num_inference_steps=2)
     assert sheet.size == (64, 96) and [p.size for p in panels.images] == [(64, 96), (64, 96)]
+
+
+def test_stage1_evaluation_reports_model_and_baseline(standardizer_run):
+    from engine import StandardizePipeline
+    from trainer.evaluate import mean_standard, standardization_quality
+
+    _, _, final = standardizer_run
+    pipe = StandardizePipeline.from_pretrained(final)
+    pipe.set_progress_bar_config(disable=True)
+    result, shown = standardization_quality(pipe, n=2, size=(64, 96), steps=2, examples=1)
+    assert set(result) >= {"psnr", "ssim", "baseline_psnr", "baseline_ssim"} and len(shown) == 1
+    assert 5 < result["baseline_psnr"] < 40 and 0 < result["baseline_ssim"] < 1
+    base = np.asarray(mean_standard((64, 96), n=20), float)
+    assert (base[0, 0] > 250).all()  # the corners of every standard render are white
