@@ -1,0 +1,209 @@
+"""A story: its characters (references, sheets), script, panels and page settings; saved as a project archive.
+
+The archive is a zip of ``story.json`` and PNG images. Loading never extracts anything: entries are read by name,
+names must be the ones ``story.json`` lists under ``characters/`` or ``panels/``, sizes and counts are bounded, so
+a malformed or hostile archive (path traversal, zip bombs, wrong types) is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import zipfile
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from .script import PanelSpec
+
+ARCHIVE_VERSION = 1
+MAX_ARCHIVE_ENTRIES = 2000
+MAX_ARCHIVE_BYTES = 512 * 2**20
+MAX_IMAGE_PIXELS = 40_000_000
+SAFE_NAME = re.compile(r"^(characters|panels)/[0-9]{1,4}/[a-z_]{1,20}\.png$")
+STYLES = {
+    "none": ("", ""),
+    "comic": ("comic book style, bold ink lines, flat colors", "photo, blurry"),
+    "manga": ("manga style, black and white, screentone", "color, photo"),
+    "watercolor": ("soft watercolor illustration", "photo, harsh lines"),
+    "cinematic": ("cinematic lighting, detailed background", "flat, blurry"),
+}
+
+
+@dataclass
+class Character:
+    name: str
+    reference: Image.Image
+    sheet: Image.Image | None = None
+    accepted: bool = False
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    review: Image.Image | None = None  # canvas with mask and pose drawn over it
+
+
+@dataclass
+class Panel:
+    spec: PanelSpec
+    seed: int | None = None
+    locked: bool = False
+    prompt: str | None = None  # an edit of spec.prompt
+    image: Image.Image | None = None
+    mask: np.ndarray | None = None
+
+    @property
+    def text(self) -> str:
+        return self.prompt if self.prompt else self.spec.prompt
+
+
+@dataclass
+class Story:
+    title: str = "Untitled story"
+    characters: dict[str, Character] = field(default_factory=dict)
+    script: str = ""
+    style: str = "comic"
+    negative_prompt: str = ""
+    panels: list[Panel] = field(default_factory=list)
+    layout: str = "4-panel grid"
+    page_size: str = "A4"
+    gutter: int = 24
+    border: int = 5
+
+    def accepted(self) -> dict[str, Character]:
+        return {n: c for n, c in self.characters.items() if c.accepted and c.sheet is not None}
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_archive(story: Story) -> bytes:
+    """The project archive (zip bytes)."""
+    files: dict[str, bytes] = {}
+    characters = []
+    for i, c in enumerate(story.characters.values()):
+        entry = {"name": c.name, "accepted": c.accepted, "seed": c.seed, "steps": c.steps, "guidance": c.guidance,
+                 "files": {}}
+        for key in ("reference", "sheet", "review"):
+            image = getattr(c, key)
+            if image is not None:
+                name = f"characters/{i}/{key}.png"
+                files[name] = _png(image)
+                entry["files"][key] = name
+        characters.append(entry)
+    panels = []
+    for i, p in enumerate(story.panels):
+        entry = {"spec": p.spec.to_dict(), "seed": p.seed, "locked": p.locked, "prompt": p.prompt, "files": {}}
+        if p.image is not None:
+            files[f"panels/{i}/image.png"] = _png(p.image)
+            entry["files"]["image"] = f"panels/{i}/image.png"
+        if p.mask is not None:
+            files[f"panels/{i}/mask.png"] = _png(Image.fromarray((np.clip(p.mask, 0, 1) * 255).astype(np.uint8)))
+            entry["files"]["mask"] = f"panels/{i}/mask.png"
+        panels.append(entry)
+    meta = {"format": "serialgen-studio-project", "version": ARCHIVE_VERSION, "title": story.title,
+            "script": story.script, "style": story.style, "negative_prompt": story.negative_prompt,
+            "layout": story.layout, "page_size": story.page_size, "gutter": story.gutter, "border": story.border,
+            "characters": characters, "panels": panels}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("story.json", json.dumps(meta, indent=1))
+        for name, data in files.items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+class ArchiveError(ValueError):
+    pass
+
+
+def _read_image(z: zipfile.ZipFile, name, mode="RGB") -> Image.Image:
+    if not isinstance(name, str) or not SAFE_NAME.match(name):
+        raise ArchiveError(f"refusing the archive entry {name!r}: not a project image path")
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        raise ArchiveError(f"the archive lists {name} but does not contain it") from None
+    if info.file_size > 64 * 2**20:
+        raise ArchiveError(f"{name} is too large ({info.file_size} bytes)")
+    try:
+        with Image.open(io.BytesIO(z.read(name))) as im:
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise ArchiveError(f"{name} is too large ({im.width}x{im.height})")
+            return im.convert(mode)
+    except ArchiveError:
+        raise
+    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ArchiveError(f"{name} is not a readable PNG ({exc})") from None
+
+
+def _expect(value, kind, what):
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ArchiveError(f"story.json: {what} should be {getattr(kind, '__name__', kind)}, got {type(value).__name__}")
+    return value
+
+
+def load_archive(data: bytes) -> Story:
+    """The story of a project archive; ArchiveError (a ValueError) says what is wrong with a bad one."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise ArchiveError("this is not a project archive (not a zip file)") from None
+    with z:
+        infos = z.infolist()
+        if len(infos) > MAX_ARCHIVE_ENTRIES:
+            raise ArchiveError(f"the archive has {len(infos)} entries; a project has at most {MAX_ARCHIVE_ENTRIES}")
+        if sum(i.file_size for i in infos) > MAX_ARCHIVE_BYTES:
+            raise ArchiveError("the archive unpacks to more than 512 MB; refusing it")
+        for info in infos:
+            if info.filename != "story.json" and not SAFE_NAME.match(info.filename):
+                raise ArchiveError(f"unexpected entry {info.filename!r} in the archive (only story.json and "
+                                   "characters/N/*.png, panels/N/*.png belong in a project)")
+        try:
+            meta = json.loads(z.read("story.json"))
+        except KeyError:
+            raise ArchiveError("the archive has no story.json: it is not a SerialGen Studio project") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArchiveError(f"story.json is not valid JSON ({exc})") from None
+        if not isinstance(meta, dict) or meta.get("format") != "serialgen-studio-project":
+            raise ArchiveError("story.json is not a SerialGen Studio project")
+        if meta.get("version") != ARCHIVE_VERSION:
+            raise ArchiveError(f"project version {meta.get('version')!r} is not supported (expected {ARCHIVE_VERSION})")
+        story = Story(
+            title=_expect(meta.get("title", ""), str, "title"), script=_expect(meta.get("script", ""), str, "script"),
+            style=_expect(meta.get("style", "comic"), str, "style"),
+            negative_prompt=_expect(meta.get("negative_prompt", ""), str, "negative_prompt"),
+            layout=_expect(meta.get("layout", "4-panel grid"), str, "layout"),
+            page_size=_expect(meta.get("page_size", "A4"), str, "page_size"),
+            gutter=_expect(meta.get("gutter", 24), int, "gutter"), border=_expect(meta.get("border", 5), int, "border"))
+        for entry in _expect(meta.get("characters", []), list, "characters"):
+            entry = _expect(entry, dict, "a character")
+            files = _expect(entry.get("files", {}), dict, "character files")
+            if "reference" not in files:
+                raise ArchiveError("story.json: a character has no reference image")
+            name = _expect(entry.get("name"), str, "character name")
+            story.characters[name] = Character(
+                name=name, reference=_read_image(z, files["reference"]),
+                sheet=_read_image(z, files["sheet"]) if "sheet" in files else None,
+                review=_read_image(z, files["review"]) if "review" in files else None,
+                accepted=bool(entry.get("accepted", False)), seed=entry.get("seed"), steps=entry.get("steps"),
+                guidance=entry.get("guidance"))
+        for entry in _expect(meta.get("panels", []), list, "panels"):
+            entry = _expect(entry, dict, "a panel")
+            spec = _expect(entry.get("spec"), dict, "panel spec")
+            try:
+                panel_spec = PanelSpec(**spec)
+            except TypeError as exc:
+                raise ArchiveError(f"story.json: a panel spec is malformed ({exc})") from None
+            files = _expect(entry.get("files", {}), dict, "panel files")
+            mask = None
+            if "mask" in files:
+                mask = np.asarray(_read_image(z, files["mask"], "L"), np.float32) / 255.0
+            story.panels.append(Panel(spec=panel_spec, seed=entry.get("seed"), locked=bool(entry.get("locked")),
+                                      prompt=entry.get("prompt"), mask=mask,
+                                      image=_read_image(z, files["image"]) if "image" in files else None))
+    return story
