@@ -62,6 +62,11 @@ class Engine:
             raise ValueError("this engine was loaded without Stage II (personalize)")
         return self.personalize(prompt=prompts, sheet=sheet, **self.generation_options(**options))
 
+    def figure_mask(self, image):
+        """The figure mask (H, W) in [0, 1] of an image from the mask detector, or None where there is none."""
+        detector = getattr(self.standardize, "mask_detector", None) if self.standardize is not None else None
+        return None if detector is None else detector(image)
+
     def standardize_reference(self, reference, **options):
         """A character sheet from ``reference`` with the preset's Stage I defaults; ``StandardizePipelineOutput``."""
         if self.standardize is None:

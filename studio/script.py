@@ -87,7 +87,7 @@ def _parse_line(text: str, line_no: int, names: dict[str, str], errors: list[Scr
         return None
     character = None
     if tag.upper() != NO_CHARACTER:
-        character = names.get(tag.casefold())
+        character = tag if names is None else names.get(tag.casefold())
         if character is None:
             known = ", ".join(sorted(names.values()) + [NO_CHARACTER])
             errors.append(ScriptError(line_no, start + 2, f'unknown character "{tag}": expected one of {known} '
@@ -125,13 +125,14 @@ def _parse_line(text: str, line_no: int, names: dict[str, str], errors: list[Scr
 
 
 def parse_script(text: str, characters) -> list[PanelSpec]:
-    """Panels of ``text`` for the story's ``characters`` (names); raises ScriptErrors listing every problem."""
+    """Panels of ``text`` for the story's ``characters`` (names; None accepts any name, for captions and bubbles
+    only); raises ScriptErrors listing every problem."""
     if not isinstance(text, str):
         raise ScriptErrors([ScriptError(1, 1, "the script must be text")])
     if len(text) > MAX_SCRIPT_CHARS:
         raise ScriptErrors([ScriptError(1, 1, f"the script has {len(text)} characters; keep it under "
                                               f"{MAX_SCRIPT_CHARS} (split the story into chapters)")])
-    names = {name.casefold(): name for name in characters}
+    names = None if characters is None else {name.casefold(): name for name in characters}
     errors: list[ScriptError] = []
     panels: list[PanelSpec] = []
     for line_no, raw in enumerate(text.splitlines(), start=1):

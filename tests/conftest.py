@@ -39,3 +39,26 @@ def tiny_overrides(tiny_engine_dir):
         "image_encoder": str(tiny_engine_dir / "image_encoder"),
         "adapter": str(tiny_engine_dir / "adapter" / "ip-adapter.safetensors"),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_std_dir(tmp_path_factory):
+    """A tiny saved StandardizePipeline (the demo preset's `standardize` layout)."""
+    from components import tiny_stage1_components
+
+    from engine.pipelines import StandardizePipeline
+
+    root = tmp_path_factory.mktemp("tiny_std")
+    StandardizePipeline(**tiny_stage1_components()).save_pretrained(root / "standardize")
+    return root / "standardize"
+
+
+@pytest.fixture(scope="session")
+def tiny_full_engine(tiny_overrides, tiny_std_dir):
+    """Both stages with tiny models and small defaults (64x96, 2 steps)."""
+    from engine import load_engine
+
+    engine = load_engine("demo", overrides={**tiny_overrides, "standardize": str(tiny_std_dir)}, device="cpu")
+    engine.preset.defaults.update({"height": 96, "width": 64, "num_inference_steps": 2})
+    engine.preset.standardize_defaults.update({"height": 96, "width": 64, "num_inference_steps": 2})
+    return engine
