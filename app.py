@@ -25,13 +25,10 @@ def main(argv=None):
         status = f"The studio could not load its models:\n{exc}"
         print(status)
     demo = build_demo(engine, status)
-    try:
-        demo.launch(server_name=args.server_name, server_port=args.port, share=args.share)
-    except Exception as exc:  # noqa: BLE001 - a share link needs the network; serve locally without it
-        if not args.share:
-            raise
-        print(f"Could not create a share link ({exc}); serving locally at http://{args.server_name}:{args.port}")
-        demo.launch(server_name=args.server_name, server_port=args.port, share=False)
+    demo.launch(server_name=args.server_name, server_port=args.port, share=args.share, prevent_thread_lock=True)
+    if args.share and not demo.share_url:
+        print(f"No share link could be made (no network?): the studio keeps serving locally at {demo.local_url}")
+    demo.block_thread()
 
 
 if __name__ == "__main__":

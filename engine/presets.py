@@ -157,7 +157,7 @@ FULL = Preset(
 )
 
 _DEMO_HOW = (
-    "the demo models are made by our trainer on the synthetic world (`python -m trainer.train_personalizer`) and"
+    "the demo models are made by our trainer on the synthetic world (`python -m trainer.make_demo`, a GPU run) and"
     " shipped in assets/models/demo; this checkout does not have them yet"
 )
 

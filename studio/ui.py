@@ -66,6 +66,11 @@ def _errors(fn):
     return wrapper
 
 
+def _seed(value) -> int | None:
+    """A seed field: -1 (or empty) means a random seed."""
+    return None if value in (None, "") or int(value) < 0 else int(value)
+
+
 def _characters_table(story: Story) -> list[list]:
     return [[c.name, "accepted" if c.accepted else ("sheet ready" if c.sheet is not None else "-"), c.seed]
             for c in story.characters.values()]
@@ -117,7 +122,7 @@ def build_demo(engine, status: str = "") -> gr.Blocks:
         if image is None:
             raise ValueError("Upload a picture of the character first (or pick an example).")
         name = service.check_name(name)
-        result = run_standardize(image, None if seed in (None, "") else int(seed), int(steps), float(strength),
+        result = run_standardize(image, _seed(seed), int(steps), float(strength),
                                  lambda f, t: progress(f, desc=t))
         if result["note"]:
             gr.Warning(result["note"])
@@ -127,7 +132,7 @@ def build_demo(engine, status: str = "") -> gr.Blocks:
                 result["seed"])
 
     def on_regenerate(story, name, image, steps, strength, progress=gr.Progress()):
-        return on_standardize(story, name, image, None, steps, strength, progress)
+        return on_standardize(story, name, image, -1, steps, strength, progress)
 
     @_errors
     def on_accept(story, name):
@@ -178,7 +183,7 @@ def build_demo(engine, status: str = "") -> gr.Blocks:
             yield story, table, gallery, "All panels are drawn. Redraw single panels below."
             return
         yield story, table, gallery, f"Drawing {len(todo)} panels..."
-        base_seed = None if seed in (None, "") else int(seed)
+        base_seed = _seed(seed)
         for start in range(0, len(todo), 4):  # batches of 4, shown as they finish
             chunk = todo[start:start + 4]
             run_panels(story, chunk, base_seed, int(steps), float(strength),
@@ -298,23 +303,24 @@ def build_demo(engine, status: str = "") -> gr.Blocks:
                 with gr.Column(scale=1):
                     # a File (not an Image) upload: our own checks then name what is wrong with a bad file
                     char_image = gr.File(label="Picture of the character (photo or drawing)", file_types=["image"],
-                                         type="filepath", height=120)
-                    char_name = gr.Textbox(label="Name", placeholder="Mia", max_length=40)
+                                         type="filepath", height=120, elem_id="char-image")
+                    char_name = gr.Textbox(label="Name", placeholder="Mia", max_length=40, elem_id="char-name")
                     gr.Examples(_examples(), [char_image, char_name], label="Or pick an example")
                     with gr.Row():
-                        char_seed = gr.Number(label="Seed (empty: random)", value=None, precision=0, minimum=0)
+                        char_seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, minimum=-1)
                         char_steps = gr.Slider(1, 50, value=sdefaults.get("num_inference_steps", 20), step=1,
                                                label="Steps")
                         char_strength = gr.Slider(1.0, 10.0, value=sdefaults.get("guidance_scale", 3.5), step=0.5,
                                                   label="Strength (guidance)")
                     with gr.Row():
-                        btn_std = gr.Button("Standardize", variant="primary")
+                        btn_std = gr.Button("Standardize", variant="primary", elem_id="btn-standardize")
                         btn_regen = gr.Button("Regenerate (new seed)")
                     with gr.Row():
-                        btn_accept = gr.Button("Accept sheet", variant="primary")
+                        btn_accept = gr.Button("Accept sheet", variant="primary", elem_id="btn-accept")
                         btn_remove = gr.Button("Remove", variant="stop")
                 with gr.Column(scale=2):
-                    char_status = gr.Markdown("Upload a picture, name the character and press **Standardize**.")
+                    char_status = gr.Markdown("Upload a picture, name the character and press **Standardize**.",
+                                              elem_id="char-status")
                     with gr.Row():
                         view_ref = gr.Image(label="Reference", interactive=False, height=320)
                         view_review = gr.Image(label="Detected figure and pose", interactive=False, height=320)
@@ -326,25 +332,28 @@ def build_demo(engine, status: str = "") -> gr.Blocks:
             with gr.Row():
                 with gr.Column(scale=2):
                     script = gr.Textbox(label="One line per panel", lines=10, value=EXAMPLE_SCRIPT, max_length=100_000,
+                                        elem_id="script",
                                         info='[Name] what happens "speech" # caption   |   [NC] a panel without a '
                                              "character")
                 with gr.Column(scale=1):
                     style = gr.Dropdown(list(STYLES), value="comic", label="Style")
                     negative = gr.Textbox(label="Negative prompt", placeholder="blurry, extra limbs", max_length=500)
-                    btn_check = gr.Button("Check script")
-            script_status = gr.Markdown()
+                    btn_check = gr.Button("Check script", elem_id="btn-check")
+            script_status = gr.Markdown(elem_id="script-status")
             panel_table = gr.Dataframe(headers=["#", "character", "prompt", "speech", "caption"], interactive=False,
                                        value=[])
 
         with gr.Tab("3. Panels"):
             with gr.Row():
-                panel_seed = gr.Number(label="Seed (empty: random)", value=None, precision=0, minimum=0)
+                panel_seed = gr.Number(label="Seed (-1: random)", value=-1, precision=0, minimum=-1)
                 panel_steps = gr.Slider(1, 50, value=pdefaults.get("num_inference_steps", 20), step=1, label="Steps")
                 panel_strength = gr.Slider(0.0, 1.5, value=pdefaults.get("adapter_scale", 1.0), step=0.05,
                                            label="Character strength")
-                btn_draw = gr.Button("Draw panels", variant="primary")
-            panel_status = gr.Markdown()
-            gallery = gr.Gallery(label="Panels (click one to edit it)", columns=4, height=520, allow_preview=True)
+                btn_draw = gr.Button("Draw panels", variant="primary", elem_id="btn-draw")
+            panel_status = gr.Markdown(elem_id="panel-status")
+            gallery = gr.Gallery(label="Panels (click one to edit it)", columns=4, height=520, allow_preview=True,
+                                 object_fit="contain",
+                                 elem_id="panel-gallery")
             with gr.Row():
                 edit_index = gr.Number(label="Panel", value=1, precision=0, minimum=1)
                 edit_prompt = gr.Textbox(label="Prompt", scale=3, max_length=600)
@@ -357,8 +366,8 @@ def build_demo(engine, status: str = "") -> gr.Blocks:
                 page_size = gr.Dropdown(list(PAGE_SIZES), value="A4", label="Page size")
                 gutter = gr.Slider(0, 80, value=24, step=2, label="Gutter")
                 border = gr.Slider(0, 16, value=5, step=1, label="Border")
-                btn_pages = gr.Button("Make pages", variant="primary")
-            pages = gr.Gallery(label="Pages", columns=2, height=700)
+                btn_pages = gr.Button("Make pages", variant="primary", elem_id="btn-pages")
+            pages = gr.Gallery(label="Pages", columns=2, height=900, object_fit="contain", elem_id="pages")
 
         with gr.Tab("5. Export"):
             with gr.Row():
