@@ -1,6 +1,7 @@
 """SerialGen Studio: `python app.py [--preset demo|full|auto] [--share] [--port N] [--server-name H]`."""
 
 import argparse
+import os
 
 
 def main(argv=None):
@@ -9,8 +10,9 @@ def main(argv=None):
     parser.add_argument("--override", action="append", default=[], metavar="NAME=PATH", help="component from a path")
     parser.add_argument("--device", default=None)
     parser.add_argument("--share", action="store_true", help="also make a public gradio.live link")
-    parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--server-name", default="127.0.0.1")
+    # on a Hugging Face Space, GRADIO_SERVER_NAME/PORT say where to listen
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
+    parser.add_argument("--server-name", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     args = parser.parse_args(argv)
 
     from engine import load_engine
