@@ -62,6 +62,12 @@ class Engine:
             raise ValueError("this engine was loaded without Stage II (personalize)")
         return self.personalize(prompt=prompts, sheet=sheet, **self.generation_options(**options))
 
+    def appearance_scores(self, sheet, images, masks=None) -> list[float]:
+        """How much each image still looks like the sheet's character (CLIP image cosine, figure only)."""
+        if self.personalize is None:
+            raise ValueError("this engine was loaded without Stage II (personalize)")
+        return self.personalize.appearance_scores(sheet, images, masks)
+
     def figure_mask(self, image):
         """The figure mask (H, W) in [0, 1] of an image from the mask detector, or None where there is none."""
         detector = getattr(self.standardize, "mask_detector", None) if self.standardize is not None else None

@@ -159,8 +159,26 @@ def draw_panels(engine, story: Story, indices: list[int] | None = None, seed: in
         for p, image in zip(panels, output.images):
             p.image = image
             p.mask = engine.figure_mask(image)
+            if p.spec.character is not None:
+                p.consistency = engine.appearance_scores(accepted[p.spec.character].sheet, [image], [p.mask])[0]
+        flag_drift(story)
         done += len(chunk)
         yield chunk
+
+
+DRIFT_RATIO = 0.85
+
+
+def flag_drift(story: Story) -> None:
+    """Marks panels whose appearance score is well below their character's median (below 85% of it)."""
+    by_character: dict[str, list[Panel]] = {}
+    for p in story.panels:
+        if p.consistency is not None and p.spec.character is not None:
+            by_character.setdefault(p.spec.character, []).append(p)
+    for panels in by_character.values():
+        median = float(np.median([p.consistency for p in panels]))
+        for p in panels:
+            p.drifted = len(panels) >= 3 and p.consistency < DRIFT_RATIO * median
 
 
 def make_pages(story: Story) -> list[Image.Image]:

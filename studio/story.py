@@ -52,6 +52,8 @@ class Panel:
     prompt: str | None = None  # an edit of spec.prompt
     image: Image.Image | None = None
     mask: np.ndarray | None = None
+    consistency: float | None = None  # appearance score against the character's sheet
+    drifted: bool = False  # well below the character's other panels: worth a redraw
 
     @property
     def text(self) -> str:
@@ -97,7 +99,8 @@ def save_archive(story: Story) -> bytes:
         characters.append(entry)
     panels = []
     for i, p in enumerate(story.panels):
-        entry = {"spec": p.spec.to_dict(), "seed": p.seed, "locked": p.locked, "prompt": p.prompt, "files": {}}
+        entry = {"spec": p.spec.to_dict(), "seed": p.seed, "locked": p.locked, "prompt": p.prompt,
+                 "consistency": p.consistency, "drifted": p.drifted, "files": {}}
         if p.image is not None:
             files[f"panels/{i}/image.png"] = _png(p.image)
             entry["files"]["image"] = f"panels/{i}/image.png"
@@ -203,7 +206,9 @@ def load_archive(data: bytes) -> Story:
             mask = None
             if "mask" in files:
                 mask = np.asarray(_read_image(z, files["mask"], "L"), np.float32) / 255.0
+            score = entry.get("consistency")
             story.panels.append(Panel(spec=panel_spec, seed=entry.get("seed"), locked=bool(entry.get("locked")),
-                                      prompt=entry.get("prompt"), mask=mask,
+                                      prompt=entry.get("prompt"), mask=mask, drifted=bool(entry.get("drifted")),
+                                      consistency=float(score) if isinstance(score, (int, float)) else None,
                                       image=_read_image(z, files["image"]) if "image" in files else None))
     return story

@@ -81,6 +81,8 @@ def _gallery(story: Story) -> list[tuple]:
     for i, p in enumerate(story.panels):
         label = f"{i + 1}. [{p.spec.character or 'NC'}] {p.text}" + (f" (seed {p.seed}{', locked' if p.locked else ''})"
                                                                     if p.seed is not None else "")
+        if p.consistency is not None:
+            label += f" | looks like the sheet: {p.consistency:.2f}" + (" - drifted, redraw?" if p.drifted else "")
         out.append((p.image if p.image is not None else Image.new("RGB", (128, 192), (235, 235, 235)), label))
     return out
 

@@ -1,15 +1,24 @@
 """Measuring the models on held-out synthetic characters (ground truth known exactly).
 
     python -m trainer.evaluate stage1 --standardizer runs/demo/standardizer/pipeline [--n 40] [--size 128x192]
+    python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
+        [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--clip PATH]
 
 Stage I: PSNR and SSIM of the sheet against the ground-truth standard render, next to a trivial baseline that
 ignores the reference (the mean standard image of training characters).
+
+The protocol (``run``, the paper's scaled to the demo): held-out test characters x 20 prompts (5 action, 5 background,
+5 view/framing, 5 expression) x seeds. Per variant (an adapter, fed the standardized sheet or the raw reference):
+appearance accuracy of the probes against the character (CLIP-I analogue), text accuracy against the prompt
+(CLIP-T analogue), probe-feature cosine across a character's panels (AP-CLIP-I analogue), and with ``--clip`` the
+paper's CLIP-I (background removed where a mask detector exists), CLIP-T and AP-CLIP-I themselves.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -53,6 +62,106 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
     return result, shown
 
 
+# 20 prompts: one element varied from a plain base (standing, neutral, front view, full body, studio).
+BASE_SCENE = {"pose": "stand", "expression": "neutral", "view": "front", "framing": "full body",
+              "background": "studio", "time": "day", "lighting": "neutral"}
+PROMPT_SET = (
+    [("action", {"pose": p}) for p in ("run", "jump", "sit", "wave", "dance")]
+    + [("background", {"background": b}) for b in ("beach", "forest", "street", "snow", "classroom")]
+    + [("view", {"view": v}) for v in ("three-quarter", "side", "back")]
+    + [("view", {"framing": "half body"}), ("view", {"framing": "head only"})]
+    + [("expression", {"expression": e}) for e in ("smile", "laugh", "sad", "angry", "surprised")]
+)
+
+
+def protocol_prompts() -> list[tuple[str, dict, str]]:
+    """(category, scene attributes, caption) for the 20 evaluation prompts, in the world's own vocabulary."""
+    from .synthetic.render import SceneSpec
+
+    out = []
+    for category, change in PROMPT_SET:
+        attrs = {**BASE_SCENE, **change}
+        spec = SceneSpec(mirror=False, view_mirror=False, rotation=0.0, fill=0.8, position=0.5, seed=0, **attrs)
+        out.append((category, attrs, spec.caption()))
+    return out
+
+
+def score_panels(probe, panels, character: dict, scenes: list[dict]) -> dict:
+    """Probe metrics of one character's panels: appearance accuracy, text accuracy, feature cosine across panels."""
+    from engine.metrics import average_pairwise
+    from engine.models.probe import APPEARANCE_HEADS, SCENE_HEADS, HIDDEN
+
+    from .train_probes import visible_labels
+
+    features, predicted = probe.predict(panels)
+    appearance, text = [], []
+    for j, scene in enumerate(scenes):
+        truth = visible_labels(character, scene)
+        appearance += [predicted[h][j] == truth[h] for h in APPEARANCE_HEADS if truth[h] != HIDDEN]
+        text += [predicted[h][j] == truth[h] for h in SCENE_HEADS if truth[h] != HIDDEN]
+    return {"appearance_acc": float(np.mean(appearance)), "text_acc": float(np.mean(text)),
+            "ap_feature_cos": average_pairwise(features) if len(panels) > 1 else float("nan")}
+
+
+def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int = 4, size=(128, 192),
+                 steps: int = 20, clip=None, out: Path | None = None) -> dict:
+    """Every variant on the same characters, prompts and seeds. A variant: {"name", "engine", "standardize"}."""
+    from engine.metrics import remove_background
+
+    prompts = protocol_prompts()
+    results = {}
+    for variant in variants:
+        engine = variant["engine"]
+        per_char, clip_rows, grid_rows = [], [], []
+        for k, cid in enumerate(character_ids("test", n_characters)):
+            reference_sample = render_sample(cid, 90_000 + k, size)
+            reference = reference_sample.image
+            sheet = (engine.standardize_reference(reference, seed=k, num_inference_steps=steps).sheet
+                     if variant["standardize"] else reference)
+            captions = [c for _, _, c in prompts]
+            panels, scenes = [], []
+            for s in range(seeds):
+                out_s = engine.generate_panels(captions, sheet=sheet, seeds=[1000 * s + i for i in range(len(captions))],
+                                               num_inference_steps=steps, height=size[1], width=size[0])
+                panels += out_s.images
+                scenes += [attrs for _, attrs, _ in prompts]
+            character = reference_sample.attributes["character"]
+            per_char.append(score_panels(probe, panels, character, scenes))
+            if clip is not None:
+                masks = [engine.figure_mask(p) for p in panels]
+                clean = [remove_background(p, m) if m is not None else p for p, m in zip(panels, masks)]
+                ref_mask = np.asarray(reference_sample.mask, np.float32) / 255.0
+                ref_clean = remove_background(reference, ref_mask)
+                clip_rows.append({"clip_i": float(np.mean(clip.clip_i(clean, [ref_clean] * len(clean)))),
+                                  "clip_t": float(np.mean(clip.clip_t(panels, captions * seeds))),
+                                  "ap_clip_i": clip.ap_clip_i(clean)})
+            if k == 0:
+                grid_rows.append([reference, sheet] + panels[: len(captions)][:8])
+        summary = {key: float(np.nanmean([r[key] for r in per_char])) for key in per_char[0]}
+        if clip_rows:
+            summary.update({key: float(np.mean([r[key] for r in clip_rows])) for key in clip_rows[0]})
+        summary.update(characters=n_characters, prompts=len(prompts), seeds=seeds)
+        results[variant["name"]] = summary
+        if out is not None and grid_rows:
+            from .common import image_grid
+
+            out.mkdir(parents=True, exist_ok=True)
+            image_grid(grid_rows, size).save(out / f"examples-{re.sub(r'[^a-z0-9]+', '-', variant['name'].lower())}.png")
+    return results
+
+
+def results_table(results: dict, probe_accuracy: dict | None = None) -> str:
+    keys = [k for k in ("appearance_acc", "text_acc", "ap_feature_cos", "clip_i", "clip_t", "ap_clip_i")
+            if any(k in r for r in results.values())]
+    lines = ["| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, r in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
+    if probe_accuracy:
+        lines += ["", "Probe accuracy on real renders (held-out): " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in probe_accuracy.items())]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,7 +171,23 @@ def main(argv=None) -> int:
     st.add_argument("--size", default="128x192")
     st.add_argument("--steps", type=int, default=20)
     st.add_argument("--out", default=None, help="write the numbers as JSON here")
+    run = sub.add_parser("run", help="the protocol and ablations (see the module docstring)")
+    run.add_argument("--preset", default="demo")
+    run.add_argument("--override", action="append", default=[], metavar="NAME=PATH")
+    run.add_argument("--probe", required=True, help="a trained AttributeProbe folder (python -m trainer.train_probes)")
+    run.add_argument("--variant", action="append", default=[], metavar="NAME=ADAPTER[:raw]",
+                     help="an adapter to compare; ':raw' feeds it the raw reference (one-stage). Default: the preset's "
+                          "adapter two-stage and one-stage")
+    run.add_argument("--characters", type=int, default=10)
+    run.add_argument("--seeds", type=int, default=4)
+    run.add_argument("--steps", type=int, default=20)
+    run.add_argument("--size", default="128x192")
+    run.add_argument("--clip", default=None, help="a CLIPModel folder for the paper's CLIP-I/T (full preset)")
+    run.add_argument("--device", default=None)
+    run.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.command == "run":
+        return _run(args)
     from engine.pipelines.standardize import StandardizePipeline
 
     pipe = StandardizePipeline.from_pretrained(args.standardizer)
@@ -73,6 +198,39 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+    return 0
+
+
+def _run(args) -> int:
+    from engine import load_engine
+    from engine.metrics import ClipScorer
+    from engine.models.probe import AttributeProbe
+
+    overrides = dict(o.split("=", 1) for o in args.override)
+    probe = AttributeProbe.from_pretrained(args.probe).eval()
+    specs = [("two-stage (ours)", None, True), ("one-stage (raw reference)", None, False)]
+    if args.variant:
+        specs = []
+        for item in args.variant:
+            name, _, rest = item.partition("=")
+            path, _, mode = rest.partition(":")
+            specs.append((name, path or None, mode != "raw"))
+    variants = []
+    for name, adapter, standardize in specs:
+        engine = load_engine(args.preset, overrides={**overrides, **({"adapter": adapter} if adapter else {})},
+                             device=args.device)
+        variants.append({"name": name, "engine": engine, "standardize": standardize})
+    clip = ClipScorer.from_pretrained(args.clip) if args.clip else None
+    w, h = (int(v) for v in args.size.split("x"))
+    out = Path(args.out)
+    results = run_protocol(variants, probe, args.characters, args.seeds, (w, h), args.steps, clip, out)
+    accuracy_file = Path(args.probe).parent / "probe_accuracy.json"
+    probe_accuracy = json.loads(accuracy_file.read_text()) if accuracy_file.is_file() else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"results": results, "probe_accuracy": probe_accuracy}, indent=2))
+    table = results_table(results, probe_accuracy)
+    (out / "results.md").write_text(table + "\n")
+    print(table)
     return 0
 
 

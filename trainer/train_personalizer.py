@@ -4,8 +4,9 @@
     accelerate launch -m trainer.train_personalizer --config ...
 
 Only the adapter trains (MLP projection + to_k_ip/to_v_ip); the SDXL-shaped base and the image encoder are frozen.
-Data: a ``trainer.build_pairs`` folder (the paper's recipe: sheets made by our Stage I), or ``pairs: synthetic-oracle``
-(ground-truth standard renders as sheets, for ablations). Condition dropout: text, image, or both. Writes
+Data: a ``trainer.build_pairs`` folder (the paper's recipe: sheets made by our Stage I), or for the ablations
+``pairs: synthetic-oracle`` (ground-truth standard renders), ``synthetic-raw`` (one-stage paired: another picture of
+the character) or ``synthetic-unpaired`` (one-stage unpaired: the target itself). Condition dropout: text, image, or both. Writes
 ``checkpoint-N/`` (resumable) and ``adapter/ip-adapter.safetensors`` (EMA weights, h94 layout, what the engine loads).
 """
 
@@ -82,17 +83,31 @@ class PairFolder(torch.utils.data.Dataset):
                 "caption": r["caption"]}
 
 
-class OraclePairs(torch.utils.data.IterableDataset):
-    """Endless synthetic pairs whose sheet is the ground-truth standard render (an oracle Stage I)."""
+class SyntheticPairs(torch.utils.data.IterableDataset):
+    """Endless synthetic (reference, target, caption) triples for the paper's Table 2 variants:
+    ``synthetic-oracle`` (reference = the ground-truth standard render: an ideal Stage I),
+    ``synthetic-raw`` (reference = another scene of the same character: one-stage paired),
+    ``synthetic-unpaired`` (reference = the target itself: one-stage unpaired, the copy-paste setting)."""
 
-    def __init__(self, num_characters: int, size: tuple[int, int], seed: int):
-        self.ids, self.size, self.seed = character_ids("train", num_characters), tuple(size), seed
+    MODES = ("synthetic-oracle", "synthetic-raw", "synthetic-unpaired")
+
+    def __init__(self, num_characters: int, size: tuple[int, int], seed: int, mode: str = "synthetic-oracle"):
+        if mode not in self.MODES:
+            raise ValueError(f"pairs: {mode!r} is not a folder or one of {self.MODES}")
+        self.ids, self.size, self.seed, self.mode = character_ids("train", num_characters), tuple(size), seed, mode
 
     def __iter__(self):
         rng = np.random.default_rng(self.seed)
         while True:
-            s = render_sample(self.ids[int(rng.integers(len(self.ids)))], int(rng.integers(2**31)), self.size)
-            yield {"sheet": s.standard, "target": s.image, "caption": s.caption}
+            cid = self.ids[int(rng.integers(len(self.ids)))]
+            s = render_sample(cid, int(rng.integers(2**31)), self.size)
+            if self.mode == "synthetic-oracle":
+                sheet = s.standard
+            elif self.mode == "synthetic-unpaired":
+                sheet = s.image
+            else:
+                sheet = render_sample(cid, int(rng.integers(2**31)), self.size).image
+            yield {"sheet": sheet, "target": s.image, "caption": s.caption}
 
 
 def collate(items):
@@ -174,8 +189,8 @@ def main(args) -> Path:
     start = resume(accelerator, config)
 
     seed = config["seed"] * 1_000_003 + start + accelerator.process_index
-    if config["pairs"] == "synthetic-oracle":
-        dataset, shuffle = OraclePairs(config["num_characters"], (w, h), seed), False
+    if str(config["pairs"]).startswith("synthetic-"):
+        dataset, shuffle = SyntheticPairs(config["num_characters"], (w, h), seed, config["pairs"]), False
     else:
         dataset, shuffle = PairFolder(config["pairs"], (w, h)), True
     loader = torch.utils.data.DataLoader(dataset, batch_size=config["train_batch_size"], shuffle=shuffle,

@@ -159,6 +159,22 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             self._uncond_cache[state] = cond_shape_probe if state[1] else torch.zeros_like(cond_shape_probe)
         return self._uncond_cache[state]
 
+    @torch.no_grad()
+    def appearance_scores(self, sheet, images, masks=None) -> list[float]:
+        """Cosine of the CLIP image embedding of each image (figure only, where a mask is given) with the sheet's:
+        how much a panel still looks like its character (the studio flags the ones that drifted)."""
+        from ..metrics import remove_background
+
+        if self.image_encoder is None:
+            raise ValueError("the pipeline has no image_encoder to score appearance with")
+        masks = masks if masks is not None else [None] * len(images)
+        clean = [remove_background(im, m) if m is not None else im for im, m in zip(images, masks)]
+        pixels = self.feature_extractor([pad_to_square(load_image(x, name="image")) for x in [sheet, *clean]],
+                                        return_tensors="pt").pixel_values
+        embeds = self._encode_pixels(pixels, hidden_states=False)
+        embeds = embeds / embeds.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+        return (embeds[1:] @ embeds[0]).float().cpu().tolist()
+
     def clear_sheet_cache(self) -> None:
         self._sheet_cache.clear()
         self._uncond_cache.clear()

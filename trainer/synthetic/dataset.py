@@ -32,6 +32,7 @@ def sample_to_dict(sample: Sample) -> dict:
         "labels": torch.from_numpy(np.asarray(sample.labels, dtype=np.int64)),
         "caption": sample.caption,
         "appearance": sample.appearance,
+        "attributes": sample.attributes,
         "character_id": sample.character_id,
         "scene_seed": sample.scene_seed,
     }

@@ -1,0 +1,165 @@
+"""Metrics on constructed cases, probes, the evaluate CLI end to end on tiny models, the studio's drift flag."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from PIL import Image
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+from engine.metrics import (
+    ArcFaceEmbedder,
+    ClipScorer,
+    average_pairwise,
+    face_crop,
+    face_similarity,
+    psnr,
+    remove_background,
+    ssim,
+)
+from components import tiny_tokenizer
+
+
+def noise(seed, size=(48, 64)):
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def test_psnr_and_ssim_on_known_cases():
+    a = Image.new("RGB", (32, 32), (100, 100, 100))
+    b = Image.new("RGB", (32, 32), (110, 110, 110))
+    assert psnr(a, a) == float("inf")
+    assert psnr(a, b) == pytest.approx(10 * np.log10(255**2 / 100), abs=1e-9)  # MSE 100 -> 28.13 dB
+    x = noise(0)
+    assert ssim(x, x) == pytest.approx(1.0)
+    inverted = Image.fromarray(255 - np.asarray(x))
+    assert ssim(x, inverted) < 0.1 < ssim(x, Image.fromarray(np.clip(np.asarray(x, int) + 5, 0, 255).astype(np.uint8)))
+    with pytest.raises(ValueError, match="differ in shape"):
+        psnr(a, noise(1))
+
+
+def test_background_removal_and_pairwise_average():
+    img = Image.new("RGB", (4, 4), (10, 20, 30))
+    mask = np.zeros((4, 4))
+    mask[1:3, 1:3] = 1
+    out = np.asarray(remove_background(img, mask))
+    assert tuple(out[0, 0]) == (255, 255, 255) and tuple(out[1, 1]) == (10, 20, 30)
+    feats = np.array([[1.0, 0], [1.0, 0], [0, 1.0]])
+    assert average_pairwise(feats) == pytest.approx((1 + 0 + 0) / 3)
+    with pytest.raises(ValueError, match="at least two"):
+        average_pairwise(feats[:1])
+
+
+@pytest.fixture(scope="module")
+def clip():
+    torch.manual_seed(0)
+    model = CLIPModel(CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                     "vocab_size": 1000, "bos_token_id": 520, "eos_token_id": 521, "pad_token_id": 521},
+        vision_config={"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2,
+                       "image_size": 32, "patch_size": 4}, projection_dim=16))
+    return ClipScorer(model, CLIPImageProcessor(size=32, crop_size=32), tiny_tokenizer())
+
+
+def test_clip_metrics(clip):
+    a, b = noise(1), noise(2)
+    same = clip.clip_i([a, b], [a, b])
+    np.testing.assert_allclose(same, [100, 100], atol=1e-3)  # identical images score 100
+    assert clip.clip_i([a], [b])[0] < 100
+    t = clip.clip_t([a, b], ["a person running", "a person sitting"])
+    assert t.shape == (2,) and np.all(np.abs(t) <= 100)
+    assert clip.ap_clip_i([a, a, a]) == pytest.approx(100, abs=1e-3)
+    assert clip.ap_clip_i([a, b, noise(3)]) < 100
+
+
+def test_face_similarity_with_an_arcface_shaped_graph(tmp_path):
+    # (1, 3, 112, 112) -> (1, 512): a fixed random projection of the average-pooled image
+    w = np.random.default_rng(0).normal(size=(3 * 16 * 16, 512)).astype(np.float32)
+    nodes = [helper.make_node("AveragePool", ["input.1"], ["p"], kernel_shape=[7, 7], strides=[7, 7]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["683"])]
+    graph = helper.make_graph(nodes, "arc", [helper.make_tensor_value_info("input.1", TensorProto.FLOAT,
+                                                                           [1, 3, 112, 112])],
+                              [helper.make_tensor_value_info("683", TensorProto.FLOAT, [1, 512])],
+                              [numpy_helper.from_array(w, "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "w600k_r50.onnx")
+    embed = ArcFaceEmbedder(tmp_path / "w600k_r50.onnx")
+    kp = np.zeros((18, 3))
+    kp[[0, 14, 15]] = [[50, 40, 1], [45, 35, 1], [55, 35, 1]]
+    face = face_crop(noise(4, (100, 150)), kp)
+    assert face.size == (112, 112)
+    assert face_similarity(embed, face, face) == pytest.approx(1.0)
+    assert face_similarity(embed, face, face_crop(noise(5, (100, 150)), kp)) < 0.99
+    assert face_similarity(embed, face, None) is None
+    assert face_crop(noise(4, (100, 150)), np.zeros((18, 3))) is None
+
+
+def test_visibility_rules():
+    from trainer.train_probes import HIDDEN, visible_labels
+
+    char = {"hair_style": "bald", "hair_color": "red", "skin": "tan", "top": "dress", "top_color": "red",
+            "pattern": "logo", "bottom": "skirt", "bottom_color": "blue"}
+    scene = {"pose": "run", "expression": "smile", "view": "back", "framing": "head only", "background": "beach"}
+    v = visible_labels(char, scene)
+    assert v["hair_color"] == HIDDEN and v["bottom"] == HIDDEN and v["top"] == HIDDEN
+    assert v["expression"] == HIDDEN and v["pose"] == HIDDEN and v["background"] == "beach"
+    assert visible_labels(char, None)["top"] == "dress" and "pose" not in visible_labels(char, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_probe(tmp_path_factory):
+    import yaml
+
+    from trainer import train_probes
+
+    root = tmp_path_factory.mktemp("probe")
+    (root / "c.yaml").write_text(yaml.safe_dump({
+        "output_dir": str(root / "run"), "resolution": [64, 96], "num_characters": 10, "train_batch_size": 4,
+        "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 2, "log_steps": 1,
+        "channels": [8, 16], "feature_dim": 16, "num_validation_samples": 8}))
+    return train_probes.main(train_probes.parse_args(["--config", str(root / "c.yaml")]))
+
+
+def test_probe_trains_and_reports_its_own_accuracy(tiny_probe):
+    from engine.models.probe import AttributeProbe
+
+    accuracy = json.loads((tiny_probe.parent / "probe_accuracy.json").read_text())
+    assert set(accuracy) >= {"hair_style", "top_color", "pose", "background"}
+    assert all(0 <= v <= 1 for v in accuracy.values())
+    probe = AttributeProbe.from_pretrained(tiny_probe)
+    features, labels = probe.predict([noise(1), noise(2)])
+    assert features.shape == (2, 16) and len(labels["pose"]) == 2
+
+
+def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny_std_dir, tmp_path, capsys):
+    from trainer.evaluate import main
+
+    overrides = {**tiny_overrides, "standardize": str(tiny_std_dir)}
+    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "1", "--seeds", "1", "--steps", "1",
+            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path)]
+    for name, path in overrides.items():
+        args += ["--override", f"{name}={path}"]
+    assert main(args) == 0
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert set(results) == {"two-stage (ours)", "one-stage (raw reference)"}
+    for r in results.values():
+        assert 0 <= r["appearance_acc"] <= 1 and 0 <= r["text_acc"] <= 1 and -1 <= r["ap_feature_cos"] <= 1
+        assert r["prompts"] == 20
+    assert (tmp_path / "results.md").read_text().startswith("| variant |")
+    assert len(list(tmp_path.glob("examples-*.png"))) == 2
+
+
+def test_engine_appearance_scores_and_studio_drift_flag(tiny_full_engine):
+    from studio.script import PanelSpec
+    from studio.service import flag_drift
+    from studio.story import Panel, Story
+
+    sheet = noise(1, (64, 96))
+    scores = tiny_full_engine.appearance_scores(sheet, [sheet, noise(9, (64, 96))])
+    assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] < scores[0]
+    story = Story()
+    for i, score in enumerate([0.9, 0.92, 0.88, 0.5]):
+        story.panels.append(Panel(PanelSpec(i, i + 1, "Mia", "x"), consistency=score))
+    flag_drift(story)
+    assert [p.drifted for p in story.panels] == [False, False, False, True]
