@@ -175,9 +175,9 @@ def main(argv=None) -> int:
     run.add_argument("--preset", default="demo")
     run.add_argument("--override", action="append", default=[], metavar="NAME=PATH")
     run.add_argument("--probe", required=True, help="a trained AttributeProbe folder (python -m trainer.train_probes)")
-    run.add_argument("--variant", action="append", default=[], metavar="NAME=ADAPTER[:raw]",
-                     help="an adapter to compare; ':raw' feeds it the raw reference (one-stage). Default: the preset's "
-                          "adapter two-stage and one-stage")
+    run.add_argument("--variant", action="append", default=[], metavar="NAME=ADAPTER[:raw|:STANDARDIZER]",
+                     help="an adapter to compare; ':raw' feeds it the raw reference (one-stage), ':FOLDER' uses another "
+                          "Stage I (e.g. without FBDM/RPIM). Default: the preset's adapter two-stage and one-stage")
     run.add_argument("--characters", type=int, default=10)
     run.add_argument("--seeds", type=int, default=4)
     run.add_argument("--steps", type=int, default=20)
@@ -208,17 +208,17 @@ def _run(args) -> int:
 
     overrides = dict(o.split("=", 1) for o in args.override)
     probe = AttributeProbe.from_pretrained(args.probe).eval()
-    specs = [("two-stage (ours)", None, True), ("one-stage (raw reference)", None, False)]
+    specs = [("two-stage (ours)", None, True, None), ("one-stage (raw reference)", None, False, None)]
     if args.variant:
         specs = []
-        for item in args.variant:
+        for item in args.variant:  # NAME=ADAPTER[:raw | :STANDARDIZER_FOLDER]
             name, _, rest = item.partition("=")
             path, _, mode = rest.partition(":")
-            specs.append((name, path or None, mode != "raw"))
+            specs.append((name, path or None, mode != "raw", mode if mode not in ("", "raw") else None))
     variants = []
-    for name, adapter, standardize in specs:
-        engine = load_engine(args.preset, overrides={**overrides, **({"adapter": adapter} if adapter else {})},
-                             device=args.device)
+    for name, adapter, standardize, standardizer in specs:
+        extra = {**({"adapter": adapter} if adapter else {}), **({"standardize": standardizer} if standardizer else {})}
+        engine = load_engine(args.preset, overrides={**overrides, **extra}, device=args.device)
         variants.append({"name": name, "engine": engine, "standardize": standardize})
     clip = ClipScorer.from_pretrained(args.clip) if args.clip else None
     w, h = (int(v) for v in args.size.split("x"))
