@@ -247,3 +247,25 @@ def test_stage1_evaluation_reports_model_and_baseline(standardizer_run):
     assert 5 < result["baseline_psnr"] < 40 and 0 < result["baseline_ssim"] < 1
     base = np.asarray(mean_standard((64, 96), n=20), float)
     assert (base[0, 0] > 250).all()  # the corners of every standard render are white
+
+
+@pytest.mark.parametrize("kind", ["pose", "mask"])
+def test_detectors_train_export_onnx_and_load_in_the_engine(kind, tmp_path):
+    from engine.preprocess.detectors import OnnxKeypointDetector, OnnxMattingDetector
+    from trainer import train_detectors
+    from trainer.synthetic import render_sample
+
+    cfg = write_config(tmp_path / "d.yaml", {
+        "output_dir": str(tmp_path / "run"), "detector": kind, "resolution": [64, 96], "num_characters": 10,
+        "train_batch_size": 4, "max_train_steps": 2, "checkpointing_steps": 2, "log_steps": 1,
+        "channels": [8, 16, 16, 16], "num_validation_samples": 2})
+    path = train_detectors.main(train_detectors.parse_args(["--config", cfg]))
+    report = json.loads((tmp_path / "run" / "detector_accuracy.json").read_text())
+    image = render_sample(3, 3, (200, 300)).image
+    if kind == "pose":
+        assert "visibility_accuracy" in report
+        out = OnnxKeypointDetector(path, threshold=0.0)(image)  # untrained: every point "visible"
+        assert out.shape == (18, 3) and (0 <= out[:, 0]).all() and (out[:, 0] <= 200).all()
+    else:
+        assert 0 <= report["mask_iou"] <= 1
+        assert OnnxMattingDetector(path)(image).shape == (300, 200)

@@ -24,10 +24,12 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "trainer" / "configs"
 RUNS = ROOT / "runs" / "demo"
-STAGES = ("clip", "vae", "base", "standardizer", "pairs", "personalizer", "package")
+STAGES = ("clip", "vae", "base", "standardizer", "pairs", "personalizer", "pose_detector", "mask_detector",
+          "package")
 OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae", "base": RUNS / "base" / "sdxl",
            "standardizer": RUNS / "standardizer" / "pipeline", "pairs": RUNS / "pairs" / "metadata.jsonl",
-           "personalizer": RUNS / "personalizer" / "adapter" / "ip-adapter.safetensors"}
+           "personalizer": RUNS / "personalizer" / "adapter" / "ip-adapter.safetensors",
+           "pose_detector": RUNS / "pose_detector" / "pose.onnx", "mask_detector": RUNS / "mask_detector" / "mask.onnx"}
 
 
 def _config_args(name: str, scale: float) -> list[str]:
@@ -41,15 +43,15 @@ def _config_args(name: str, scale: float) -> list[str]:
 
 
 def run_stage(stage: str, args) -> None:
-    from . import build_pairs, train_clip, train_personalizer, train_standardizer, train_text_to_image, train_vae
+    from . import (build_pairs, train_clip, train_detectors, train_personalizer, train_standardizer,
+                   train_text_to_image, train_vae)
     from .synthetic.__main__ import main as synthetic_main
 
     trainers = {"clip": train_clip, "vae": train_vae, "base": train_text_to_image, "standardizer": train_standardizer,
-                "personalizer": train_personalizer}
+                "personalizer": train_personalizer, "pose_detector": train_detectors, "mask_detector": train_detectors}
     if stage in trainers:
-        name = {"base": "base"}.get(stage, stage)
         module = trainers[stage]
-        module.main(module.parse_args(_config_args(name, args.steps_scale)))
+        module.main(module.parse_args(_config_args(stage, args.steps_scale)))
     elif stage == "pairs":
         images = RUNS / "images"
         if not (images / "info.json").is_file():
@@ -82,6 +84,9 @@ def package(args, timings: dict) -> Path:
         demo / "image_encoder")
     (demo / "adapter").mkdir(exist_ok=True)
     shutil.copy(OUTPUTS["personalizer"], demo / "adapter" / "ip-adapter.safetensors")
+    (demo / "detectors").mkdir(exist_ok=True)
+    for kind in ("pose", "mask"):
+        shutil.copy(OUTPUTS[f"{kind}_detector"], demo / "detectors" / f"{kind}.onnx")
     size_mb = sum(p.stat().st_size for p in demo.rglob("*") if p.is_file()) / 2**20
 
     from engine import load_engine

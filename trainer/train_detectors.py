@@ -1,0 +1,177 @@
+"""Train the demo preset's small detectors on synthetic renders and export them to ONNX.
+
+    python -m trainer.train_detectors --config trainer/configs/pose_detector_demo.yaml   # detector: pose
+    python -m trainer.train_detectors --config trainer/configs/mask_detector_demo.yaml   # detector: mask
+
+``pose``: a CNN regressor, white-letterboxed image (1, 3, H, W) in [-1, 1] -> (1, 18, 3) OpenPose-18 (x / W, y / H,
+visibility probability): the layout ``engine.preprocess.detectors.OnnxKeypointDetector`` reads.
+``mask``: a small U-Net, (1, 3, H, W) in [-1, 1] (sides multiples of 32) -> (1, 1, H, W) figure alpha: the layout
+``OnnxMattingDetector`` reads (MODNet's). Writes ``pose.onnx`` / ``mask.onnx`` and ``detector_accuracy.json``
+(held-out: mean keypoint error in pixels and visibility accuracy, or mask IoU).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .common import (
+    COMMON_DEFAULTS,
+    EMA,
+    base_parser,
+    cosine_with_warmup,
+    ema_weights,
+    load_config,
+    register_pretrained_hooks,
+    resume,
+    setup_accelerator,
+    training_loop,
+)
+from .synthetic import render_sample
+from .synthetic.character import character_ids
+from .synthetic.dataset import SyntheticStream
+
+DEFAULTS = {**COMMON_DEFAULTS, "detector": "pose", "resolution": [128, 192], "num_characters": 20000,
+            "train_batch_size": 32, "learning_rate": 1e-3, "channels": [16, 32, 64, 128], "use_ema": False,
+            "num_validation_samples": 64}
+
+
+def _block(c_in, c_out, stride=1):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.GroupNorm(4, c_out), nn.SiLU())
+
+
+class PoseRegressor(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128)):
+        super().__init__()
+        layers, c = [], 3
+        for ch in channels:
+            layers += [_block(c, ch, 2), _block(ch, ch)]
+            c = ch
+        self.backbone = nn.Sequential(*layers)
+        self.head = nn.Linear(c * 4, 18 * 3)
+
+    def forward(self, x):
+        f = F.adaptive_avg_pool2d(self.backbone(x), 2).flatten(1)
+        out = self.head(f).view(-1, 18, 3)
+        return torch.cat([torch.sigmoid(out[..., :2]), torch.sigmoid(out[..., 2:])], dim=-1)
+
+
+class MaskUNet(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 128)):
+        super().__init__()
+        self.down, c = nn.ModuleList(), 3
+        for ch in channels:
+            self.down.append(nn.Sequential(_block(c, ch, 2), _block(ch, ch)))
+            c = ch
+        self.up = nn.ModuleList()
+        for ch, skip in zip(reversed(channels[:-1]), reversed(channels[:-1])):
+            self.up.append(nn.Sequential(_block(c + skip, ch), _block(ch, ch)))
+            c = ch
+        self.out = nn.Conv2d(c, 1, 3, padding=1)
+
+    def forward(self, x):
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+        for block, skip in zip(self.up, reversed(skips[:-1])):
+            x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            x = block(torch.cat([x, skip], 1))
+        return torch.sigmoid(F.interpolate(self.out(x), scale_factor=2, mode="bilinear", align_corners=False))
+
+
+def export_onnx(model: nn.Module, kind: str, size: tuple[int, int], path: Path) -> Path:
+    w, h = size
+    dummy = torch.zeros(1, 3, h, w)
+    axes = {"input": {2: "h", 3: "w"}, "output": {2: "h", 3: "w"}} if kind == "mask" else None
+    torch.onnx.export(model.eval().float().cpu(), (dummy,), str(path), input_names=["input"], output_names=["output"],
+                      dynamo=False, opset_version=17, dynamic_axes=axes)
+    return path
+
+
+@torch.no_grad()
+def held_out_accuracy(kind: str, onnx_path: Path, n: int, size) -> dict:
+    """The exported detector through the engine's own ONNX wrapper, on val renders."""
+    from engine.preprocess.detectors import OnnxKeypointDetector, OnnxMattingDetector
+
+    det = OnnxKeypointDetector(onnx_path) if kind == "pose" else OnnxMattingDetector(onnx_path, reference_size=max(size))
+    errors, vis_hits, ious = [], [], []
+    for i, cid in enumerate(character_ids("val", n)):
+        s = render_sample(cid, 20_000 + i, size)
+        if kind == "pose":
+            kp = det(s.image)
+            truth = s.keypoints
+            if kp is None:
+                vis_hits += [False] * 18
+                continue
+            both = (kp[:, 2] > 0) & (truth[:, 2] > 0)
+            errors += list(np.hypot(*(kp[both, :2] - truth[both, :2]).T))
+            vis_hits += list((kp[:, 2] > 0) == (truth[:, 2] > 0))
+        else:
+            pred, truth = det(s.image) > 0.5, np.asarray(s.mask) > 127
+            ious.append((pred & truth).sum() / max(1, (pred | truth).sum()))
+    if kind == "pose":
+        return {"mean_keypoint_error_px": float(np.mean(errors)) if errors else None,
+                "visibility_accuracy": float(np.mean(vis_hits)), "n": n, "size": list(size)}
+    return {"mask_iou": float(np.mean(ious)), "n": n, "size": list(size)}
+
+
+def main(args) -> Path:
+    config = load_config(args, DEFAULTS)
+    kind = config["detector"]
+    if kind not in ("pose", "mask"):
+        raise ValueError(f"detector {kind!r}: choose pose or mask")
+    accelerator, out, _ = setup_accelerator(config)
+    model = (PoseRegressor if kind == "pose" else MaskUNet)(channels=tuple(config["channels"]))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["adam_weight_decay"])
+    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
+    ema = EMA(model, config["ema_decay"]) if config["use_ema"] else None
+    register_pretrained_hooks(accelerator, {kind: ""}, ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    start = resume(accelerator, config)
+    w, h = config["resolution"]
+    stream = SyntheticStream("train", config["num_characters"], (w, h),
+                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
+    loader = iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
+                                              num_workers=config["dataloader_num_workers"]))
+
+    def loss_fn(batch):
+        x = batch["image"].to(accelerator.device)
+        if kind == "mask":
+            return F.binary_cross_entropy(model(x).clamp(1e-6, 1 - 1e-6), batch["mask"].to(accelerator.device))
+        pred = model(x)
+        kp = batch["keypoints"].to(accelerator.device)
+        goal = kp[..., :2] / torch.tensor([w, h], device=kp.device)
+        vis = kp[..., 2]
+        coord = (F.l1_loss(pred[..., :2], goal, reduction="none").sum(-1) * vis).sum() / vis.sum().clamp(min=1)
+        return coord * 10 + F.binary_cross_entropy(pred[..., 2].clamp(1e-6, 1 - 1e-6), vis)
+
+    training_loop(accelerator=accelerator, config=config, model=model, optimizer=optimizer,
+                  lr_scheduler=lr_scheduler, batches=loader, loss_fn=loss_fn, start_step=start, ema=ema,
+                  ema_module=lambda: accelerator.unwrap_model(model))
+    path = out / f"{kind}.onnx"
+    if accelerator.is_main_process:
+        with ema_weights(accelerator.unwrap_model(model), ema) as final:
+            final.save_pretrained(out / kind)
+            export_onnx(final, kind, (w, h), path)
+        (out / "detector_accuracy.json").write_text(json.dumps(
+            held_out_accuracy(kind, path, config["num_validation_samples"], (w, h)), indent=2))
+    accelerator.end_training()
+    return path
+
+
+def parse_args(argv=None):
+    return base_parser(__doc__.split("\n\n")[0]).parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
