@@ -106,7 +106,9 @@ def package(args, timings: dict) -> Path:
     (demo / "figures").mkdir(exist_ok=True)
     image_grid(rows, (128, 192)).save(demo / "figures" / "examples.png")
     image_grid([list(t) for t in shown], (128, 192)).save(demo / "figures" / "stage1.png")
-    card = {"quality_stage1": quality, "size_mb": round(size_mb, 2), "timings": timings,
+    detectors = {kind: json.loads((OUTPUTS[f"{kind}_detector"].parent / "detector_accuracy.json").read_text())
+                 for kind in ("pose", "mask")}
+    card = {"quality_stage1": quality, "detectors": detectors, "size_mb": round(size_mb, 2), "timings": timings,
             "hardware": _hardware(), "steps_scale": args.steps_scale}
     (demo / "model_card.json").write_text(json.dumps(card, indent=2))
     (demo / "README.md").write_text(model_card(card))
@@ -135,6 +137,7 @@ def model_card(card: dict) -> str:
         f"| our Stage I | {q['psnr']:.2f} | {q['ssim']:.3f} |",
         f"| mean standard image (trivial baseline) | {q['baseline_psnr']:.2f} | {q['baseline_ssim']:.3f} |", "",
         "Targets: SSIM >= 0.85, PSNR >= 22 dB.", "",
+        "Detectors on held-out renders: " + json.dumps(card["detectors"]), "",
         "![stage 1](figures/stage1.png)", "", "Reference -> sheet -> four panels:", "",
         "![examples](figures/examples.png)", "",
     ]
