@@ -40,7 +40,7 @@ from transformers import (  # noqa: E402
     CLIPVisionModelWithProjection,
 )
 
-from common import build_random, peak_gb, timed  # noqa: E402
+from common import build_random, timed  # noqa: E402
 
 from engine import IPAdapterModules, PersonalizePipeline, load_engine  # noqa: E402
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDIMScheduler
@@ -13,6 +14,9 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 from .models.adapter import ADAPTER_WEIGHT_NAME
 from .pipelines.personalize import PersonalizePipeline
 from .presets import ComponentSource, Preset, get_preset
+
+if TYPE_CHECKING:
+    from .pipelines.standardize import StandardizePipeline
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -312,3 +312,27 @@ class ema_weights:
         if self.saved is not None:
             self.module.load_state_dict(self.saved)
         return False
+
+
+def prepare_training(accelerator, config: dict, model: torch.nn.Module, parts: dict[str, str],
+                     params=None, ema_target=None):
+    """The setup every trainer shares: AdamW over ``params`` (default: the model's trainable parameters), the
+    warm-up + cosine schedule, EMA of ``ema_target`` (default: the model), checkpoint hooks writing ``parts``,
+    accelerate's prepare, and resume. Returns (model, optimizer, lr_scheduler, ema, start step)."""
+    params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["adam_weight_decay"])
+    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
+    ema = EMA(ema_target if ema_target is not None else model, config["ema_decay"]) if config["use_ema"] else None
+    register_pretrained_hooks(accelerator, parts, ema)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    return model, optimizer, lr_scheduler, ema, resume(accelerator, config)
+
+
+def synthetic_batches(accelerator, config: dict, start: int, collate_fn=None):
+    """An endless iterator of synthetic training batches; a resumed run (``start`` > 0) draws fresh samples."""
+    from .synthetic.dataset import SyntheticStream
+
+    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
+                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
+    return iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"], collate_fn=collate_fn,
+                                            num_workers=config["dataloader_num_workers"]))

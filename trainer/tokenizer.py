@@ -84,7 +84,6 @@ def save_tokenizer(folder: str | Path, vocab: dict[str, int], merges: list[tuple
 
 def synthetic_texts(num_characters: int = 2000, scenes: int = 3) -> list[str]:
     """Captions and appearance descriptions of the synthetic world (what the demo text encoders will read)."""
-    from .synthetic import render_sample  # noqa: F401  (keeps the import light for the CLI)
     from .synthetic.character import character_ids, make_character
     from .synthetic.render import sample_scene
 

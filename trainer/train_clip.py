@@ -26,17 +26,14 @@ from transformers import (
 
 from .common import (
     COMMON_DEFAULTS,
-    EMA,
     base_parser,
-    cosine_with_warmup,
     ema_weights,
     load_config,
-    register_pretrained_hooks,
-    resume,
+    prepare_training,
     setup_accelerator,
+    synthetic_batches,
     training_loop,
 )
-from .synthetic.dataset import SyntheticStream
 from .tokenizer import save_tokenizer, synthetic_texts, train_bpe
 
 DEFAULTS = {
@@ -112,17 +109,8 @@ def main(args) -> Path:
                    "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
     model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=config["vision_config"],
                                  projection_dim=config["projection_dim"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"],
-                                  weight_decay=config["adam_weight_decay"])
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
-    ema = EMA(model, config["ema_decay"]) if config["use_ema"] else None
-    register_pretrained_hooks(accelerator, {"clip": ""}, ema)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    start = resume(accelerator, config)
-    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
-                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
-                                              num_workers=config["dataloader_num_workers"]))
+    model, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, model, {"clip": ""})
+    loader = synthetic_batches(accelerator, config, start)
     rng = np.random.default_rng(config["seed"] + start)
     size = config["vision_config"]["image_size"]
 

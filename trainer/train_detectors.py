@@ -24,19 +24,16 @@ from torch import nn
 
 from .common import (
     COMMON_DEFAULTS,
-    EMA,
     base_parser,
-    cosine_with_warmup,
     ema_weights,
     load_config,
-    register_pretrained_hooks,
-    resume,
+    prepare_training,
     setup_accelerator,
+    synthetic_batches,
     training_loop,
 )
 from .synthetic import render_sample
 from .synthetic.character import character_ids
-from .synthetic.dataset import SyntheticStream
 
 DEFAULTS = {**COMMON_DEFAULTS, "detector": "pose", "resolution": [128, 192], "num_characters": 20000,
             "train_batch_size": 32, "learning_rate": 1e-3, "channels": [16, 32, 64, 128], "use_ema": False,
@@ -132,17 +129,9 @@ def main(args) -> Path:
         raise ValueError(f"detector {kind!r}: choose pose or mask")
     accelerator, out, _ = setup_accelerator(config)
     model = (PoseRegressor if kind == "pose" else MaskUNet)(channels=tuple(config["channels"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["adam_weight_decay"])
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
-    ema = EMA(model, config["ema_decay"]) if config["use_ema"] else None
-    register_pretrained_hooks(accelerator, {kind: ""}, ema)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    start = resume(accelerator, config)
+    model, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, model, {kind: ""})
     w, h = config["resolution"]
-    stream = SyntheticStream("train", config["num_characters"], (w, h),
-                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
-                                              num_workers=config["dataloader_num_workers"]))
+    loader = synthetic_batches(accelerator, config, start)
 
     def loss_fn(batch):
         x = batch["image"].to(accelerator.device)

@@ -29,14 +29,11 @@ from engine.preprocess.image import pad_to_square
 
 from .common import (
     COMMON_DEFAULTS,
-    EMA,
     base_parser,
-    cosine_with_warmup,
     ema_weights,
     image_grid,
     load_config,
-    register_pretrained_hooks,
-    resume,
+    prepare_training,
     setup_accelerator,
     training_loop,
 )
@@ -180,13 +177,9 @@ def main(args) -> Path:
         module.to(accelerator.device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     w, h = config["resolution"]
-    optimizer = torch.optim.AdamW(model.adapter.parameters(), lr=config["learning_rate"],
-                                  weight_decay=config["adam_weight_decay"])
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
-    ema = EMA(model.adapter, config["ema_decay"]) if config["use_ema"] else None
-    register_pretrained_hooks(accelerator, {"adapter": "adapter"}, ema)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    start = resume(accelerator, config)
+    model, optimizer, lr_scheduler, ema, start = prepare_training(
+        accelerator, config, model, {"adapter": "adapter"}, params=model.adapter.parameters(),
+        ema_target=model.adapter)
 
     seed = config["seed"] * 1_000_003 + start + accelerator.process_index
     if str(config["pairs"]).startswith("synthetic-"):

@@ -17,18 +17,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.models.probe import APPEARANCE_HEADS, HIDDEN, SCENE_HEADS, AttributeProbe
+from engine.models.probe import HIDDEN, AttributeProbe
 
 from .common import (
     COMMON_DEFAULTS,
-    EMA,
     base_parser,
-    cosine_with_warmup,
     ema_weights,
     load_config,
-    register_pretrained_hooks,
-    resume,
+    prepare_training,
     setup_accelerator,
+    synthetic_batches,
     training_loop,
 )
 from .synthetic import EXPRESSIONS, POSE_FAMILIES, SCENES, VIEWS, render_sample
@@ -42,7 +40,6 @@ from .synthetic.character import (
     TOPS,
     character_ids,
 )
-from .synthetic.dataset import SyntheticStream
 
 DEFAULTS = {**COMMON_DEFAULTS, "resolution": [128, 192], "num_characters": 20000, "train_batch_size": 64,
             "learning_rate": 1e-3, "standard_fraction": 0.25, "channels": [32, 64, 128, 256], "feature_dim": 256,
@@ -108,17 +105,8 @@ def main(args) -> Path:
     accelerator, out, _ = setup_accelerator(config)
     probe = AttributeProbe(labels=LABELS, channels=tuple(config["channels"]), feature_dim=config["feature_dim"],
                            image_size=tuple(config["resolution"]))
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=config["learning_rate"],
-                                  weight_decay=config["adam_weight_decay"])
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
-    ema = EMA(probe, config["ema_decay"]) if config["use_ema"] else None
-    register_pretrained_hooks(accelerator, {"probe": ""}, ema)
-    probe, optimizer, lr_scheduler = accelerator.prepare(probe, optimizer, lr_scheduler)
-    start = resume(accelerator, config)
-    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
-                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
-                                              num_workers=config["dataloader_num_workers"], collate_fn=_collate))
+    probe, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, probe, {"probe": ""})
+    loader = synthetic_batches(accelerator, config, start, collate_fn=_collate)
     rng = np.random.default_rng(config["seed"] + start)
 
     def loss_fn(batch):

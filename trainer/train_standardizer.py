@@ -27,17 +27,15 @@ from .common import (
     COMMON_DEFAULTS,
     EMA,
     base_parser,
-    cosine_with_warmup,
     image_grid,
     load_config,
-    register_pretrained_hooks,
-    resume,
+    prepare_training,
     setup_accelerator,
+    synthetic_batches,
     training_loop,
 )
 from .synthetic import render_sample
 from .synthetic.character import character_ids
-from .synthetic.dataset import SyntheticStream
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
@@ -151,18 +149,8 @@ def main(args) -> Path:
     noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                     clip_sample=False, steps_offset=1, prediction_type=config["prediction_type"])
     clip_preprocess = ClipPreprocess(models["feature_extractor"])
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=config["learning_rate"],
-                                  weight_decay=config["adam_weight_decay"])
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
-    ema = EMA(net, config["ema_decay"]) if config["use_ema"] else None
-    register_pretrained_hooks(accelerator, PARTS, ema)
-    net, optimizer, lr_scheduler = accelerator.prepare(net, optimizer, lr_scheduler)
-    start = resume(accelerator, config)
-    # a resumed run draws new samples: the stream is seeded by the step it starts from
-    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
-                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
-    loader = torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
-                                         num_workers=config["dataloader_num_workers"])
+    net, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, net, PARTS)
+    loader = synthetic_batches(accelerator, config, start)
     rng = np.random.default_rng(config["seed"] + start)
     sf = models["vae"].config.scaling_factor
 
@@ -201,7 +189,7 @@ def main(args) -> Path:
         return validate(pipe, config, step, out / "validation")
 
     training_loop(accelerator=accelerator, config=config, model=net, optimizer=optimizer, lr_scheduler=lr_scheduler,
-                  batches=iter(loader), loss_fn=loss_fn, start_step=start, ema=ema,
+                  batches=loader, loss_fn=loss_fn, start_step=start, ema=ema,
                   ema_module=lambda: accelerator.unwrap_model(net), validate=run_validation)
     final = out / "pipeline"
     if accelerator.is_main_process:

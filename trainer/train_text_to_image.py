@@ -22,18 +22,15 @@ from engine.pipelines.personalize import PersonalizePipeline
 
 from .common import (
     COMMON_DEFAULTS,
-    EMA,
     base_parser,
-    cosine_with_warmup,
     ema_weights,
     image_grid,
     load_config,
-    register_pretrained_hooks,
-    resume,
+    prepare_training,
     setup_accelerator,
+    synthetic_batches,
     training_loop,
 )
-from .synthetic.dataset import SyntheticStream
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
@@ -96,17 +93,8 @@ def main(args) -> Path:
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.to(accelerator.device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=config["learning_rate"],
-                                  weight_decay=config["adam_weight_decay"])
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
-    ema = EMA(unet, config["ema_decay"]) if config["use_ema"] else None
-    register_pretrained_hooks(accelerator, {"unet": ""}, ema)
-    unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    start = resume(accelerator, config)
-    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
-                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
-                                              num_workers=config["dataloader_num_workers"]))
+    unet, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, unet, {"unet": ""})
+    loader = synthetic_batches(accelerator, config, start)
     rng = np.random.default_rng(config["seed"] + start)
     w, h = config["resolution"]
     sf = pipe.vae.config.scaling_factor

@@ -19,20 +19,17 @@ from engine.metrics import psnr
 
 from .common import (
     COMMON_DEFAULTS,
-    EMA,
     base_parser,
-    cosine_with_warmup,
     ema_weights,
     image_grid,
     load_config,
-    register_pretrained_hooks,
-    resume,
+    prepare_training,
     setup_accelerator,
+    synthetic_batches,
     training_loop,
 )
 from .synthetic import render_sample
 from .synthetic.character import character_ids
-from .synthetic.dataset import SyntheticStream
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
@@ -89,16 +86,9 @@ def main(args) -> Path:
     accelerator, out, _ = setup_accelerator(config)
     vae_cfg = {"in_channels": 3, "out_channels": 3, "sample_size": max(config["resolution"]), **config["vae"]}
     model = VAEWithKL(AutoencoderKL.from_config(vae_cfg))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config["learning_rate"], weight_decay=config["adam_weight_decay"])
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
-    ema = EMA(model.vae, config["ema_decay"]) if config["use_ema"] else None
-    register_pretrained_hooks(accelerator, {"vae": "vae"}, ema)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    start = resume(accelerator, config)
-    stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
-                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
-    loader = iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"],
-                                              num_workers=config["dataloader_num_workers"]))
+    model, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, model, {"vae": "vae"},
+                                                                  ema_target=model.vae)
+    loader = synthetic_batches(accelerator, config, start)
 
     def loss_fn(batch):
         x = torch.cat([batch["image"], batch["standard"][: max(1, len(batch["image"]) // 4)]]).to(accelerator.device)
