@@ -40,7 +40,7 @@ from transformers import (  # noqa: E402
     CLIPVisionModelWithProjection,
 )
 
-from common import build_random, timed  # noqa: E402
+from common import add_model_args, build_random, timed  # noqa: E402
 
 from engine import IPAdapterModules, PersonalizePipeline, load_engine  # noqa: E402
 
@@ -87,14 +87,7 @@ def sheet_image(width: int, height: int) -> Image.Image:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["random-full", "random-small", "preset"], default="random-small")
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=5.0)
+    add_model_args(parser, guidance=5.0)
     parser.add_argument("--panels", type=int, default=4, help="panels per call (one batch)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--low-vram", action="store_true", help="model CPU offload + VAE slicing/tiling")

@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import build_random, timed  # noqa: E402
+from common import add_model_args, build_random, timed  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # noqa: E402
 
@@ -56,14 +56,7 @@ def random_pipeline(config_name: str, device, dtype) -> StandardizePipeline:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", choices=["random-full", "random-small", "preset"], default="random-small")
-    parser.add_argument("--preset", default="demo")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--width", type=int, default=512)
-    parser.add_argument("--height", type=int, default=768)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.5)
+    add_model_args(parser, guidance=3.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

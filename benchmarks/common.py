@@ -64,3 +64,15 @@ def timed(fn, device, repeats: int) -> tuple[float, float]:
         sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times), peak_gb(device)
+
+
+def add_model_args(parser, guidance: float) -> None:
+    """The options both stage benchmarks take: which model, where, at what size, steps and guidance."""
+    parser.add_argument("--model", choices=["random-full", "random-small", "preset"], default="random-small")
+    parser.add_argument("--preset", default="demo")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--height", type=int, default=768)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--guidance", type=float, default=guidance)
