@@ -60,8 +60,11 @@ class ClipScorer:
     """CLIP-I, CLIP-T and AP-CLIP-I (x100, as the paper reports them) with any transformers ``CLIPModel``
     (OpenCLIP ViT-H/14 in ``full``: laion/CLIP-ViT-H-14-laion2B-s32B-b79K; tiny random ones in tests)."""
 
-    def __init__(self, model, processor, tokenizer, device="cpu"):
+    def __init__(self, model, processor, tokenizer, device="cpu", pad_square: bool = False):
         self.model, self.processor, self.tokenizer, self.device = model.eval().to(device), processor, tokenizer, device
+        # pad_square: pad with white to a square first (how the demo CLIP was trained), instead of the processor's
+        # centre crop, which cuts a 2:3 panel's head and feet
+        self.pad_square = pad_square
 
     @classmethod
     def from_pretrained(cls, path: str, device="cpu", **kwargs) -> "ClipScorer":
@@ -74,7 +77,12 @@ class ClipScorer:
         import torch
 
         with torch.no_grad():
-            pixels = self.processor([im.convert("RGB") for im in images], return_tensors="pt").pixel_values
+            images = [im.convert("RGB") for im in images]
+            if self.pad_square:
+                from .preprocess.image import pad_to_square
+
+                images = [pad_to_square(im) for im in images]
+            pixels = self.processor(images, return_tensors="pt").pixel_values
             out = self.model.get_image_features(pixel_values=pixels.to(self.device))
             out = getattr(out, "pooler_output", out)
         return out.float().cpu().numpy()

@@ -74,6 +74,18 @@ def test_clip_metrics(clip):
     assert clip.ap_clip_i([a, b, noise(3)]) < 100
 
 
+def test_clip_pad_square_sees_what_a_centre_crop_cuts(clip):
+    """A 2:3 panel that differs only in its top rows: the centre crop cannot tell, the white-padded square can."""
+    from PIL import Image
+
+    padded = ClipScorer(clip.model, clip.processor, clip.tokenizer, pad_square=True)
+    a = noise(1, (32, 48))
+    b = a.copy()
+    b.paste(Image.new("RGB", (32, 6), (255, 0, 0)), (0, 0))
+    assert clip.clip_i([a], [b])[0] == pytest.approx(100, abs=1e-3)
+    assert padded.clip_i([a], [b])[0] < 99.9
+
+
 def test_face_similarity_with_an_arcface_shaped_graph(tmp_path):
     # (1, 3, 112, 112) -> (1, 512): a fixed random projection of the average-pooled image
     w = np.random.default_rng(0).normal(size=(3 * 16 * 16, 512)).astype(np.float32)

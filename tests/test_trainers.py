@@ -269,3 +269,59 @@ def test_detectors_train_export_onnx_and_load_in_the_engine(kind, tmp_path):
     else:
         assert 0 <= report["mask_iou"] <= 1
         assert OnnxMattingDetector(path)(image).shape == (300, 200)
+
+
+def test_vae_random_crops_cut_every_image_and_stay_inside():
+    import torch
+
+    from trainer.train_vae import random_crops
+
+    x = torch.arange(2 * 3 * 12 * 8, dtype=torch.float32).view(2, 3, 12, 8)
+    crops = random_crops(x, (4, 6), 3, np.random.default_rng(0))
+    assert crops.shape == (6, 3, 6, 4)
+    for k, crop in enumerate(crops):  # each crop is a window of its own source image
+        src = x[k // 3]
+        found = any(torch.equal(src[:, t:t + 6, l:l + 4], crop) for t in range(7) for l in range(5))
+        assert found
+    with pytest.raises(ValueError, match="larger than the images"):
+        random_crops(x, (16, 6), 1, np.random.default_rng(0))
+
+
+def test_vae_trains_on_crops_and_decodes_full_images(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from trainer import train_vae
+
+    out = train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "vae.yaml", {
+        "output_dir": str(tmp_path / "vae"), "resolution": [64, 96], "train_batch_size": 2, "max_train_steps": 2,
+        "checkpointing_steps": 2, "validation_steps": 2, "num_characters": 10, "vae": TINY_VAE,
+        "random_crop": [32, 32], "crops_per_image": 2})]))
+    assert (tmp_path / "vae" / "validation" / "step-0000002.png").is_file()
+    assert AutoencoderKL.from_pretrained(out).config.block_out_channels == TINY_VAE["block_out_channels"]
+
+
+def test_cpu_profile_overrides_reach_every_trainer_config():
+    """make_demo --profile cpu: each stage's overrides arrive in the config its trainer loads; ablation stages keep
+    the profile of the model they ablate and add their own switches."""
+    import importlib
+
+    from trainer import make_demo, train_vae
+
+    profile = make_demo.load_profile("cpu")
+    configs = {config_name for _, config_name, _ in make_demo.TRAINERS.values()}
+    assert set(profile) - {"pairs", "evaluate"} <= configs
+    for stage, (module_name, config_name, extra) in make_demo.TRAINERS.items():
+        module = importlib.import_module(f"trainer.{module_name}")
+        args = make_demo._config_args(config_name, 1.0, "cpu", extra)
+        config = module.load_config(module.parse_args(args), module.DEFAULTS)
+        for key, value in [*make_demo._dotted(profile.get(config_name, {})), *make_demo._dotted(extra)]:
+            node = config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (stage, key)
+    baseline = make_demo.TRAINERS["standardizer_baseline"][2]
+    assert baseline["model"] == {"use_fbdm": False, "use_rpim": False} and "ablation" in baseline["output_dir"]
+    gpu = train_vae.load_config(train_vae.parse_args(make_demo._config_args("vae", 1.0, "gpu")), train_vae.DEFAULTS)
+    assert gpu["random_crop"] is None and gpu["vae"]["block_out_channels"] == [32, 64, 64, 64]
+    scaled = make_demo._config_args("vae", 0.1, "cpu")
+    assert scaled[scaled.index("--max_train_steps") + 1] == str(int(profile["vae"]["max_train_steps"] * 0.1))

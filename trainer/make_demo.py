@@ -1,7 +1,7 @@
 """Make the demo models: the whole recipe, in order, resumable, then packaged into assets/models/demo.
 
     python -m trainer.make_demo                      # GPU: the configs in trainer/configs/*_demo.yaml
-    python -m trainer.make_demo --steps-scale 0.05   # a 2-core CPU run (shorter; the model card says so)
+    python -m trainer.make_demo --profile cpu        # a 2-core CPU run (trainer/configs/cpu_profile.yaml)
     python -m trainer.make_demo --stages package     # only (re)package and re-measure what is trained
 
 Stages: clip -> vae -> base -> standardizer -> pairs (our Stage I standardizes synthetic images) -> personalizer
@@ -26,40 +26,101 @@ CONFIGS = ROOT / "trainer" / "configs"
 RUNS = ROOT / "runs" / "demo"
 STAGES = ("clip", "vae", "base", "standardizer", "pairs", "personalizer", "pose_detector", "mask_detector",
           "package")
+# The evaluation recipe (issue: the paper's Table 2-4 analogues), same profile and budgets as the models they ablate:
+# python -m trainer.make_demo --stages probe,standardizer_baseline,personalizer_unpaired,personalizer_raw,evaluate
+EVAL_STAGES = ("probe", "standardizer_baseline", "personalizer_unpaired", "personalizer_raw", "evaluate")
+ABLATIONS = RUNS / "ablation"
 OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae", "base": RUNS / "base" / "sdxl",
            "standardizer": RUNS / "standardizer" / "pipeline", "pairs": RUNS / "pairs" / "metadata.jsonl",
            "personalizer": RUNS / "personalizer" / "adapter" / "ip-adapter.safetensors",
-           "pose_detector": RUNS / "pose_detector" / "pose.onnx", "mask_detector": RUNS / "mask_detector" / "mask.onnx"}
+           "pose_detector": RUNS / "pose_detector" / "pose.onnx", "mask_detector": RUNS / "mask_detector" / "mask.onnx",
+           "probe": RUNS / "probe" / "probe",
+           "standardizer_baseline": ABLATIONS / "standardizer-baseline" / "pipeline",
+           "personalizer_unpaired": ABLATIONS / "personalizer-unpaired" / "adapter" / "ip-adapter.safetensors",
+           "personalizer_raw": ABLATIONS / "personalizer-raw" / "adapter" / "ip-adapter.safetensors",
+           "evaluate": ROOT / "assets" / "evaluation" / "results.json"}
+# stage -> (trainer module, config name, overrides over config + profile). Ablations keep the ablated model's budget.
+TRAINERS = {
+    "clip": ("train_clip", "clip", {}), "vae": ("train_vae", "vae", {}), "base": ("train_text_to_image", "base", {}),
+    "standardizer": ("train_standardizer", "standardizer", {}),
+    "personalizer": ("train_personalizer", "personalizer", {}),
+    "pose_detector": ("train_detectors", "pose_detector", {}), "mask_detector": ("train_detectors", "mask_detector", {}),
+    "probe": ("train_probes", "probe", {}),
+    "standardizer_baseline": ("train_standardizer", "standardizer", {
+        "output_dir": str(ABLATIONS / "standardizer-baseline"), "model": {"use_fbdm": False, "use_rpim": False}}),
+    # one-stage ablations draw from as many training characters as the two-stage pairs were built from
+    "personalizer_unpaired": ("train_personalizer", "personalizer", {
+        "output_dir": str(ABLATIONS / "personalizer-unpaired"), "pairs": "synthetic-unpaired"}),
+    "personalizer_raw": ("train_personalizer", "personalizer", {
+        "output_dir": str(ABLATIONS / "personalizer-raw"), "pairs": "synthetic-raw"}),
+}
 
 
-def _config_args(name: str, scale: float) -> list[str]:
+PROFILES = {"gpu": None, "cpu": CONFIGS / "cpu_profile.yaml"}
+
+
+def load_profile(name: str) -> dict:
+    """The per-stage overrides of a hardware profile (read at each stage's start, so a running recipe sees edits)."""
+    path = PROFILES[name]
+    return yaml.safe_load(path.read_text()) if path else {}
+
+
+def _dotted(values: dict, prefix: str = ""):
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _dotted(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _config_args(name: str, scale: float, profile: str = "gpu", extra: dict | None = None) -> list[str]:
     config = yaml.safe_load((CONFIGS / f"{name}_demo.yaml").read_text())
+    overrides = load_profile(profile).get(name, {})
     args = ["--config", str(CONFIGS / f"{name}_demo.yaml")]
+    for key, value in [*_dotted(overrides), *_dotted(extra or {})]:
+        args += ["--set", f"{key}={json.dumps(value)}"]
     if scale != 1.0:
-        steps = max(10, int(config["max_train_steps"] * scale))
+        steps = max(10, int(overrides.get("max_train_steps", config["max_train_steps"]) * scale))
         args += ["--max_train_steps", str(steps), "--checkpointing_steps", str(max(5, steps // 4)),
                  "--validation_steps", str(max(5, steps // 2))]
     return args
 
 
 def run_stage(stage: str, args) -> None:
-    from . import (build_pairs, train_clip, train_detectors, train_personalizer, train_standardizer,
-                   train_text_to_image, train_vae)
+    import importlib
+
+    from . import build_pairs
     from .synthetic.__main__ import main as synthetic_main
 
-    trainers = {"clip": train_clip, "vae": train_vae, "base": train_text_to_image, "standardizer": train_standardizer,
-                "personalizer": train_personalizer, "pose_detector": train_detectors, "mask_detector": train_detectors}
-    if stage in trainers:
-        module = trainers[stage]
-        module.main(module.parse_args(_config_args(stage, args.steps_scale)))
+    if stage in TRAINERS:
+        module_name, config_name, extra = TRAINERS[stage]
+        if stage.startswith("personalizer_"):
+            extra = {**extra, "num_characters": _pair_characters(args)}
+        module = importlib.import_module(f".{module_name}", __package__)
+        module.main(module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra)))
+    elif stage == "evaluate":
+        evaluate_all(args)
     elif stage == "pairs":
         images = RUNS / "images"
         if not (images / "info.json").is_file():
-            synthetic_main(["export", "--split", "train", "--n", str(args.pairs), "--size", "128x192", "--out",
+            synthetic_main(["export", "--split", "train", "--n", str(_pairs(args)), "--size", "128x192", "--out",
                             str(images), "--workers", "2"])
         build_pairs.main(build_pairs.parse_args(["--standardizer", str(OUTPUTS["standardizer"]), "--images",
                                                  str(images), "--out", str(RUNS / "pairs"), "--size", "128x192",
                                                  "--ground-truth"]))
+
+
+def _pairs(args) -> int:
+    return args.pairs if args.pairs is not None else int(load_profile(args.profile).get("pairs", 20000))
+
+
+def _pair_characters(args) -> int:
+    """How many training characters the two-stage pairs come from (the export's info.json), else the pair count."""
+    info = RUNS / "images" / "info.json"
+    if info.is_file():
+        data = json.loads(info.read_text())
+        return -(-int(data["n"]) // int(data["scenes_per_character"]))
+    return _pairs(args)
 
 
 def package(args, timings: dict) -> Path:
@@ -109,10 +170,71 @@ def package(args, timings: dict) -> Path:
     detectors = {kind: json.loads((OUTPUTS[f"{kind}_detector"].parent / "detector_accuracy.json").read_text())
                  for kind in ("pose", "mask")}
     card = {"quality_stage1": quality, "detectors": detectors, "size_mb": round(size_mb, 2), "timings": timings,
-            "hardware": _hardware(), "steps_scale": args.steps_scale}
+            "hardware": _hardware(), "steps_scale": args.steps_scale,
+            "profile": args.profile, "pairs": _pairs(args)}
     (demo / "model_card.json").write_text(json.dumps(card, indent=2))
     (demo / "README.md").write_text(model_card(card))
     return demo
+
+
+def demo_clip_scorer(clip_run: Path):
+    """The demo world's own CLIP (train_clip) as the paper's CLIP-I/CLIP-T/AP-CLIP-I instrument, fed white-padded
+    squares as in its training. It is also the adapter's image encoder: read its numbers next to the probes'."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from engine.metrics import ClipScorer
+
+    model = CLIPModel.from_pretrained(clip_run / "clip")
+    size = model.config.vision_config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return ClipScorer(model, processor, CLIPTokenizer.from_pretrained(clip_run / "tokenizer"), pad_square=True)
+
+
+# name -> (engine overrides, standardize the reference first?)
+PROTOCOL_VARIANTS = {
+    "two-stage (ours)": ({}, True),
+    "one-stage paired (raw reference)": ({"adapter": OUTPUTS["personalizer_raw"]}, False),
+    "one-stage unpaired (reference = target)": ({"adapter": OUTPUTS["personalizer_unpaired"]}, False),
+    "two-stage, Stage I without FBDM/RPIM": ({"standardize": OUTPUTS["standardizer_baseline"]}, True),
+}
+
+
+def evaluate_all(args) -> Path:
+    """Stage I with/without FBDM+RPIM (PSNR/SSIM), then the protocol over PROTOCOL_VARIANTS; writes
+    assets/evaluation/ (results.json, results.md, figures)."""
+    from engine import load_engine
+    from engine.models.probe import AttributeProbe
+    from engine.pipelines import StandardizePipeline
+
+    from .common import image_grid
+    from .evaluate import results_table, run_protocol, standardization_quality
+
+    out = OUTPUTS["evaluate"].parent
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {"characters": 10, "seeds": 4, "stage1_n": 40, **load_profile(args.profile).get("evaluate", {})}
+    stage1, shown = {}, {}
+    for name, stage in (("with FBDM + RPIM (ours)", "standardizer"), ("without FBDM and RPIM", "standardizer_baseline")):
+        pipe = StandardizePipeline.from_pretrained(OUTPUTS[stage])
+        pipe.set_progress_bar_config(disable=True)
+        stage1[name], shown[name] = standardization_quality(pipe, n=settings["stage1_n"], examples=4)
+    ours, base = shown.values()
+    image_grid([[r, s, b, t] for (r, s, t), (_, b, _) in zip(ours, base)], (128, 192)).save(out / "stage1_ablation.png")
+    variants = [{"name": name, "engine": load_engine("demo", overrides={k: str(v) for k, v in extra.items()},
+                                                      device="cpu"), "standardize": standardize}
+                for name, (extra, standardize) in PROTOCOL_VARIANTS.items()]
+    probe = AttributeProbe.from_pretrained(OUTPUTS["probe"]).eval()
+    results = run_protocol(variants, probe, settings["characters"], settings["seeds"], (128, 192), 20,
+                           demo_clip_scorer(RUNS / "clip"), out)
+    probe_accuracy = json.loads((OUTPUTS["probe"].parent / "probe_accuracy.json").read_text())
+    OUTPUTS["evaluate"].write_text(json.dumps({"stage1": stage1, "protocol": results, "probe_accuracy": probe_accuracy,
+                                               "settings": settings, "profile": args.profile}, indent=2))
+    stage1_rows = ["| Stage I | PSNR (dB) | SSIM |", "|---|---|---|"]
+    stage1_rows += [f"| {k} | {v['psnr']:.2f} | {v['ssim']:.3f} |" for k, v in stage1.items()]
+    first = next(iter(stage1.values()))
+    stage1_rows += [f"| mean standard image (baseline) | {first['baseline_psnr']:.2f} | {first['baseline_ssim']:.3f} |"]
+    (out / "results.md").write_text("\n".join(stage1_rows) + "\n\n" + results_table(results, probe_accuracy) + "\n")
+    print((out / "results.md").read_text())
+    return out
 
 
 def _hardware() -> str:
@@ -128,7 +250,8 @@ def model_card(card: dict) -> str:
     lines = [
         "# SerialGen demo models", "",
         "Small models trained by `python -m trainer.make_demo` on the synthetic world, loaded by `--preset demo`.",
-        f"Hardware: {card['hardware']}; steps scale {card['steps_scale']} of the configs in `trainer/configs/`.",
+        f"Hardware: {card['hardware']}; profile `{card['profile']}` (`--profile {card['profile']}`), steps scale "
+        f"{card['steps_scale']}; {card['pairs']} Stage II pairs built by our Stage I.",
         f"Size on disk: {card['size_mb']} MB (fp16).", "",
         "| stage | wall time (s) |", "|---|---|",
         *[f"| {k} | {v} |" for k, v in card["timings"].items() if k != "example_seconds"], "",
@@ -146,30 +269,38 @@ def model_card(card: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.make_demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {STAGES}")
+    parser.add_argument("--stages", default=",".join(STAGES),
+                        help=f"comma-separated subset of {STAGES} (the demo) and {EVAL_STAGES} (the evaluation)")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu",
+                        help="gpu: the configs as they are; cpu: trainer/configs/cpu_profile.yaml over them")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every config's max_train_steps")
-    parser.add_argument("--pairs", type=int, default=20000, help="synthetic images standardized into Stage II pairs")
+    parser.add_argument("--pairs", type=int, default=None,
+                        help="synthetic images standardized into Stage II pairs (default: 20000, or the profile's)")
     parser.add_argument("--eval-n", type=int, default=40)
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if s not in STAGES + EVAL_STAGES]
     if unknown:
-        parser.error(f"unknown stages {unknown}; choose from {STAGES}")
+        parser.error(f"unknown stages {unknown}; choose from {STAGES + EVAL_STAGES}")
     timings_path = RUNS / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
+    def timings() -> dict:  # re-read each time: two recipes may run side by side (the demo and the evaluation)
+        return json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+
     for stage in stages:
         if stage == "package":
-            print(package(args, timings))
+            print(package(args, timings()))
             continue
         if OUTPUTS[stage].exists() and not args.force:
             print(f"{stage}: done ({OUTPUTS[stage]})")
             continue
         start = time.perf_counter()
         run_stage(stage, args)
-        timings[stage] = round(time.perf_counter() - start + timings.get(stage, 0), 1)
+        current = timings()
+        current[stage] = round(time.perf_counter() - start + current.get(stage, 0), 1)
         RUNS.mkdir(parents=True, exist_ok=True)
-        timings_path.write_text(json.dumps(timings, indent=2))
+        timings_path.write_text(json.dumps(current, indent=2))
     return 0
 
 
