@@ -1,7 +1,7 @@
 """A real browser: headless Chromium (Debian's, driven by Playwright) runs the studio's flow end to end.
 
-Needs /usr/bin/chromium (the README's test command installs it). SERIALGEN_FIGURES=1 also writes the screenshots
-to assets/figures for the README.
+Needs /usr/bin/chromium (the README's test command installs it). SERIALGEN_FIGURES=1 runs the flow on the shipped
+demo models instead of the tiny test ones and writes the screenshots to assets/figures for the README.
 """
 
 import os
@@ -23,7 +23,12 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
 
 @pytest.fixture(scope="module")
 def app(tiny_full_engine):
-    demo = build_demo(tiny_full_engine)
+    engine = tiny_full_engine
+    if os.environ.get("SERIALGEN_FIGURES") == "1":  # the README's figures show the shipped demo models at work
+        from engine import load_engine
+
+        engine = load_engine("demo", device="cpu")
+    demo = build_demo(engine)
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     yield demo
     demo.close()

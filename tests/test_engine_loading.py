@@ -36,11 +36,9 @@ def test_demo_preset_without_models_says_what_is_missing(monkeypatch, tmp_path):
     assert "component 'sdxl'" in text and str(tmp_path / "none") in text and "--override sdxl=" in text
 
 
-def test_demo_preset_message_points_at_the_trainer():
-    if DEMO.components["sdxl"].local_path().exists():
-        pytest.skip("demo models are present in this checkout")
+def test_demo_preset_message_points_at_the_trainer(tmp_path):
     with pytest.raises(EngineLoadError, match="trainer"):
-        load_engine("demo")
+        load_engine(DEMO.with_overrides({name: str(tmp_path / "none") for name in ("sdxl", "standardize")}))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

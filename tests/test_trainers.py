@@ -297,7 +297,20 @@ def test_vae_trains_on_crops_and_decodes_full_images(tmp_path):
         "checkpointing_steps": 2, "validation_steps": 2, "num_characters": 10, "vae": TINY_VAE,
         "random_crop": [32, 32], "crops_per_image": 2})]))
     assert (tmp_path / "vae" / "validation" / "step-0000002.png").is_file()
-    assert AutoencoderKL.from_pretrained(out).config.block_out_channels == TINY_VAE["block_out_channels"]
+    vae = AutoencoderKL.from_pretrained(out)
+    assert vae.config.block_out_channels == TINY_VAE["block_out_channels"]
+    # the saved scaling factor makes latents unit-variance (measured here on other renders than it was fitted on)
+    import torch
+
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+
+    x = torch.from_numpy(np.stack([np.asarray(render_sample(c, 100 + i, (64, 96)).image, np.float32) / 127.5 - 1
+                                   for i, c in enumerate(character_ids("val", 16))])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        latents = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(1))
+    assert vae.config.scaling_factor != 0.18215
+    assert abs(float(latents.std()) * vae.config.scaling_factor - 1) < 0.15
 
 
 def test_cpu_profile_overrides_reach_every_trainer_config():

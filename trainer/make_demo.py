@@ -177,6 +177,7 @@ def package(args, timings: dict) -> Path:
     detectors = {kind: json.loads((OUTPUTS[f"{kind}_detector"].parent / "detector_accuracy.json").read_text())
                  for kind in ("pose", "mask")}
     card = {"quality_stage1": quality, "detectors": detectors, "size_mb": round(size_mb, 2), "timings": timings,
+            "budgets": stage_budgets(args),
             "panel_seconds": panel_seconds,
             "hardware": _hardware(), "steps_scale": args.steps_scale,
             "profile": args.profile, "pairs": _pairs(args)}
@@ -245,6 +246,24 @@ def evaluate_all(args) -> Path:
     return out
 
 
+def stage_budgets(args) -> dict:
+    """Per trained stage, what its config (with the profile) gave it: steps, batch, samples seen, resolution."""
+    import importlib
+
+    budgets = {}
+    for stage in STAGES:
+        if stage not in TRAINERS:
+            continue
+        module_name, config_name, extra = TRAINERS[stage]
+        module = importlib.import_module(f".{module_name}", __package__)
+        config = module.load_config(module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra)),
+                                    module.DEFAULTS)
+        budgets[stage] = {"steps": config["max_train_steps"], "batch": config["train_batch_size"],
+                          "samples": config["max_train_steps"] * config["train_batch_size"],
+                          "resolution": config.get("resolution")}
+    return budgets
+
+
 def _hardware() -> str:
     import torch
 
@@ -262,8 +281,12 @@ def model_card(card: dict) -> str:
         f"{card['steps_scale']}; {card['pairs']} Stage II pairs built by our Stage I.",
         f"Size on disk: {card['size_mb']} MB (fp16). One panel at 128x192, 20 DDIM steps with CFG: "
         f"{card['panel_seconds']} s (median of 3, this machine).", "",
-        "| stage | wall time (s) |", "|---|---|",
-        *[f"| {k} | {v} |" for k, v in card["timings"].items() if k in STAGES], "",
+        "| stage | steps | batch | samples seen | wall time (s) |", "|---|---|---|---|---|",
+        *[f"| {k} | {card['budgets'].get(k, {}).get('steps', '-')} | {card['budgets'].get(k, {}).get('batch', '-')} | "
+          f"{card['budgets'].get(k, {}).get('samples', '-')} | {v} |" for k, v in card["timings"].items() if k in STAGES],
+        "", "Configs: `trainer/configs/<stage>_demo.yaml`, with `trainer/configs/cpu_profile.yaml` merged over them "
+        "for `--profile cpu`. Data: the synthetic world rendered on the fly (a new character and scene each sample); "
+        "Stage II trains on pairs our own Stage I built from the synthetic images.", "",
         f"## Stage I on {q['n']} held-out test characters ({q['size'][0]}x{q['size'][1]}, {q['steps']} DDIM steps)", "",
         "| | PSNR (dB) | SSIM |", "|---|---|---|",
         f"| our Stage I | {q['psnr']:.2f} | {q['ssim']:.3f} |",
