@@ -79,6 +79,8 @@ class Preset:
                     f"unknown component {name!r} for preset {self.name!r}; components are {sorted(components)}"
                 )
             components[name] = _override_source(components[name], str(source))
+        # own copies of the defaults: an engine that tunes its preset must not change the module's DEMO/FULL
+        fields = {"defaults": dict(self.defaults), "standardize_defaults": dict(self.standardize_defaults), **fields}
         return dataclasses.replace(self, components=components, **fields)
 
     def to_dict(self) -> dict:

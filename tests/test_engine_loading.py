@@ -37,8 +37,12 @@ def test_demo_preset_without_models_says_what_is_missing(monkeypatch, tmp_path):
 
 
 def test_demo_preset_message_points_at_the_trainer(tmp_path):
-    with pytest.raises(EngineLoadError, match="trainer"):
-        load_engine(DEMO.with_overrides({name: str(tmp_path / "none") for name in ("sdxl", "standardize")}))
+    import dataclasses
+
+    missing = dataclasses.replace(DEMO, components={  # the shipped layout, moved somewhere empty
+        name: dataclasses.replace(spec, source=str(tmp_path / "none")) for name, spec in DEMO.components.items()})
+    with pytest.raises(EngineLoadError, match="trainer.make_demo"):
+        load_engine(missing)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
@@ -123,3 +127,11 @@ def test_cli_errors_are_one_clear_line(tmp_path, tiny_overrides, capsys):
     code = cli_main(["panels", "--prompt", "x", "--out", str(tmp_path), *_cli_args(tiny_overrides)[:-6],
                      "--width", "63", "--height", "64", "--steps", "2"])
     assert code == 2 and "width=63" in capsys.readouterr().err
+
+
+def test_an_engine_tuning_its_preset_leaves_the_module_presets_alone():
+    before, before_std = dict(DEMO.defaults), dict(DEMO.standardize_defaults)
+    copy = DEMO.with_overrides({})
+    copy.defaults.update(height=8)
+    copy.standardize_defaults.update(width=8)
+    assert DEMO.defaults == before and DEMO.standardize_defaults == before_std

@@ -27,7 +27,7 @@ def test_demo_layout_standardize_folder_loads_and_runs(saved_standardize):
     assert engine.personalize is None and isinstance(engine.standardize, StandardizePipeline)
     report = {c.name: c for c in engine.components}
     assert "FBDM/RPIM" in report["standardize"].kind
-    assert report["pose_detector"].location == "not configured"
+    assert report["pose_detector"].location.endswith("detectors/pose.onnx")  # the shipped demo detector
     engine.preset.standardize_defaults.update(SIZE)
     out = engine.standardize_reference(render_sample(3, 1, (128, 192)).image, seed=2)
     assert out.sheet.size == (64, 96) and out.seed == 2

@@ -338,3 +338,18 @@ def test_cpu_profile_overrides_reach_every_trainer_config():
     assert gpu["random_crop"] is None and gpu["vae"]["block_out_channels"] == [32, 64, 64, 64]
     scaled = make_demo._config_args("vae", 0.1, "cpu")
     assert scaled[scaled.index("--max_train_steps") + 1] == str(int(profile["vae"]["max_train_steps"] * 0.1))
+
+
+def test_model_card_says_where_stage1_stands():
+    from trainer.make_demo import model_card
+
+    quality = {"n": 40, "size": [128, 192], "steps": 20, "psnr": 9.1, "ssim": 0.31, "baseline_psnr": 14.2,
+               "baseline_ssim": 0.62}
+    card = {"quality_stage1": quality, "detectors": {"pose": {}, "mask": {}}, "size_mb": 30.1,
+            "timings": {"vae": 12.0, "evaluate": 3.0}, "budgets": {"vae": {"steps": 10, "batch": 2, "samples": 20}},
+            "hardware": "CPU", "steps_scale": 1.0, "profile": "cpu", "pairs": 150, "panel_seconds": 1.2}
+    text = model_card(card)
+    assert "| vae | 10 | 2 | 20 | 12.0 |" in text and "evaluate" not in text
+    assert "Below the targets" in text and "below the trivial baseline on PSNR and SSIM" in text
+    good = model_card({**card, "quality_stage1": {**quality, "psnr": 24.0, "ssim": 0.9}})
+    assert "Both targets met" in good and "Below" not in good

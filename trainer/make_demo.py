@@ -108,7 +108,7 @@ def run_stage(stage: str, args) -> None:
                             str(images), "--workers", "2", "--scenes-per-character", "2"])
         build_pairs.main(build_pairs.parse_args(["--standardizer", str(OUTPUTS["standardizer"]), "--images",
                                                  str(images), "--out", str(RUNS / "pairs"), "--size", "128x192",
-                                                 "--ground-truth"]))
+                                                 "--ground-truth", "--limit", str(_pairs(args))]))
 
 
 def _pairs(args) -> int:
@@ -199,9 +199,11 @@ def demo_clip_scorer(clip_run: Path):
     return ClipScorer(model, processor, CLIPTokenizer.from_pretrained(clip_run / "tokenizer"), pad_square=True)
 
 
-# name -> (engine overrides, standardize the reference first?)
+# name -> (engine overrides, standardize the reference first?). A variant whose model is not trained is skipped and
+# listed as missing in results.json.
 PROTOCOL_VARIANTS = {
     "two-stage (ours)": ({}, True),
+    "our adapter fed the raw reference (no Stage I at inference)": ({}, False),
     "one-stage paired (raw reference)": ({"adapter": OUTPUTS["personalizer_raw"]}, False),
     "one-stage unpaired (reference = target)": ({"adapter": OUTPUTS["personalizer_unpaired"]}, False),
     "two-stage, Stage I without FBDM/RPIM": ({"standardize": OUTPUTS["standardizer_baseline"]}, True),
@@ -221,27 +223,40 @@ def evaluate_all(args) -> Path:
     out = OUTPUTS["evaluate"].parent
     out.mkdir(parents=True, exist_ok=True)
     settings = {"characters": 10, "seeds": 4, "stage1_n": 40, **load_profile(args.profile).get("evaluate", {})}
-    stage1, shown = {}, {}
+    stage1, shown, missing = {}, {}, []
     for name, stage in (("with FBDM + RPIM (ours)", "standardizer"), ("without FBDM and RPIM", "standardizer_baseline")):
+        if not OUTPUTS[stage].exists():
+            missing.append(f"Stage I {name}: {OUTPUTS[stage]}")
+            continue
         pipe = StandardizePipeline.from_pretrained(OUTPUTS[stage])
         pipe.set_progress_bar_config(disable=True)
         stage1[name], shown[name] = standardization_quality(pipe, n=settings["stage1_n"], examples=4)
-    ours, base = shown.values()
-    image_grid([[r, s, b, t] for (r, s, t), (_, b, _) in zip(ours, base)], (128, 192)).save(out / "stage1_ablation.png")
-    variants = [{"name": name, "engine": load_engine("demo", overrides={k: str(v) for k, v in extra.items()},
-                                                      device="cpu"), "standardize": standardize}
-                for name, (extra, standardize) in PROTOCOL_VARIANTS.items()]
+    columns = list(shown.values())  # rows: reference, each Stage I's sheet, ground truth
+    image_grid([[triples[0][0], *[t[1] for t in triples], triples[0][2]] for triples in zip(*columns)],
+               (128, 192)).save(out / "stage1.png")
+    variants = []
+    for name, (extra, standardize) in PROTOCOL_VARIANTS.items():
+        absent = [str(v) for v in extra.values() if not v.exists()]
+        if absent:
+            missing.append(f"{name}: {absent[0]}")
+            continue
+        engine = load_engine("demo", overrides={k: str(v) for k, v in extra.items()}, device="cpu")
+        variants.append({"name": name, "engine": engine, "standardize": standardize})
     probe = AttributeProbe.from_pretrained(OUTPUTS["probe"]).eval()
     results = run_protocol(variants, probe, settings["characters"], settings["seeds"], (128, 192), 20,
                            demo_clip_scorer(RUNS / "clip"), out)
     probe_accuracy = json.loads((OUTPUTS["probe"].parent / "probe_accuracy.json").read_text())
     OUTPUTS["evaluate"].write_text(json.dumps({"stage1": stage1, "protocol": results, "probe_accuracy": probe_accuracy,
-                                               "settings": settings, "profile": args.profile}, indent=2))
+                                               "settings": settings, "profile": args.profile,
+                                               "not_trained": missing}, indent=2))
     stage1_rows = ["| Stage I | PSNR (dB) | SSIM |", "|---|---|---|"]
     stage1_rows += [f"| {k} | {v['psnr']:.2f} | {v['ssim']:.3f} |" for k, v in stage1.items()]
     first = next(iter(stage1.values()))
     stage1_rows += [f"| mean standard image (baseline) | {first['baseline_psnr']:.2f} | {first['baseline_ssim']:.3f} |"]
-    (out / "results.md").write_text("\n".join(stage1_rows) + "\n\n" + results_table(results, probe_accuracy) + "\n")
+    text = "\n".join(stage1_rows) + "\n\n" + results_table(results, probe_accuracy) + "\n"
+    if missing:
+        text += "\nNot trained, so not in these tables: " + "; ".join(missing) + "\n"
+    (out / "results.md").write_text(text)
     print((out / "results.md").read_text())
     return out
 
@@ -272,6 +287,18 @@ def _hardware() -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores)"
 
 
+def verdict(q: dict) -> str:
+    """What the Stage I numbers say, in words, measured against the targets and the trivial baseline."""
+    if q["psnr"] >= 22 and q["ssim"] >= 0.85:
+        return "**Both targets met.**"
+    words = "**Below the targets**"
+    if q["psnr"] < q["baseline_psnr"] or q["ssim"] < q["baseline_ssim"]:
+        words += ", and below the trivial baseline on " + " and ".join(
+            m for m, ours, base in (("PSNR", q["psnr"], q["baseline_psnr"]), ("SSIM", q["ssim"], q["baseline_ssim"]))
+            if ours < base)
+    return words + ": a longer run (the GPU configs, `python -m trainer.make_demo`) is needed."
+
+
 def model_card(card: dict) -> str:
     q = card["quality_stage1"]
     lines = [
@@ -291,7 +318,7 @@ def model_card(card: dict) -> str:
         "| | PSNR (dB) | SSIM |", "|---|---|---|",
         f"| our Stage I | {q['psnr']:.2f} | {q['ssim']:.3f} |",
         f"| mean standard image (trivial baseline) | {q['baseline_psnr']:.2f} | {q['baseline_ssim']:.3f} |", "",
-        "Targets: SSIM >= 0.85, PSNR >= 22 dB.", "",
+        "Targets: SSIM >= 0.85, PSNR >= 22 dB. " + verdict(q), "",
         "Detectors on held-out renders: " + json.dumps(card["detectors"]), "",
         "![stage 1](figures/stage1.png)", "", "Reference -> sheet -> four panels:", "",
         "![examples](figures/examples.png)", "",
