@@ -17,6 +17,7 @@ paper's CLIP-I (background removed where a mask detector exists), CLIP-T and AP-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -31,8 +32,10 @@ from .synthetic import render_sample
 from .synthetic.character import character_ids
 
 
+@functools.lru_cache(maxsize=4)
 def mean_standard(size: tuple[int, int], n: int = 200) -> Image.Image:
-    """The trivial baseline: the average standard render over ``n`` training characters."""
+    """The trivial baseline: the average standard render over ``n`` training characters (computed once per size:
+    every Stage I evaluated in one process compares against the same image; callers must not modify it)."""
     acc = np.zeros((size[1], size[0], 3), np.float64)
     for cid in character_ids("train", n):
         acc += np.asarray(render_sample(cid, 0, size).standard, np.float64)
@@ -44,7 +47,7 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
     """Mean PSNR/SSIM of ``pipe`` (a StandardizePipeline) on ``n`` test characters, with ground-truth mask and pose,
     and of the mean-standard baseline; also returns up to ``examples`` (reference, sheet, truth) triples."""
     w, h = size
-    baseline = mean_standard(size)
+    baseline = mean_standard(tuple(size))
     scores = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
     shown = []
     for i, cid in enumerate(character_ids("test", n)):

@@ -86,18 +86,24 @@ def _config_args(name: str, scale: float, profile: str = "gpu", extra: dict | No
     return args
 
 
-def run_stage(stage: str, args) -> None:
+def trainer_invocation(stage: str, args):
+    """(trainer module, its parsed args) for a trained stage: its config, the profile and the stage's overrides."""
     import importlib
 
+    module_name, config_name, extra = TRAINERS[stage]
+    if stage.startswith("personalizer_"):
+        extra = {**extra, "num_characters": _pair_characters(args)}
+    module = importlib.import_module(f".{module_name}", __package__)
+    return module, module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra))
+
+
+def run_stage(stage: str, args) -> None:
     from . import build_pairs
     from .synthetic.__main__ import main as synthetic_main
 
     if stage in TRAINERS:
-        module_name, config_name, extra = TRAINERS[stage]
-        if stage.startswith("personalizer_"):
-            extra = {**extra, "num_characters": _pair_characters(args)}
-        module = importlib.import_module(f".{module_name}", __package__)
-        module.main(module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra)))
+        module, trainer_args = trainer_invocation(stage, args)
+        module.main(trainer_args)
     elif stage == "evaluate":
         evaluate_all(args)
     elif stage == "pairs":
@@ -263,16 +269,12 @@ def evaluate_all(args) -> Path:
 
 def stage_budgets(args) -> dict:
     """Per trained stage, what its config (with the profile) gave it: steps, batch, samples seen, resolution."""
-    import importlib
-
     budgets = {}
     for stage in STAGES:
         if stage not in TRAINERS:
             continue
-        module_name, config_name, extra = TRAINERS[stage]
-        module = importlib.import_module(f".{module_name}", __package__)
-        config = module.load_config(module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra)),
-                                    module.DEFAULTS)
+        module, trainer_args = trainer_invocation(stage, args)
+        config = module.load_config(trainer_args, module.DEFAULTS)
         budgets[stage] = {"steps": config["max_train_steps"], "batch": config["train_batch_size"],
                           "samples": config["max_train_steps"] * config["train_batch_size"],
                           "resolution": config.get("resolution")}

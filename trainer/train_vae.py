@@ -30,6 +30,7 @@ from .common import (
 )
 from .synthetic import render_sample
 from .synthetic.character import character_ids
+from .synthetic.dataset import _image_tensor
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
@@ -63,7 +64,7 @@ def validate(vae: AutoencoderKL, config: dict, step: int, out: Path) -> dict:
     rows, scores = [], []
     for i, cid in enumerate(character_ids("val", 4)):
         s = render_sample(cid, i, (w, h))
-        x = torch.from_numpy(np.asarray(s.image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None].to(vae.device)
+        x = _image_tensor(s.image)[None].to(vae.device)
         rec = to_pil(vae(x.to(vae.dtype)).sample[0])
         scores.append(psnr(rec, s.image))
         rows.append([s.image, rec])
@@ -96,7 +97,7 @@ def fit_scaling_factor(vae: AutoencoderKL, size: tuple[int, int], n: int = 64, s
     for i, cid in enumerate(character_ids("train", n)):
         s = render_sample(cid, seed + i, size)
         images += [s.image, s.standard]
-    x = torch.from_numpy(np.stack([np.asarray(im, np.float32) / 127.5 - 1 for im in images])).permute(0, 3, 1, 2)
+    x = torch.stack([_image_tensor(im) for im in images])
     latents = [vae.encode(x[k:k + 32].to(vae.device, vae.dtype)).latent_dist.sample(generator).float().cpu()
                for k in range(0, len(x), 32)]
     return float(1.0 / torch.cat(latents).std())
