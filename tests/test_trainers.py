@@ -33,7 +33,8 @@ def standardizer_run(tmp_path_factory):
         "output_dir": str(root / "run"), "resolution": [64, 96], "num_characters": 20, "train_batch_size": 2,
         "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 2, "num_validation_samples": 1,
         "validation_inference_steps": 2, "log_steps": 1, "vae": TINY_VAE, "image_encoder": TINY_CLIP,
-        "reference_dropout": 0.5,
+        "reference_dropout": 0.5, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+        "timestep_spacing": "trailing",
         "model": {"unet": TINY_UNET, "pose_guider": {"block_out_channels": [8, 8, 16, 16]},
                   "conditioner": {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}},
     }
@@ -52,6 +53,39 @@ def test_standardizer_trains_checkpoints_and_validates(standardizer_run):
     assert {p.name for p in ckpt.iterdir()} >= {"reference_unet", "denoising_unet", "pose_guider",
                                                "reference_conditioner", "ema.safetensors"}
     assert (final / "model_index.json").is_file()
+    scheduler = json.loads((final / "scheduler" / "scheduler_config.json").read_text())
+    assert (scheduler["prediction_type"], scheduler["rescale_betas_zero_snr"], scheduler["timestep_spacing"]) == (
+        "v_prediction", True, "trailing")  # the pipeline samples with the parameterization it was trained for
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_target_inverts_to_the_clean_latents(kind):
+    """Whatever the parameterization, the target and the noisy latents give back x0 exactly (the relation DDIM uses),
+    and with zero terminal SNR the last timestep carries no signal at all."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from trainer.common import diffusion_target, noise_schedule_kwargs
+
+    scheduler = DDPMScheduler(**noise_schedule_kwargs({"prediction_type": kind, "rescale_betas_zero_snr": True}))
+    torch.manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8) + 1.3, torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 999])
+    noisy = scheduler.add_noise(x0, noise, t)
+    target = diffusion_target(scheduler, x0, noise, t)
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    if kind == "epsilon":
+        recovered = (noisy[:2] - (1 - a[:2]).sqrt() * target[:2]) / a[:2].sqrt()  # undefined at zero SNR
+        t_ok = 2
+    elif kind == "v_prediction":
+        recovered, t_ok = a.sqrt() * noisy - (1 - a).sqrt() * target, 3
+    else:
+        recovered, t_ok = target, 3
+    torch.testing.assert_close(recovered, x0[:t_ok], atol=1e-3, rtol=1e-3)
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6
+    with pytest.raises(ValueError, match="prediction_type"):
+        scheduler.register_to_config(prediction_type="flow")
+        diffusion_target(scheduler, x0, noise, t)
 
 
 def test_standardizer_resumes_from_the_latest_checkpoint(standardizer_run):
@@ -322,7 +356,7 @@ def test_cpu_profile_overrides_reach_every_trainer_config():
 
     profile = make_demo.load_profile("cpu")
     configs = {config_name for _, config_name, _ in make_demo.TRAINERS.values()}
-    assert set(profile) - {"pairs", "evaluate"} <= configs
+    assert set(profile) - {"pairs", "evaluate", "notes"} <= configs
     for stage, (module_name, config_name, extra) in make_demo.TRAINERS.items():
         module = importlib.import_module(f"trainer.{module_name}")
         args = make_demo._config_args(config_name, 1.0, "cpu", extra)
@@ -347,9 +381,11 @@ def test_model_card_says_where_stage1_stands():
                "baseline_ssim": 0.62}
     card = {"quality_stage1": quality, "detectors": {"pose": {}, "mask": {}}, "size_mb": 30.1,
             "timings": {"vae": 12.0, "evaluate": 3.0}, "budgets": {"vae": {"steps": 10, "batch": 2, "samples": 20}},
-            "hardware": "CPU", "steps_scale": 1.0, "profile": "cpu", "pairs": 150, "panel_seconds": 1.2}
+            "hardware": "CPU", "steps_scale": 1.0, "profile": "cpu", "pairs": 150, "panel_seconds": 1.2,
+            "notes": ["steps 0-500 were trained with epsilon"]}
     text = model_card(card)
-    assert "| vae | 10 | 2 | 20 | 12.0 |" in text and "evaluate" not in text
+    assert "| vae | 10 | 2 | 20 | - | 12.0 |" in text and "evaluate" not in text
+    assert "- steps 0-500 were trained with epsilon" in text
     assert "Below the targets" in text and "below the trivial baseline on PSNR and SSIM" in text
     good = model_card({**card, "quality_stage1": {**quality, "psnr": 24.0, "ssim": 0.9}})
     assert "Both targets met" in good and "Below" not in good

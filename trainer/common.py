@@ -89,6 +89,33 @@ COMMON_DEFAULTS = {
 }
 
 
+# The diffusion parameterization of a trainer (the denoisers' configs). SD-style scaled-linear betas; the demo runs
+# use v-prediction with zero terminal SNR and trailing timesteps (Lin et al., "Common Diffusion Noise Schedules and
+# Sample Steps are Flawed"; Moore-AnimateAnyone trains Stage I the same way). Why it matters here: our standard
+# sheets are mostly white, so their latents have a large mean (1.3 for the demo VAE), and a small undertrained
+# epsilon model divides its errors by sqrt(alpha_bar) ~ 0.07 at the first sampling steps: the demo Stage I trained
+# that way had an x0 error 50x that of the mean latent at t=950 and sampled noise (PSNR 7.2 dB).
+NOISE_DEFAULTS = {"prediction_type": "epsilon", "rescale_betas_zero_snr": False, "timestep_spacing": "leading"}
+
+
+def noise_schedule_kwargs(config: dict) -> dict:
+    """Scheduler kwargs (DDPM for training, DDIM saved with the pipeline) from a trainer config."""
+    return {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+            "steps_offset": 1, **{key: config.get(key, value) for key, value in NOISE_DEFAULTS.items()}}
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the denoiser is trained to output under ``scheduler.config.prediction_type``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise ValueError(f"prediction_type {kind!r} is not one of epsilon, v_prediction, sample")
+
+
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     folders = [p for p in Path(output_dir).glob("checkpoint-*") if re.fullmatch(r"checkpoint-\d+", p.name)]
     return max(folders, key=lambda p: int(p.name.split("-")[1])) if folders else None

@@ -42,6 +42,13 @@ def mean_standard(size: tuple[int, int], n: int = 200) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(acc / n), 0, 255).astype(np.uint8))
 
 
+def stage1_guidance(value: float | None = None) -> float:
+    """The Stage I CFG scale to measure with: ``value``, else the demo preset's (what the studio uses)."""
+    from engine.presets import DEMO
+
+    return float(value if value is not None else DEMO.standardize_defaults["guidance_scale"])
+
+
 def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20, guidance: float = 3.5,
                             seed: int = 0, examples: int = 0):
     """Mean PSNR/SSIM of ``pipe`` (a StandardizePipeline) on ``n`` test characters, with ground-truth mask and pose,
@@ -173,6 +180,7 @@ def main(argv=None) -> int:
     st.add_argument("--n", type=int, default=40)
     st.add_argument("--size", default="128x192")
     st.add_argument("--steps", type=int, default=20)
+    st.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the demo preset's)")
     st.add_argument("--out", default=None, help="write the numbers as JSON here")
     run = sub.add_parser("run", help="the protocol and ablations (see the module docstring)")
     run.add_argument("--preset", default="demo")
@@ -196,7 +204,7 @@ def main(argv=None) -> int:
     pipe = StandardizePipeline.from_pretrained(args.standardizer)
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.split("x"))
-    result, _ = standardization_quality(pipe, args.n, (w, h), args.steps)
+    result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, stage1_guidance(args.guidance))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

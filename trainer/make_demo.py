@@ -138,7 +138,7 @@ def package(args, timings: dict) -> Path:
     from transformers import CLIPVisionModelWithProjection
 
     from .common import image_grid
-    from .evaluate import standardization_quality
+    from .evaluate import stage1_guidance, standardization_quality
     from .synthetic import render_sample
     from .synthetic.character import character_ids
 
@@ -160,7 +160,7 @@ def package(args, timings: dict) -> Path:
     from engine import load_engine
 
     engine = load_engine("demo", device="cpu")
-    quality, shown = standardization_quality(engine.standardize, n=args.eval_n, examples=2)
+    quality, shown = standardization_quality(engine.standardize, n=args.eval_n, guidance=stage1_guidance(), examples=2)
     prompts = ["running, laughing, side view, full body, on a beach", "sitting, sad, front view, full body, in a room",
                "waving, smiling, three-quarter view, half body, in a park", "jumping, surprised, front view, in the snow"]
     rows = []
@@ -186,7 +186,7 @@ def package(args, timings: dict) -> Path:
             "budgets": stage_budgets(args),
             "panel_seconds": panel_seconds,
             "hardware": _hardware(), "steps_scale": args.steps_scale,
-            "profile": args.profile, "pairs": _pairs(args)}
+            "profile": args.profile, "pairs": _pairs(args), "notes": load_profile(args.profile).get("notes", [])}
     (demo / "model_card.json").write_text(json.dumps(card, indent=2))
     (demo / "README.md").write_text(model_card(card))
     return demo
@@ -224,7 +224,7 @@ def evaluate_all(args) -> Path:
     from engine.pipelines import StandardizePipeline
 
     from .common import image_grid
-    from .evaluate import results_table, run_protocol, standardization_quality
+    from .evaluate import results_table, run_protocol, stage1_guidance, standardization_quality
 
     out = OUTPUTS["evaluate"].parent
     out.mkdir(parents=True, exist_ok=True)
@@ -236,7 +236,8 @@ def evaluate_all(args) -> Path:
             continue
         pipe = StandardizePipeline.from_pretrained(OUTPUTS[stage])
         pipe.set_progress_bar_config(disable=True)
-        stage1[name], shown[name] = standardization_quality(pipe, n=settings["stage1_n"], examples=4)
+        stage1[name], shown[name] = standardization_quality(pipe, n=settings["stage1_n"], guidance=stage1_guidance(),
+                                                            examples=4)
     columns = list(shown.values())  # rows: reference, each Stage I's sheet, ground truth
     image_grid([[triples[0][0], *[t[1] for t in triples], triples[0][2]] for triples in zip(*columns)],
                (128, 192)).save(out / "stage1.png")
@@ -278,6 +279,8 @@ def stage_budgets(args) -> dict:
         budgets[stage] = {"steps": config["max_train_steps"], "batch": config["train_batch_size"],
                           "samples": config["max_train_steps"] * config["train_batch_size"],
                           "resolution": config.get("resolution")}
+        if "prediction_type" in config:
+            budgets[stage]["prediction_type"] = config["prediction_type"]
     return budgets
 
 
@@ -310,9 +313,12 @@ def model_card(card: dict) -> str:
         f"{card['steps_scale']}; {card['pairs']} Stage II pairs built by our Stage I.",
         f"Size on disk: {card['size_mb']} MB (fp16). One panel at 128x192, 20 DDIM steps with CFG: "
         f"{card['panel_seconds']} s (median of 3, this machine).", "",
-        "| stage | steps | batch | samples seen | wall time (s) |", "|---|---|---|---|---|",
-        *[f"| {k} | {card['budgets'].get(k, {}).get('steps', '-')} | {card['budgets'].get(k, {}).get('batch', '-')} | "
-          f"{card['budgets'].get(k, {}).get('samples', '-')} | {v} |" for k, v in card["timings"].items() if k in STAGES],
+        "| stage | steps | batch | samples seen | objective | wall time (s) |", "|---|---|---|---|---|---|",
+        *[f"| {k} | {b.get('steps', '-')} | {b.get('batch', '-')} | {b.get('samples', '-')} | "
+          f"{b.get('prediction_type', '-')} | {v} |"
+          for k, v in card["timings"].items() if k in STAGES for b in [card["budgets"].get(k, {})]],
+        *(["", "How this run went (the profile's `notes`):", "",
+            *[f"- {note}" for note in card.get("notes", [])]] if card.get("notes") else []),
         "", "Configs: `trainer/configs/<stage>_demo.yaml`, with `trainer/configs/cpu_profile.yaml` merged over them "
         "for `--profile cpu`. Data: the synthetic world rendered on the fly (a new character and scene each sample); "
         "Stage II trains on pairs our own Stage I built from the synthetic images.", "",

@@ -30,6 +30,7 @@ from engine.preprocess.image import pad_to_square
 from .common import (
     COMMON_DEFAULTS,
     base_parser,
+    diffusion_target,
     ema_weights,
     image_grid,
     load_config,
@@ -218,7 +219,8 @@ def main(args) -> Path:
         noisy = noise_scheduler.add_noise(latents, noise, t)
         added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device).repeat(b, 1),
                  "image_embeds": [embeds.unsqueeze(1).to(weight_dtype)]}
-        return F.mse_loss(model(noisy, t, prompt_embeds, added).float(), noise.float())
+        goal = diffusion_target(noise_scheduler, latents, noise, t)  # the base's parameterization
+        return F.mse_loss(model(noisy, t, prompt_embeds, added).float(), goal.float())
 
     def run_validation(step):
         with ema_weights(accelerator.unwrap_model(model).adapter, ema):

@@ -26,9 +26,12 @@ from engine.pipelines.standardize import StandardizePipeline
 from .common import (
     COMMON_DEFAULTS,
     EMA,
+    NOISE_DEFAULTS,
     base_parser,
+    diffusion_target,
     image_grid,
     load_config,
+    noise_schedule_kwargs,
     prepare_training,
     setup_accelerator,
     synthetic_batches,
@@ -39,11 +42,11 @@ from .synthetic.character import character_ids
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
+    **NOISE_DEFAULTS,
     "resolution": [128, 192],
     "num_characters": 5000,
     "reference_dropout": 0.1,
     "noise_offset": 0.0,
-    "prediction_type": "epsilon",
     "num_validation_samples": 4,
     "validation_inference_steps": 20,
     "validation_guidance_scale": 3.5,
@@ -146,8 +149,7 @@ def main(args) -> Path:
     net = models["net"]
     models["vae"].to(accelerator.device, weight_dtype)
     models["image_encoder"].to(accelerator.device, weight_dtype)
-    noise_scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                    clip_sample=False, steps_offset=1, prediction_type=config["prediction_type"])
+    noise_scheduler = DDPMScheduler(**noise_schedule_kwargs(config))
     clip_preprocess = ClipPreprocess(models["feature_extractor"])
     net, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, net, PARTS)
     loader = synthetic_batches(accelerator, config, start)
@@ -180,8 +182,7 @@ def main(args) -> Path:
             ref_index = torch.full((b,), -1, device=target.device, dtype=torch.long)
             ref_index[idx] = torch.arange(len(idx), device=target.device)
         pred = net(noisy, t, embeds, target_pose, bank, ref_index=ref_index)
-        goal = noise if config["prediction_type"] == "epsilon" else noise_scheduler.get_velocity(target, noise, t)
-        return F.mse_loss(pred.float(), goal.float())
+        return F.mse_loss(pred.float(), diffusion_target(noise_scheduler, target, noise, t).float())
 
     def run_validation(step):
         pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config)

@@ -22,10 +22,13 @@ from engine.pipelines.personalize import PersonalizePipeline
 
 from .common import (
     COMMON_DEFAULTS,
+    NOISE_DEFAULTS,
     base_parser,
+    diffusion_target,
     ema_weights,
     image_grid,
     load_config,
+    noise_schedule_kwargs,
     prepare_training,
     setup_accelerator,
     synthetic_batches,
@@ -34,6 +37,7 @@ from .common import (
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
+    **NOISE_DEFAULTS,
     "resolution": [128, 192],
     "num_characters": 5000,
     "learning_rate": 2e-4,
@@ -68,8 +72,7 @@ def build(config: dict):
     )
     torch.manual_seed(config["seed"])
     unet = UNet2DConditionModel.from_config(unet_cfg)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+    scheduler = DDIMScheduler(**noise_schedule_kwargs(config), set_alpha_to_one=False)
     for module in (vae, te, te2):
         module.requires_grad_(False).eval()
     pipe = PersonalizePipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
@@ -112,7 +115,7 @@ def main(args) -> Path:
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
         pred = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=prompt_embeds,
                     added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
-        return F.mse_loss(pred.float(), noise.float())
+        return F.mse_loss(pred.float(), diffusion_target(noise_scheduler, latents, noise, t).float())
 
     def run_validation(step):
         with ema_weights(accelerator.unwrap_model(unet), ema):
