@@ -232,7 +232,7 @@ def evaluate_all(args) -> Path:
     stage1, shown, missing = {}, {}, []
     for name, stage in (("with FBDM + RPIM (ours)", "standardizer"), ("without FBDM and RPIM", "standardizer_baseline")):
         if not OUTPUTS[stage].exists():
-            missing.append(f"Stage I {name}: {OUTPUTS[stage]}")
+            missing.append(f"Stage I {name}: {OUTPUTS[stage].relative_to(ROOT)}")
             continue
         pipe = StandardizePipeline.from_pretrained(OUTPUTS[stage])
         pipe.set_progress_bar_config(disable=True)
@@ -243,7 +243,7 @@ def evaluate_all(args) -> Path:
                (128, 192)).save(out / "stage1.png")
     variants = []
     for name, (extra, standardize) in PROTOCOL_VARIANTS.items():
-        absent = [str(v) for v in extra.values() if not v.exists()]
+        absent = [str(v.relative_to(ROOT)) for v in extra.values() if not v.exists()]
         if absent:
             missing.append(f"{name}: {absent[0]}")
             continue
