@@ -338,9 +338,10 @@ def test_vae_trains_on_crops_and_decodes_full_images(tmp_path):
 
     from trainer.synthetic import render_sample
     from trainer.synthetic.character import character_ids
+    from trainer.synthetic.dataset import _image_tensor
 
-    x = torch.from_numpy(np.stack([np.asarray(render_sample(c, 100 + i, (64, 96)).image, np.float32) / 127.5 - 1
-                                   for i, c in enumerate(character_ids("val", 16))])).permute(0, 3, 1, 2)
+    x = torch.stack([_image_tensor(render_sample(c, 100 + i, (64, 96)).image)
+                     for i, c in enumerate(character_ids("val", 16))])
     with torch.no_grad():
         latents = vae.encode(x).latent_dist.sample(torch.Generator().manual_seed(1))
     assert vae.config.scaling_factor != 0.18215

@@ -42,17 +42,14 @@ def mean_standard(size: tuple[int, int], n: int = 200) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(acc / n), 0, 255).astype(np.uint8))
 
 
-def stage1_guidance(value: float | None = None) -> float:
-    """The Stage I CFG scale to measure with: ``value``, else the demo preset's (what the studio uses)."""
-    from engine.presets import DEMO
-
-    return float(value if value is not None else DEMO.standardize_defaults["guidance_scale"])
-
-
-def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20, guidance: float = 3.5,
+def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20, guidance: float | None = None,
                             seed: int = 0, examples: int = 0):
     """Mean PSNR/SSIM of ``pipe`` (a StandardizePipeline) on ``n`` test characters, with ground-truth mask and pose,
-    and of the mean-standard baseline; also returns up to ``examples`` (reference, sheet, truth) triples."""
+    and of the mean-standard baseline; also returns up to ``examples`` (reference, sheet, truth) triples.
+    ``guidance`` defaults to the demo preset's Stage I CFG scale (what the studio uses)."""
+    from engine.presets import DEMO
+
+    guidance = float(guidance if guidance is not None else DEMO.standardize_defaults["guidance_scale"])
     w, h = size
     baseline = mean_standard(tuple(size))
     scores = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
@@ -204,7 +201,7 @@ def main(argv=None) -> int:
     pipe = StandardizePipeline.from_pretrained(args.standardizer)
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.split("x"))
-    result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, stage1_guidance(args.guidance))
+    result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, args.guidance)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

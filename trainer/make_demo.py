@@ -138,7 +138,7 @@ def package(args, timings: dict) -> Path:
     from transformers import CLIPVisionModelWithProjection
 
     from .common import image_grid
-    from .evaluate import stage1_guidance, standardization_quality
+    from .evaluate import standardization_quality
     from .synthetic import render_sample
     from .synthetic.character import character_ids
 
@@ -160,7 +160,7 @@ def package(args, timings: dict) -> Path:
     from engine import load_engine
 
     engine = load_engine("demo", device="cpu")
-    quality, shown = standardization_quality(engine.standardize, n=args.eval_n, guidance=stage1_guidance(), examples=2)
+    quality, shown = standardization_quality(engine.standardize, n=args.eval_n, examples=2)
     prompts = ["running, laughing, side view, full body, on a beach", "sitting, sad, front view, full body, in a room",
                "waving, smiling, three-quarter view, half body, in a park", "jumping, surprised, front view, in the snow"]
     rows = []
@@ -224,7 +224,7 @@ def evaluate_all(args) -> Path:
     from engine.pipelines import StandardizePipeline
 
     from .common import image_grid
-    from .evaluate import results_table, run_protocol, stage1_guidance, standardization_quality
+    from .evaluate import results_table, run_protocol, standardization_quality
 
     out = OUTPUTS["evaluate"].parent
     out.mkdir(parents=True, exist_ok=True)
@@ -236,8 +236,7 @@ def evaluate_all(args) -> Path:
             continue
         pipe = StandardizePipeline.from_pretrained(OUTPUTS[stage])
         pipe.set_progress_bar_config(disable=True)
-        stage1[name], shown[name] = standardization_quality(pipe, n=settings["stage1_n"], guidance=stage1_guidance(),
-                                                            examples=4)
+        stage1[name], shown[name] = standardization_quality(pipe, n=settings["stage1_n"], examples=4)
     columns = list(shown.values())  # rows: reference, each Stage I's sheet, ground truth
     image_grid([[triples[0][0], *[t[1] for t in triples], triples[0][2]] for triples in zip(*columns)],
                (128, 192)).save(out / "stage1.png")
