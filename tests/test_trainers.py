@@ -110,6 +110,28 @@ def test_saved_standardizer_loads_through_the_engine_and_generates(standardizer_
     assert out.sheet.size == (64, 96) and np.asarray(out.sheet).std() > 0
 
 
+def test_standardizer_trains_on_the_reference_the_pipeline_sees(standardizer_run):
+    """The training reference is the pipeline's canvas (image, mask, keypoints, pose map), not the raw scene."""
+    from engine.pipelines.standardize import StandardizePipeline
+    from engine.preprocess.pose import draw_pose_map
+    from trainer.synthetic import render_sample
+    from trainer.train_standardizer import reference_on_canvas
+
+    pipe = StandardizePipeline.from_pretrained(str(standardizer_run[2]))
+    for scene in range(4):
+        sample = render_sample(3, scene, (64, 96))
+        trained = reference_on_canvas(sample)
+        seen = pipe.prepare_reference(sample.image, (64, 96), np.asarray(sample.mask, np.float32) / 255.0,
+                                      sample.keypoints)
+        assert np.array_equal(np.asarray(trained.image), np.asarray(seen.image))
+        np.testing.assert_allclose(np.asarray(trained.mask, np.float32) / 255.0, seen.mask, atol=0.5 / 255)
+        np.testing.assert_array_equal(trained.keypoints, seen.keypoints)
+        assert np.array_equal(np.asarray(trained.pose_map), np.asarray(draw_pose_map(seen.keypoints, (64, 96))))
+        assert trained.standard is sample.standard
+    raw = np.asarray(render_sample(3, 0, (64, 96)).image, np.float32)
+    assert np.abs(np.asarray(reference_on_canvas(render_sample(3, 0, (64, 96))).image, np.float32) - raw).mean() > 5
+
+
 def test_fbdm_rpim_switches(tmp_path):
     from trainer import train_standardizer
 

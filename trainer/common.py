@@ -355,11 +355,12 @@ def prepare_training(accelerator, config: dict, model: torch.nn.Module, parts: d
     return model, optimizer, lr_scheduler, ema, resume(accelerator, config)
 
 
-def synthetic_batches(accelerator, config: dict, start: int, collate_fn=None):
-    """An endless iterator of synthetic training batches; a resumed run (``start`` > 0) draws fresh samples."""
+def synthetic_batches(accelerator, config: dict, start: int, collate_fn=None, transform=None):
+    """An endless iterator of synthetic training batches; a resumed run (``start`` > 0) draws fresh samples.
+    ``transform``: Sample -> Sample, run in the data worker (a module-level function, so workers can pickle it)."""
     from .synthetic.dataset import SyntheticStream
 
     stream = SyntheticStream("train", config["num_characters"], tuple(config["resolution"]),
-                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index)
+                             seed=config["seed"] * 1_000_003 + start + accelerator.process_index, transform=transform)
     return iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"], collate_fn=collate_fn,
                                             num_workers=config["dataloader_num_workers"]))

@@ -66,10 +66,11 @@ class SyntheticStream(IterableDataset):
     """An endless stream of random (character, scene) samples of ``split``; each worker draws its own."""
 
     def __init__(self, split: str = "train", num_characters: int = 10_000, size: tuple[int, int] = (128, 192),
-                 seed: int = 0):
+                 seed: int = 0, transform=None):
         self.ids = character_ids(split, num_characters)
         self.size = tuple(size)
         self.seed = seed
+        self.transform = transform  # Sample -> Sample, applied in the worker before tensors are made
 
     def __iter__(self):
         info = get_worker_info()
@@ -77,4 +78,5 @@ class SyntheticStream(IterableDataset):
         rng = np.random.default_rng([self.seed, worker])
         while True:
             cid = self.ids[int(rng.integers(len(self.ids)))]
-            yield sample_to_dict(render_sample(cid, int(rng.integers(2**31)), self.size))
+            sample = render_sample(cid, int(rng.integers(2**31)), self.size)
+            yield sample_to_dict(self.transform(sample) if self.transform is not None else sample)
