@@ -1,6 +1,7 @@
 """Metrics on constructed cases, probes, the evaluate CLI end to end on tiny models, the studio's drift flag."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -142,6 +143,30 @@ def test_probe_trains_and_reports_its_own_accuracy(tiny_probe):
     probe = AttributeProbe.from_pretrained(tiny_probe)
     features, labels = probe.predict([noise(1), noise(2)])
     assert features.shape == (2, 16) and len(labels["pose"]) == 2
+
+
+def test_stage1_quality_reads_appearance_with_the_probe(tiny_probe):
+    """A Stage I that returns the ground truth scores the truth's appearance accuracy; the baseline's is the mean
+    standard image's."""
+    from engine.models.probe import AttributeProbe
+    from trainer.evaluate import mean_standard, sheet_appearance_accuracy, standardization_quality
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+
+    size, n = (64, 96), 3
+    samples = [render_sample(c, 50_000 + i, size) for i, c in enumerate(character_ids("test", n))]
+    truth_of = {s.image.tobytes(): s.standard for s in samples}
+
+    class Oracle:  # a "Stage I" that knows the answer
+        def __call__(self, image, **kwargs):
+            return SimpleNamespace(sheet=truth_of[image.tobytes()])
+
+    probe = AttributeProbe.from_pretrained(tiny_probe).eval()
+    result, _ = standardization_quality(Oracle(), n=n, size=size, probe=probe)
+    assert result["appearance_acc"] == result["truth_appearance_acc"] and result["psnr"] == float("inf")
+    characters = [s.attributes["character"] for s in samples]
+    assert result["baseline_appearance_acc"] == sheet_appearance_accuracy(probe, [mean_standard(size)] * n, characters)
+    assert 0 <= result["baseline_appearance_acc"] <= 1
 
 
 def _fit_probe_on_fixed_renders(pool_grid, steps=30):

@@ -1,6 +1,6 @@
 """Measuring the models on held-out synthetic characters (ground truth known exactly).
 
-    python -m trainer.evaluate stage1 --standardizer runs/demo/standardizer/pipeline [--n 40] [--size 128x192]
+    python -m trainer.evaluate stage1 --standardizer runs/demo/standardizer/pipeline [--n 40] [--size 128x192] [--probe DIR]
     python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
         [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--clip PATH]
 
@@ -43,17 +43,22 @@ def mean_standard(size: tuple[int, int], n: int = 200) -> Image.Image:
 
 
 def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20, guidance: float | None = None,
-                            seed: int = 0, examples: int = 0):
+                            seed: int = 0, examples: int = 0, probe=None):
     """Mean PSNR/SSIM of ``pipe`` (a StandardizePipeline) on ``n`` test characters, with ground-truth mask and pose,
     and of the mean-standard baseline; also returns up to ``examples`` (reference, sheet, truth) triples.
-    ``guidance`` defaults to the demo preset's Stage I CFG scale (what the studio uses)."""
+    ``guidance`` defaults to the demo preset's Stage I CFG scale (what the studio uses).
+
+    With an attribute ``probe``: ``appearance_acc``, how often the probe reads the character's hair/skin/clothes
+    from the sheet, next to the same read from the truth (``truth_appearance_acc``, the instrument's ceiling) and
+    from the mean standard image (``baseline_appearance_acc``, what a sheet that ignores the reference scores).
+    PSNR rewards the blurry mean; this says whether the reference's appearance reached the sheet."""
     from engine.presets import DEMO
 
     guidance = float(guidance if guidance is not None else DEMO.standardize_defaults["guidance_scale"])
     w, h = size
     baseline = mean_standard(tuple(size))
     scores = {"psnr": [], "ssim": [], "baseline_psnr": [], "baseline_ssim": []}
-    shown = []
+    shown, sheets, truths, characters = [], [], [], []
     for i, cid in enumerate(character_ids("test", n)):
         sample = render_sample(cid, 50_000 + i, size)
         out = pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
@@ -64,6 +69,13 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
         scores["baseline_ssim"].append(ssim(baseline, sample.standard))
         if len(shown) < examples:
             shown.append((sample.image, out.sheet, sample.standard))
+        sheets.append(out.sheet)
+        truths.append(sample.standard)
+        characters.append(sample.attributes["character"])
+    if probe is not None:
+        for key, images in (("appearance_acc", sheets), ("truth_appearance_acc", truths),
+                            ("baseline_appearance_acc", [baseline] * n)):
+            scores[key] = [sheet_appearance_accuracy(probe, images, characters)]
     result = {k: float(np.mean(v)) for k, v in scores.items()}
     result.update(n=n, size=list(size), steps=steps, guidance=guidance)
     return result, shown
@@ -91,6 +103,20 @@ def protocol_prompts() -> list[tuple[str, dict, str]]:
         spec = SceneSpec(mirror=False, view_mirror=False, rotation=0.0, fill=0.8, position=0.5, seed=0, **attrs)
         out.append((category, attrs, spec.caption()))
     return out
+
+
+def sheet_appearance_accuracy(probe, sheets, characters: list[dict]) -> float:
+    """Share of the appearance attributes a standard render shows that the probe reads right from ``sheets``."""
+    from engine.models.probe import APPEARANCE_HEADS, HIDDEN
+
+    from .train_probes import visible_labels
+
+    _, predicted = probe.predict(sheets)
+    hits = []
+    for j, character in enumerate(characters):
+        truth = visible_labels(character, None)
+        hits += [predicted[h][j] == truth[h] for h in APPEARANCE_HEADS if truth[h] != HIDDEN]
+    return float(np.mean(hits))
 
 
 def score_panels(probe, panels, character: dict, scenes: list[dict]) -> dict:
@@ -178,6 +204,7 @@ def main(argv=None) -> int:
     st.add_argument("--size", default="128x192")
     st.add_argument("--steps", type=int, default=20)
     st.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the demo preset's)")
+    st.add_argument("--probe", default=None, help="an AttributeProbe folder: also how much appearance the sheets carry")
     st.add_argument("--out", default=None, help="write the numbers as JSON here")
     run = sub.add_parser("run", help="the protocol and ablations (see the module docstring)")
     run.add_argument("--preset", default="demo")
@@ -201,7 +228,12 @@ def main(argv=None) -> int:
     pipe = StandardizePipeline.from_pretrained(args.standardizer)
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.split("x"))
-    result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, args.guidance)
+    probe = None
+    if args.probe:
+        from engine.models.probe import AttributeProbe
+
+        probe = AttributeProbe.from_pretrained(args.probe).eval()
+    result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, args.guidance, probe=probe)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
