@@ -157,12 +157,11 @@ def test_stage1_quality_reads_appearance_with_the_probe(tiny_probe):
     samples = [render_sample(c, 50_000 + i, size) for i, c in enumerate(character_ids("test", n))]
     truth_of = {s.image.tobytes(): s.standard for s in samples}
 
-    class Oracle:  # a "Stage I" that knows the answer
-        def __call__(self, image, **kwargs):
-            return SimpleNamespace(sheet=truth_of[image.tobytes()])
+    def oracle(image, **kwargs):  # a "Stage I" that knows the answer
+        return SimpleNamespace(sheet=truth_of[image.tobytes()])
 
     probe = AttributeProbe.from_pretrained(tiny_probe).eval()
-    result, _ = standardization_quality(Oracle(), n=n, size=size, probe=probe)
+    result, _ = standardization_quality(oracle, n=n, size=size, probe=probe)
     assert result["appearance_acc"] == result["truth_appearance_acc"] and result["psnr"] == float("inf")
     characters = [s.attributes["character"] for s in samples]
     assert result["baseline_appearance_acc"] == sheet_appearance_accuracy(probe, [mean_standard(size)] * n, characters)

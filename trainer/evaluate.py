@@ -105,24 +105,30 @@ def protocol_prompts() -> list[tuple[str, dict, str]]:
     return out
 
 
+def _read_right(predicted: dict, j: int, truth: dict, heads) -> list[bool]:
+    """For image ``j``: did the probe read each of ``heads`` that ``truth`` shows (not HIDDEN) right?"""
+    from engine.models.probe import HIDDEN
+
+    return [predicted[h][j] == truth[h] for h in heads if truth[h] != HIDDEN]
+
+
 def sheet_appearance_accuracy(probe, sheets, characters: list[dict]) -> float:
     """Share of the appearance attributes a standard render shows that the probe reads right from ``sheets``."""
-    from engine.models.probe import APPEARANCE_HEADS, HIDDEN
+    from engine.models.probe import APPEARANCE_HEADS
 
     from .train_probes import visible_labels
 
     _, predicted = probe.predict(sheets)
     hits = []
     for j, character in enumerate(characters):
-        truth = visible_labels(character, None)
-        hits += [predicted[h][j] == truth[h] for h in APPEARANCE_HEADS if truth[h] != HIDDEN]
+        hits += _read_right(predicted, j, visible_labels(character, None), APPEARANCE_HEADS)
     return float(np.mean(hits))
 
 
 def score_panels(probe, panels, character: dict, scenes: list[dict]) -> dict:
     """Probe metrics of one character's panels: appearance accuracy, text accuracy, feature cosine across panels."""
     from engine.metrics import average_pairwise
-    from engine.models.probe import APPEARANCE_HEADS, SCENE_HEADS, HIDDEN
+    from engine.models.probe import APPEARANCE_HEADS, SCENE_HEADS
 
     from .train_probes import visible_labels
 
@@ -130,8 +136,8 @@ def score_panels(probe, panels, character: dict, scenes: list[dict]) -> dict:
     appearance, text = [], []
     for j, scene in enumerate(scenes):
         truth = visible_labels(character, scene)
-        appearance += [predicted[h][j] == truth[h] for h in APPEARANCE_HEADS if truth[h] != HIDDEN]
-        text += [predicted[h][j] == truth[h] for h in SCENE_HEADS if truth[h] != HIDDEN]
+        appearance += _read_right(predicted, j, truth, APPEARANCE_HEADS)
+        text += _read_right(predicted, j, truth, SCENE_HEADS)
     return {"appearance_acc": float(np.mean(appearance)), "text_acc": float(np.mean(text)),
             "ap_feature_cos": average_pairwise(features) if len(panels) > 1 else float("nan")}
 
