@@ -48,7 +48,9 @@ def load_config(args: argparse.Namespace, defaults: dict) -> dict:
         node = config
         parts = key.split(".")
         for part in parts[:-1]:
-            node = node.setdefault(part, {})
+            if not isinstance(node.get(part), dict):  # a default of None (e.g. ``init``) takes nested keys too
+                node[part] = {}
+            node = node[part]
         node[parts[-1]] = yaml.safe_load(value)
     for key in ("output_dir", "max_train_steps", "train_batch_size", "learning_rate", "checkpointing_steps",
                 "validation_steps", "mixed_precision", "seed", "resume_from_checkpoint"):

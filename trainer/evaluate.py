@@ -1,6 +1,7 @@
 """Measuring the models on held-out synthetic characters (ground truth known exactly).
 
     python -m trainer.evaluate stage1 --standardizer runs/demo/standardizer/pipeline [--n 40] [--size 128x192] [--probe DIR]
+    python -m trainer.evaluate encoder --image-encoder assets/models/demo/image_encoder [--n-train 1500 --n-test 500]
     python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
         [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--clip PATH]
 
@@ -29,7 +30,7 @@ from PIL import Image
 from engine.metrics import psnr, ssim
 
 from .synthetic import render_sample
-from .synthetic.character import character_ids
+from .synthetic.character import character_ids, make_character
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,8 +78,95 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
                             ("baseline_appearance_acc", [baseline] * n)):
             scores[key] = [sheet_appearance_accuracy(probe, images, characters)]
     result = {k: float(np.mean(v)) for k, v in scores.items()}
+    result.update(own_character_retrieval(sheets, truths))
     result.update(n=n, size=list(size), steps=steps, guidance=guidance)
     return result, shown
+
+
+def own_character_retrieval(sheets, truths, group: int = 8) -> dict:
+    """Is a sheet closer (mean absolute pixel difference) to its own character's standard render than to the other
+    ``group - 1`` characters' of its group? (``retrieval``; chance 1/group.) Also how much the sheets of different
+    characters differ from each other (``sheet_spread``, /255, same seed schedule) next to their truths'
+    (``truth_spread``): a model that ignores its reference draws near-identical sheets."""
+    a = np.stack([np.asarray(x.convert("RGB"), np.float32) for x in sheets])
+    t = np.stack([np.asarray(x.convert("RGB"), np.float32) for x in truths])
+    hits, spread, truth_spread = [], [], []
+    for start in range(0, len(a) - group + 1, group):
+        s, g = a[start:start + group], t[start:start + group]
+        distance = np.abs(s[:, None] - g[None]).mean(axis=(2, 3, 4))  # (sheet, truth)
+        hits += list(distance.argmin(1) == np.arange(group))
+        pairs = [(i, j) for i in range(group) for j in range(i + 1, group)]
+        spread += [np.abs(s[i] - s[j]).mean() for i, j in pairs]
+        truth_spread += [np.abs(g[i] - g[j]).mean() for i, j in pairs]
+    if not hits:
+        return {}
+    return {"retrieval": float(np.mean(hits)), "retrieval_chance": 1 / group, "sheet_spread": float(np.mean(spread)),
+            "truth_spread": float(np.mean(truth_spread))}
+
+
+def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed: int = 0, split: str = "test",
+                      net=None) -> dict:
+    """Does Stage I read its reference? No sampling needed: on fixed held-out batches (``n`` characters of
+    ``split``, canvas references, fixed noise and timesteps), the denoising loss with each sample's own reference
+    against the loss with another character's (``gap_bank``: the other's bank, own image embedding; ``gap_both``:
+    the other's bank and embedding), as mean and standard error over samples, ``gap_bank`` also split at t = 500.
+    A model that reads the reference has a clearly positive gap; a model with the bank cut scores zero.
+    With it, how the bank is read (own reference): normalised entropy of the attention over the reference tokens
+    (1 = uniform), its share on tokens of the query's own body part (and what uniform attention would put there), and
+    the share of all attention on the bank. ``net``: the Stage I net to measure (default: the pipeline's own)."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from .common import diffusion_target
+    from .synthetic import reference_on_canvas
+    from .synthetic.dataset import sample_to_dict
+    from .train_standardizer import ClipPreprocess, attention_correspondence, denoise, stage1_inputs
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    net = net if net is not None else pipe.net
+    models = {"vae": pipe.vae, "image_encoder": pipe.image_encoder}
+    preprocess = ClipPreprocess(pipe.feature_extractor)
+    device, dtype = pipe.device, pipe.vae.dtype
+    ids = character_ids(split, n)
+    generator = torch.Generator().manual_seed(seed)
+    per_sample = {"own": [], "bank": [], "both": [], "t": []}
+    reading = {"entropy": [], "same_part_share": [], "same_part_uniform": [], "reference_share": []}
+    for start in range(0, n, batch):
+        items = [sample_to_dict(reference_on_canvas(render_sample(cid, 30_000 + start + i, size)))
+                 for i, cid in enumerate(ids[start:start + batch])]
+        data = torch.utils.data.default_collate([{k: v for k, v in item.items() if torch.is_tensor(v)}
+                                                 for item in items])
+        inputs = stage1_inputs(models, preprocess, data, device, dtype, sample_target=False)
+        b = inputs["target"].shape[0]
+        noise = torch.randn(inputs["target"].shape, generator=generator).to(device, inputs["target"].dtype)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+        keep = torch.ones(b, dtype=torch.bool, device=device)
+        target = diffusion_target(scheduler, inputs["target"], noise, t).float()
+        swap = torch.roll(torch.arange(b, device=device), 1)
+        with torch.no_grad():
+            pred, bank = denoise(net, scheduler, inputs, noise, t, keep, record_attention=True)
+            stats = attention_correspondence(bank, inputs["reference_labels"], inputs["target_labels"])
+            for key in reading:
+                reading[key].append(float(stats[key]))
+            losses = {"own": pred}
+            losses["bank"], _ = denoise(net, scheduler, inputs, noise, t, keep, swap=swap)
+            losses["both"], _ = denoise(net, scheduler, inputs, noise, t, keep, swap=swap, swap_embedding=True)
+        for key, prediction in losses.items():
+            per_sample[key] += ((prediction.float() - target) ** 2).mean(dim=(1, 2, 3)).cpu().tolist()
+        per_sample["t"] += t.cpu().tolist()
+    own, tt = np.array(per_sample["own"]), np.array(per_sample["t"])
+    result = {"n": n, "loss_own": float(own.mean())}
+    for key in ("bank", "both"):
+        gap = np.array(per_sample[key]) - own
+        result[f"gap_{key}"] = float(gap.mean())
+        result[f"gap_{key}_se"] = float(gap.std(ddof=1) / np.sqrt(len(gap)))
+        if key == "bank":
+            for name, sel in (("low_t", tt < 500), ("high_t", tt >= 500)):
+                if sel.sum() > 1:
+                    result[f"gap_bank_{name}"] = float(gap[sel].mean())
+                    result[f"gap_bank_{name}_se"] = float(gap[sel].std(ddof=1) / np.sqrt(sel.sum()))
+    result.update({f"attention_{k}": float(np.mean(v)) for k, v in reading.items()})
+    return result
 
 
 # 20 prompts: one element varied from a plain base (standing, neutral, front view, full body, studio).
@@ -189,6 +277,124 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
     return results
 
 
+# ---------------------------------------------------------------------------------------------- the image encoder
+def encoder_inputs(image_encoder, images, view: str):
+    """Pixel values exactly as the pipelines make them: ``canvas`` squashed to a square (StandardizePipeline.
+    encode_image), ``sheet`` white-padded to a square (PersonalizePipeline.encode_sheet)."""
+    import PIL.Image
+    from transformers import CLIPImageProcessor
+
+    from engine.preprocess.image import pad_to_square
+
+    size = image_encoder.config.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    if view == "canvas":
+        images = [im.resize((size, size), PIL.Image.Resampling.BICUBIC) for im in images]
+    elif view == "sheet":
+        images = [pad_to_square(im) for im in images]
+    else:
+        raise ValueError(f"view must be 'canvas' or 'sheet', got {view!r}")
+    return processor(images, return_tensors="pt").pixel_values
+
+
+def encode_references(image_encoder, ids, view: str, size=(128, 192), seed: int = 0, batch: int = 64):
+    """``image_embeds`` (N, D) of characters ``ids``: a scene placed on the Stage I canvas (``canvas``) or the
+    standard render (``sheet``), as the pipelines encode them."""
+    import torch
+
+    from .synthetic import reference_on_canvas
+
+    weight = next(image_encoder.parameters())
+    out = []
+    for start in range(0, len(ids), batch):
+        chunk = ids[start:start + batch]
+        if view == "canvas":
+            images = [reference_on_canvas(render_sample(cid, seed + start + i, size)).image for i, cid in enumerate(chunk)]
+        else:
+            images = [render_sample(cid, 0, size).standard for cid in chunk]
+        pixels = encoder_inputs(image_encoder, images, view).to(weight.device, weight.dtype)
+        with torch.no_grad():
+            out.append(image_encoder(pixels).image_embeds.float().cpu())
+    return torch.cat(out).numpy()
+
+
+def linear_probe(train_x, train_y, test_x, test_y, l2: float = 1e-3, iterations: int = 100) -> float:
+    """Test accuracy of a softmax regression fitted on (train_x, train_y) (features standardised on train)."""
+    import torch
+
+    x = torch.as_tensor(train_x, dtype=torch.float64)
+    mean, std = x.mean(0), x.std(0) + 1e-6
+    x = (x - mean) / std
+    xt = (torch.as_tensor(test_x, dtype=torch.float64) - mean) / std
+    classes = sorted(set(train_y) | set(test_y))
+    y = torch.tensor([classes.index(v) for v in train_y])
+    yt = torch.tensor([classes.index(v) for v in test_y])
+    w = torch.zeros(x.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float(((xt @ w + b).argmax(1) == yt).double().mean())
+
+
+def effective_rank(features) -> float:
+    """exp(entropy) of the centred features' variance spectrum (squared singular values, normalised): how many
+    directions the embedding really uses (0 for a constant)."""
+    x = np.asarray(features, np.float64)
+    s = np.linalg.svd(x - x.mean(0), compute_uv=False) ** 2
+    if s.sum() <= 0:
+        return 0.0
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def embedding_probe(image_encoder, n_train: int = 1500, n_test: int = 500, size=(128, 192),
+                    views=("canvas", "sheet")) -> dict:
+    """What the image embedding carries: per appearance attribute, the held-out accuracy of a linear probe on
+    ``image_embeds`` (fitted on training characters, tested on test characters, the character's true attribute as
+    label), next to chance (the most frequent test class), per view; and the embedding's effective rank."""
+    from .train_clip import ATTRIBUTES
+
+    train_ids, test_ids = character_ids("train", n_train), character_ids("test", n_test)
+
+    def label(cid, head):
+        value = make_character(cid).attributes()[head]
+        return ("yes" if value else "no") if isinstance(value, bool) else value
+
+    result = {"n_train": n_train, "n_test": n_test, "size": list(size)}
+    for view in views:
+        train_x = encode_references(image_encoder, train_ids, view, size, seed=0)
+        test_x = encode_references(image_encoder, test_ids, view, size, seed=70_000)
+        accuracy, chance = {}, {}
+        for head in ATTRIBUTES:
+            train_y, test_y = [label(c, head) for c in train_ids], [label(c, head) for c in test_ids]
+            accuracy[head] = linear_probe(train_x, train_y, test_x, test_y)
+            chance[head] = max(test_y.count(v) for v in set(test_y)) / len(test_y)
+        result[view] = {"accuracy": accuracy, "chance": chance, "effective_rank": effective_rank(test_x),
+                        "dim": int(test_x.shape[1])}
+    return result
+
+
+def embedding_probe_table(result: dict) -> str:
+    views = [v for v in ("canvas", "sheet") if v in result]
+    head = "| attribute | chance | " + " | ".join(f"{v} references" for v in views) + " |"
+    lines = [head, "|---" * (len(views) + 2) + "|"]
+    for name in result[views[0]]["accuracy"]:
+        lines.append(f"| {name} | {result[views[0]]['chance'][name]:.2f} | "
+                     + " | ".join(f"{result[v]['accuracy'][name]:.2f}" for v in views) + " |")
+    lines.append("| effective rank | - | " + " | ".join(
+        f"{result[v]['effective_rank']:.1f} of {result[v]['dim']}" for v in views) + " |")
+    return "\n".join(lines)
+
+
 def results_table(results: dict, probe_accuracy: dict | None = None) -> str:
     keys = [k for k in ("appearance_acc", "text_acc", "ap_feature_cos", "clip_i", "clip_t", "ap_clip_i")
             if any(k in r for r in results.values())]
@@ -226,9 +432,17 @@ def main(argv=None) -> int:
     run.add_argument("--clip", default=None, help="a CLIPModel folder for the paper's CLIP-I/T (full preset)")
     run.add_argument("--device", default=None)
     run.add_argument("--out", required=True)
+    enc = sub.add_parser("encoder", help="what the image embedding carries (linear probe, effective rank)")
+    enc.add_argument("--image-encoder", required=True, help="a CLIPVisionModelWithProjection folder")
+    enc.add_argument("--n-train", type=int, default=1500)
+    enc.add_argument("--n-test", type=int, default=500)
+    enc.add_argument("--size", default="128x192")
+    enc.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "encoder":
+        return _encoder(args)
     from engine.pipelines.standardize import StandardizePipeline
 
     pipe = StandardizePipeline.from_pretrained(args.standardizer)
@@ -244,6 +458,19 @@ def main(argv=None) -> int:
     print(text)
     if args.out:
         Path(args.out).write_text(text)
+    return 0
+
+
+def _encoder(args) -> int:
+    import torch
+    from transformers import CLIPVisionModelWithProjection
+
+    encoder = CLIPVisionModelWithProjection.from_pretrained(args.image_encoder, dtype=torch.float32).eval()
+    w, h = (int(v) for v in args.size.split("x"))
+    result = embedding_probe(encoder, args.n_train, args.n_test, (w, h))
+    print(embedding_probe_table(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2))
     return 0
 
 

@@ -12,21 +12,18 @@ EMA, resumable) and ``pipeline/`` (a StandardizePipeline with EMA weights, what 
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from engine.metrics import psnr, ssim
-from engine.models.stage1 import PoseGuider, ReferenceConditioner, StandardizerNet
+from engine.models.stage1 import PoseGuider, ReferenceConditioner, StandardizerNet, token_grid
 from engine.pipelines.standardize import StandardizePipeline
-from engine.preprocess.canvas import fit_to_canvas
-from engine.preprocess.pose import draw_pose_map
 
 from .common import (
     COMMON_DEFAULTS,
@@ -42,7 +39,7 @@ from .common import (
     synthetic_batches,
     training_loop,
 )
-from .synthetic import render_sample
+from .synthetic import reference_on_canvas, render_sample
 from .synthetic.character import character_ids
 
 DEFAULTS = {
@@ -56,7 +53,12 @@ DEFAULTS = {
     # 2026-11 was trained that way, and read canvases worse than raw scenes (15.8 vs 16.3 dB on 12 test characters).
     "reference_canvas": True,
     "noise_offset": 0.0,
+    # Auxiliary loss on the bank attention (training only; the pipeline is unchanged): each denoiser query's attention
+    # over the reference tokens is pulled toward the reference tokens of its own body part (the synthetic world's
+    # label maps of the canvas reference and of the standard render give the true correspondence). 0 = off.
+    "attention_loss_weight": 0.0,
     "num_validation_samples": 4,
+    "num_reading_samples": 32,  # fixed val samples for the reference-reading instruments at each validation
     "validation_inference_steps": 20,
     "validation_guidance_scale": 3.5,
     "model": {"use_fbdm": True, "use_rpim": True, "pose_guider": {"block_out_channels": [16, 32, 96, 256]},
@@ -125,14 +127,87 @@ class ClipPreprocess:
         return (x - self.mean.to(x)) / self.std.to(x)
 
 
-def reference_on_canvas(sample):
-    """The training reference as the pipeline sees it: image, mask, keypoints and pose map moved onto the canvas
-    by ``fit_to_canvas`` (same size as the sample), the target untouched."""
-    canvas = fit_to_canvas(sample.image, sample.image.size, np.asarray(sample.mask, np.float32) / 255.0,
-                           sample.keypoints)
-    mask = PIL.Image.fromarray(np.rint(canvas.mask * 255).astype(np.uint8))
-    return dataclasses.replace(sample, image=canvas.image, mask=mask, keypoints=canvas.keypoints,
-                               pose_map=draw_pose_map(canvas.keypoints, sample.image.size))
+def stage1_inputs(models: dict, clip_preprocess, batch: dict, device, dtype, sample_target: bool = True) -> dict:
+    """A synthetic batch -> what Stage I trains on: reference and target latents, the reference's image embedding,
+    background mask, both pose maps in [0, 1], and both body-part label maps (for the attention loss and instruments).
+    ``sample_target`` False takes the VAE posterior mean (fixed measurement batches)."""
+    sf = models["vae"].config.scaling_factor
+    with torch.no_grad():
+        image = batch["image"].to(device, dtype)
+        posterior = models["vae"].encode(batch["standard"].to(device, dtype)).latent_dist
+        return {
+            "reference_latents": models["vae"].encode(image).latent_dist.mean * sf,
+            "target": (posterior.sample() if sample_target else posterior.mean) * sf,
+            "embeds": models["image_encoder"](clip_preprocess(image)).image_embeds.unsqueeze(1),
+            "background": 1.0 - batch["mask"].to(device, dtype),
+            "reference_pose": ((batch["pose_map"] + 1) / 2).to(device, dtype),
+            "target_pose": ((batch["standard_pose_map"] + 1) / 2).to(device, dtype),
+            "reference_labels": batch["labels"].to(device),
+            "target_labels": batch["standard_labels"].to(device),
+        }
+
+
+def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention: bool = False,
+            swap: torch.Tensor | None = None, swap_embedding: bool = False):
+    """One denoiser prediction on noised targets, through the net's ``forward`` (the ReferenceNet runs inside it).
+
+    ``keep``: samples that see their reference and image embedding (the others neither: CFG's unconditional).
+    ``swap``: a permutation; sample i reads the bank of reference ``swap[i]`` (another character's) and, with
+    ``swap_embedding``, its image embedding too. Returns (prediction, bank or None)."""
+    b = noise.shape[0]
+    noisy = noise_scheduler.add_noise(inputs["target"], noise, t)
+    embeds = inputs["embeds"] * keep.view(b, 1, 1).to(inputs["embeds"].dtype)
+    if not bool(keep.any()):
+        return net(noisy, t, embeds, inputs["target_pose"], None), None
+    idx = keep.nonzero().flatten()
+    ref_index = torch.full((b,), -1, device=noise.device, dtype=torch.long)
+    ref_index[idx] = torch.arange(len(idx), device=noise.device)
+    context = embeds
+    if swap is not None:
+        ref_index = torch.where(keep, ref_index[swap], ref_index)
+        if swap_embedding:
+            context = embeds[swap]
+    reference = {"reference_latents": inputs["reference_latents"][idx], "image_embeds": inputs["embeds"][idx],
+                 "background": inputs["background"][idx], "reference_pose": inputs["reference_pose"][idx],
+                 "record_attention": record_attention}
+    return net(noisy, t, context, inputs["target_pose"], ref_index=ref_index, reference=reference)
+
+
+def part_grid(labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """(B, H, W) body-part labels -> (B, h*w): the dominant label of each token's area."""
+    from .synthetic.figure import LABELS
+
+    onehot = F.one_hot(labels.long(), len(LABELS)).permute(0, 3, 1, 2).float()
+    return F.adaptive_avg_pool2d(onehot, hw).argmax(1).flatten(1)
+
+
+def attention_correspondence(bank, reference_labels: torch.Tensor, target_labels: torch.Tensor) -> dict:
+    """From a bank that recorded its attention: the auxiliary loss (-log of the attention mass a query puts on the
+    reference tokens of its own body part, over figure queries whose part the reference shows), the normalised
+    entropy of the attention over the reference tokens (1 = uniform), the share of it on same-part tokens, and the
+    share of the whole attention that goes to the reference; ``same_part_uniform`` is the same-part share uniform
+    attention would give (the reference's token count of each part). Means over blocks, heads and queries."""
+    losses, entropy, same_share, ref_share, uniform = [], [], [], [], []
+    for record in bank.attention.values():
+        n_q, n_k = record.log_probs.shape[-2:]
+        hw = token_grid(n_q, bank.latent_hw)
+        ref_parts = part_grid(reference_labels[record.rows], hw)  # bank row r = the reference of batch row rows[r]
+        query_parts = part_grid(target_labels[record.rows], hw)
+        same = (query_parts[:, :, None] == ref_parts[:, None, :]) & (query_parts[:, :, None] > 0)  # (R, Nq, Nk)
+        valid = same.any(-1)  # (R, Nq)
+        log_same = record.log_probs.masked_fill(~same[:, None], float("-inf")).logsumexp(-1)  # (R, heads, Nq)
+        probs = record.log_probs.exp()
+        entropy.append((-(probs * record.log_probs).sum(-1) / math.log(n_k)).mean())
+        ref_share.append(record.share.mean())
+        if bool(valid.any()):
+            weight = valid[:, None].expand_as(log_same)
+            losses.append(-log_same[weight].mean())
+            same_share.append(log_same[weight].exp().mean())
+            uniform.append((same.float().sum(-1) / n_k)[valid].mean())
+    zero = torch.zeros((), device=reference_labels.device)
+    mean = lambda values: torch.stack(values).mean() if values else zero  # noqa: E731
+    return {"loss": mean(losses), "entropy": mean(entropy).detach(), "same_part_share": mean(same_share).detach(),
+            "same_part_uniform": mean(uniform), "reference_share": mean(ref_share).detach()}
 
 
 def make_pipeline(models: dict, net: StandardizerNet, scheduler_config) -> StandardizePipeline:
@@ -144,10 +219,15 @@ def make_pipeline(models: dict, net: StandardizerNet, scheduler_config) -> Stand
 
 @torch.no_grad()
 def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) -> dict:
-    """Standardizes held-out (val) characters with ground-truth mask and pose; PSNR/SSIM and a grid."""
+    """The learning curve on held-out (val) characters: sheets with ground-truth mask and pose (PSNR/SSIM, own-
+    character retrieval among 8 where there are 8 or more, a grid), and how the reference is read
+    (``trainer.evaluate.reference_reading``: loss gap with another character's reference, attention entropy and
+    same-part share) on ``num_reading_samples`` fixed samples."""
+    from .evaluate import own_character_retrieval, reference_reading
+
     w, h = config["resolution"]
     ids = character_ids("val", config["num_validation_samples"])
-    rows, psnrs, ssims = [], [], []
+    rows, psnrs, ssims, sheets, truths = [], [], [], [], []
     for i, cid in enumerate(ids):
         sample = render_sample(cid, 10_000 + i, (w, h))
         out = pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
@@ -155,10 +235,18 @@ def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) 
                    guidance_scale=config["validation_guidance_scale"], seed=i)
         psnrs.append(psnr(out.sheet, sample.standard))
         ssims.append(ssim(out.sheet, sample.standard))
-        rows.append([sample.image, out.canvas, out.sheet, sample.standard])
+        sheets.append(out.sheet)
+        truths.append(sample.standard)
+        if len(rows) < 8:
+            rows.append([sample.image, out.canvas, out.sheet, sample.standard])
     out_dir.mkdir(parents=True, exist_ok=True)
     image_grid(rows, (w, h)).save(out_dir / f"step-{step:07d}.png")
-    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims))}
+    numbers = {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims))}
+    numbers.update({f"val_{k}": v for k, v in own_character_retrieval(sheets, truths).items() if "chance" not in k})
+    if config["num_reading_samples"]:
+        reading = reference_reading(pipe, config["num_reading_samples"], (w, h), split="val")
+        numbers.update({f"val_{k}": v for k, v in reading.items() if k != "n"})
+    return numbers
 
 
 def main(args) -> Path:
@@ -174,40 +262,29 @@ def main(args) -> Path:
     loader = synthetic_batches(accelerator, config, start,
                                transform=reference_on_canvas if config["reference_canvas"] else None)
     rng = np.random.default_rng(config["seed"] + start)
-    sf = models["vae"].config.scaling_factor
 
     def loss_fn(batch):
-        image = batch["image"].to(accelerator.device, weight_dtype)
-        standard = batch["standard"].to(accelerator.device, weight_dtype)
-        with torch.no_grad():
-            ref_latents = models["vae"].encode(image).latent_dist.mean * sf
-            target = models["vae"].encode(standard).latent_dist.sample() * sf
-            embeds = models["image_encoder"](clip_preprocess(image)).image_embeds.unsqueeze(1)
+        inputs = stage1_inputs(models, clip_preprocess, batch, accelerator.device, weight_dtype)
+        target = inputs["target"]
         b = target.shape[0]
         noise = torch.randn_like(target)
         if config["noise_offset"]:
             noise = noise + config["noise_offset"] * torch.randn(b, target.shape[1], 1, 1, device=target.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=target.device)
-        noisy = noise_scheduler.add_noise(target, noise, t)
         keep = torch.from_numpy(rng.random(b) >= config["reference_dropout"]).to(target.device)
-        embeds = embeds * keep.view(b, 1, 1).to(embeds.dtype)  # dropped: no image embedding, no reference
-        background = 1.0 - batch["mask"].to(accelerator.device, weight_dtype)
-        ref_pose = ((batch["pose_map"] + 1) / 2).to(accelerator.device, weight_dtype)
-        target_pose = ((batch["standard_pose_map"] + 1) / 2).to(accelerator.device, weight_dtype)
-        bank, ref_index = None, None
-        if bool(keep.any()):
-            idx = keep.nonzero().flatten()
-            bank = accelerator.unwrap_model(net).encode_reference(ref_latents[idx], embeds[idx], background[idx],
-                                                                  ref_pose[idx])
-            ref_index = torch.full((b,), -1, device=target.device, dtype=torch.long)
-            ref_index[idx] = torch.arange(len(idx), device=target.device)
-        pred = net(noisy, t, embeds, target_pose, bank, ref_index=ref_index)
-        return F.mse_loss(pred.float(), diffusion_target(noise_scheduler, target, noise, t).float())
+        pred, bank = denoise(net, noise_scheduler, inputs, noise, t, keep,
+                             record_attention=config["attention_loss_weight"] > 0)
+        loss = F.mse_loss(pred.float(), diffusion_target(noise_scheduler, target, noise, t).float())
+        if bank is not None and bank.attention:
+            aux = attention_correspondence(bank, inputs["reference_labels"], inputs["target_labels"])["loss"]
+            loss = loss + config["attention_loss_weight"] * aux
+        return loss
 
     def run_validation(step):
         pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config)
         pipe.set_progress_bar_config(disable=True)
-        return validate(pipe, config, step, out / "validation")
+        with accelerator.autocast():  # frozen parts in bf16/fp16 under mixed precision, the net in fp32
+            return validate(pipe, config, step, out / "validation")
 
     training_loop(accelerator=accelerator, config=config, model=net, optimizer=optimizer, lr_scheduler=lr_scheduler,
                   batches=loader, loss_fn=loss_fn, start_step=start, ema=ema,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
 
 import torch
@@ -138,7 +139,7 @@ class ReferenceBank:
 
     def __init__(self, latent_hw: tuple[int, int], conditioner: ReferenceConditioner | None = None,
                  background: torch.Tensor | None = None, pose_features: torch.Tensor | None = None,
-                 record_shapes: bool = False):
+                 record_shapes: bool = False, record_attention: bool = False):
         self.latent_hw = tuple(latent_hw)
         self.conditioner = conditioner
         self.background = background
@@ -147,6 +148,9 @@ class ReferenceBank:
         self.writing = True
         self.ref_index: torch.Tensor | None = None
         self.applied: dict[str, tuple] = {} if record_shapes else None  # for tests: what reached each block
+        # Training and measurement only: per read block, how the denoiser's queries attend to the reference tokens
+        # (``BankAttention``). The pipeline never records, so inference is unchanged.
+        self.attention: dict[str, BankAttention] | None = {} if record_attention else None
 
     def write(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         if self.conditioner is not None:
@@ -167,8 +171,25 @@ class ReferenceBank:
         self.writing = True
 
 
-def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Tensor) -> torch.Tensor:
-    """diffusers' scaled-dot-product attention (AttnProcessor2_0 for token inputs) with separate K/V states."""
+@dataclasses.dataclass
+class BankAttention:
+    """How one read block's queries attended to the reference tokens (recorded for training and measurement).
+
+    ``rows``: the denoiser batch rows (those with a reference); ``log_probs`` (R, heads, Nq, Nk): log of the attention
+    over the reference tokens alone (renormalised among them); ``share`` (R, heads, Nq): the attention mass on the
+    reference tokens within the whole softmax over [own tokens ; reference tokens]."""
+
+    rows: torch.Tensor
+    log_probs: torch.Tensor
+    share: torch.Tensor
+
+
+def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Tensor,
+               record_from: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """diffusers' scaled-dot-product attention (AttnProcessor2_0 for token inputs) with separate K/V states.
+
+    ``record_from``: also return the attention over the key tokens from that index on (the reference tokens) as
+    (log-probabilities renormalised among them, their share of the whole attention); computed explicitly."""
     b = query_states.shape[0]
     q, k, v = attn.to_q(query_states), attn.to_k(kv_states), attn.to_v(kv_states)
     head_dim = k.shape[-1] // attn.heads
@@ -177,12 +198,20 @@ def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Ten
     v = v.view(b, -1, attn.heads, head_dim).transpose(1, 2)
     if attn.norm_q is not None:
         q, k = attn.norm_q(q), attn.norm_k(k)
-    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    recorded = None
+    if record_from is None:
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    else:
+        logits = (q @ k.transpose(-1, -2)).float() * head_dim ** -0.5
+        log_all = logits.log_softmax(-1)
+        out = log_all.exp().to(v.dtype) @ v
+        recorded = (logits[..., record_from:].log_softmax(-1), log_all[..., record_from:].logsumexp(-1).exp())
     out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     if attn.residual_connection:
         out = out + query_states
-    return out / attn.rescale_output_factor
+    out = out / attn.rescale_output_factor
+    return out if recorded is None else (out, *recorded)
 
 
 class ReferenceAttnProcessor:
@@ -211,6 +240,18 @@ class ReferenceAttnProcessor:
             raise ValueError(f"reference bank maps {None if index is None else index.shape[0]} samples, "
                              f"the denoiser batch has {hidden_states.shape[0]}")
         has_ref = index >= 0
+        if bank.attention is not None and bool(has_ref.any()):
+            rows = has_ref.nonzero().flatten()
+            sel = hidden_states[rows]
+            read, log_probs, share = _attention(attn, sel, torch.cat([sel, ref[index[rows]]], dim=1),
+                                                record_from=sel.shape[1])
+            bank.attention[self.name] = BankAttention(rows, log_probs, share)
+            if len(rows) == len(index):
+                return read
+            out = read.new_empty((hidden_states.shape[0], *read.shape[1:]))
+            out[~has_ref] = _attention(attn, hidden_states[~has_ref], hidden_states[~has_ref])
+            out[rows] = read
+            return out
         if bool(has_ref.all()):
             return _attention(attn, hidden_states, torch.cat([hidden_states, ref[index]], dim=1))
         plain = _attention(attn, hidden_states[~has_ref], hidden_states[~has_ref])
@@ -291,11 +332,13 @@ class StandardizerNet(nn.Module):
         install_pose_hook(denoising_unet)
 
     def encode_reference(self, reference_latents, image_embeds, background=None, reference_pose=None,
-                         record_shapes=False) -> ReferenceBank:
+                         record_shapes=False, record_attention=False) -> ReferenceBank:
         """reference_latents (B, 4, h, w); image_embeds (B, 1, D); background (B, 1, H, W) in [0, 1] (1 = background);
-        reference_pose (B, 3, H, W) in [0, 1]."""
+        reference_pose (B, 3, H, W) in [0, 1]. ``record_attention``: the bank records how it is read
+        (``bank.attention``; training and measurement)."""
         pose_features = self.conditioner.encode_pose(reference_pose) if self.conditioner is not None else None
-        bank = ReferenceBank(reference_latents.shape[-2:], self.conditioner, background, pose_features, record_shapes)
+        bank = ReferenceBank(reference_latents.shape[-2:], self.conditioner, background, pose_features, record_shapes,
+                             record_attention)
         timestep = torch.zeros(reference_latents.shape[0], device=reference_latents.device, dtype=torch.long)
         self.reference_unet(reference_latents, timestep, encoder_hidden_states=image_embeds,
                             cross_attention_kwargs={"reference_bank": bank}, return_dict=False)
@@ -304,10 +347,17 @@ class StandardizerNet(nn.Module):
     def encode_target_pose(self, target_pose: torch.Tensor) -> torch.Tensor:
         return self.pose_guider(target_pose.to(self.pose_guider.dtype))
 
-    def forward(self, latents, timestep, image_embeds, target_pose, bank: ReferenceBank | None,
-                ref_index: torch.Tensor | None = None, pose_features: torch.Tensor | None = None):
+    def forward(self, latents, timestep, image_embeds, target_pose, bank: ReferenceBank | None = None,
+                ref_index: torch.Tensor | None = None, pose_features: torch.Tensor | None = None,
+                reference: dict | None = None):
         """Noise prediction. ``ref_index[i]``: the bank row sample ``i`` reads (-1: none); default: row i.
-        ``pose_features``: ``encode_target_pose(target_pose)`` computed once, instead of ``target_pose``."""
+        ``pose_features``: ``encode_target_pose(target_pose)`` computed once, instead of ``target_pose``.
+
+        ``reference``: the ``encode_reference`` arguments, to run the ReferenceNet inside this call (training: one
+        ``forward`` is what accelerate wraps with autocast and DDP); then returns (prediction, bank)."""
+        if reference is not None:
+            bank = self.encode_reference(**reference)
+            return self.forward(latents, timestep, image_embeds, target_pose, bank, ref_index, pose_features), bank
         if bank is not None:
             if ref_index is None:
                 ref_index = torch.arange(latents.shape[0], device=latents.device)

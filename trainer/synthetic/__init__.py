@@ -11,12 +11,20 @@ from .character import (
     split_of,
 )
 from .figure import BODY_LABELS, EXPRESSIONS, LABELS
-from .render import FRAMINGS, Sample, SceneSpec, render_sample, render_standard, sample_scene
+from .render import (
+    FRAMINGS,
+    Sample,
+    SceneSpec,
+    reference_on_canvas,
+    render_sample,
+    render_standard,
+    sample_scene,
+)
 from .scenes import SCENES
 from .skeleton import POSE_FAMILIES, VIEWS
 
 __all__ = [
     "BODY_LABELS", "EXPRESSIONS", "FRAMINGS", "LABELS", "POSE_FAMILIES", "SCENES", "VIEWS", "Character", "Sample",
-    "SceneSpec", "appearance_combinations", "character_ids", "make_character", "render_sample", "render_standard",
+    "SceneSpec", "appearance_combinations", "reference_on_canvas", "character_ids", "make_character", "render_sample", "render_standard",
     "sample_scene", "split_of",
 ]

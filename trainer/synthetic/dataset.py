@@ -30,6 +30,7 @@ def sample_to_dict(sample: Sample) -> dict:
         "keypoints": torch.from_numpy(sample.keypoints.astype(np.float32)),
         "standard_keypoints": torch.from_numpy(sample.standard_keypoints.astype(np.float32)),
         "labels": torch.from_numpy(np.asarray(sample.labels, dtype=np.int64)),
+        "standard_labels": torch.from_numpy(np.asarray(sample.standard_labels, dtype=np.int64)),
         "caption": sample.caption,
         "appearance": sample.appearance,
         "attributes": sample.attributes,

@@ -108,6 +108,7 @@ class Sample:
     caption: str
     appearance: str
     attributes: dict = field(default_factory=dict)
+    standard_labels: Image.Image | None = None  # L, body-part labels of standard (the true correspondence with labels)
 
 
 @dataclass
@@ -223,10 +224,7 @@ def tint(array: np.ndarray, lighting: str) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def render_standard(character_id: int, size: tuple[int, int] = DEFAULT_SIZE):
-    """(image, mask, keypoints, pose map) of the standard render: A-pose, front, neutral, white, head fixed.
-
-    Depends on the character alone, so every scene of a character shares exactly the same bytes."""
+def _standard(character_id: int, size: tuple[int, int]):
     character = make_character(character_id)
     fig = render_figure(character, dict(STANDARD_POSE), "front", False, "neutral", size, _standard_placement(size))
     white = 255.0 * (1.0 - fig.alpha[..., None])
@@ -234,7 +232,14 @@ def render_standard(character_id: int, size: tuple[int, int] = DEFAULT_SIZE):
     mask = Image.fromarray(((fig.alpha >= 0.5) * 255).astype(np.uint8))
     kp = fig.keypoints
     kp.setflags(write=False)
-    return image, mask, kp, draw_pose_map(kp, size)
+    return image, mask, kp, draw_pose_map(kp, size), Image.fromarray(fig.labels)
+
+
+def render_standard(character_id: int, size: tuple[int, int] = DEFAULT_SIZE):
+    """(image, mask, keypoints, pose map) of the standard render: A-pose, front, neutral, white, head fixed.
+
+    Depends on the character alone, so every scene of a character shares exactly the same bytes."""
+    return _standard(character_id, tuple(size))[:4]
 
 
 def render_background(spec: SceneSpec, size: tuple[int, int]) -> Image.Image:
@@ -255,7 +260,7 @@ def render_sample(character_id: int, scene_seed: int, size: tuple[int, int] = DE
     background = np.asarray(render_background(spec, size), np.float32)
     composite = background * (1.0 - fig.alpha[..., None]) + fig.color
     image = Image.fromarray(np.rint(tint(composite, spec.lighting)).astype(np.uint8))
-    standard, standard_mask, standard_kp, standard_pose = render_standard(character.id, size)
+    standard, standard_mask, standard_kp, standard_pose, standard_labels = _standard(character.id, size)
     return Sample(
         character_id=character.id,
         scene_seed=int(scene_seed),
@@ -272,8 +277,27 @@ def render_sample(character_id: int, scene_seed: int, size: tuple[int, int] = DE
         caption=spec.caption(),
         appearance=character.description(),
         attributes={"character": character.attributes(), "scene": spec.attributes()},
+        standard_labels=standard_labels,
     )
 
 
-__all__ = ["FRAMINGS", "LABELS", "SceneSpec", "Sample", "render_background", "render_sample", "render_standard",
-           "sample_scene", "tint"]
+def reference_on_canvas(sample: Sample) -> Sample:
+    """The sample's reference as StandardizePipeline.prepare_reference places it (``fit_to_canvas``, same size):
+    image, mask, body-part labels, keypoints and pose map moved onto the canvas, the standard render untouched."""
+    import dataclasses
+
+    from engine.preprocess.canvas import fit_to_canvas
+
+    canvas = fit_to_canvas(sample.image, sample.image.size, np.asarray(sample.mask, np.float32) / 255.0,
+                           sample.keypoints)
+    iw, ih = sample.image.size
+    labels = Image.new("L", sample.image.size, 0)
+    labels.paste(sample.labels.resize((max(1, round(iw * canvas.scale)), max(1, round(ih * canvas.scale))),
+                                      Image.Resampling.NEAREST), (int(canvas.offset[0]), int(canvas.offset[1])))
+    mask = Image.fromarray(np.rint(canvas.mask * 255).astype(np.uint8))
+    return dataclasses.replace(sample, image=canvas.image, mask=mask, labels=labels, keypoints=canvas.keypoints,
+                               pose_map=draw_pose_map(canvas.keypoints, sample.image.size))
+
+
+__all__ = ["FRAMINGS", "LABELS", "SceneSpec", "Sample", "reference_on_canvas", "render_background", "render_sample",
+           "render_standard", "sample_scene", "tint"]
