@@ -130,7 +130,7 @@ def tiny_probe(tmp_path_factory):
     (root / "c.yaml").write_text(yaml.safe_dump({
         "output_dir": str(root / "run"), "resolution": [64, 96], "num_characters": 10, "train_batch_size": 4,
         "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 2, "log_steps": 1,
-        "channels": [8, 16], "feature_dim": 16, "num_validation_samples": 8}))
+        "channels": [8, 16], "feature_dim": 16, "num_validation_samples": 8, "mixed_precision": "bf16"}))
     return train_probes.main(train_probes.parse_args(["--config", str(root / "c.yaml")]))
 
 

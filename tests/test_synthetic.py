@@ -22,7 +22,7 @@ from trainer.synthetic import (
     split_of,
 )
 from trainer.synthetic.character import HAIR_STYLES
-from trainer.synthetic.render import STANDARD_HEAD_H, STANDARD_HEAD_Y, render_background, tint
+from trainer.synthetic.render import STANDARD_HEAD_H, STANDARD_HEAD_Y, _standard, render_background, tint
 from trainer.synthetic.scenes import PHRASES
 
 SIZE = (96, 144)
@@ -65,7 +65,7 @@ def test_splits_are_disjoint_and_sized():
 
 def test_standard_render_is_identical_for_every_scene_of_a_character():
     first = np.asarray(render_sample(11, 0, SIZE).standard)
-    render_standard.cache_clear()  # re-rendered from scratch, not served from the cache
+    _standard.cache_clear()  # re-rendered from scratch, not served from the cache
     for seed in (1, 2, 3):
         np.testing.assert_array_equal(np.asarray(render_sample(11, seed, SIZE).standard), first)
     assert np.abs(np.asarray(render_sample(12, 0, SIZE).standard, int) - first).max() > 0

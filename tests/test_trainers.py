@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 TINY_UNET = {
@@ -229,14 +230,18 @@ def test_personalizer_on_built_pairs(tiny_base, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_demo_recipe_end_to_end_at_tiny_size(tmp_path):
-    """clip -> vae -> base -> standardizer -> pairs -> personalizer, then the engine loads the lot like the demo."""
+@pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
+def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
+    """clip -> vae -> base -> standardizer -> pairs -> personalizer, then the engine loads the lot like the demo;
+    every trainer also under bf16 and fp16 mixed precision (what GPU runs use), validation included."""
     from trainer import (build_pairs, train_clip, train_personalizer, train_standardizer, train_text_to_image,
                          train_vae)
     from trainer.synthetic.__main__ import main as synthetic_main
 
-    common = {"train_batch_size": 2, "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 100,
-              "log_steps": 1, "num_characters": 10}
+    common = {"train_batch_size": 2, "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 2,
+              "log_steps": 1, "num_characters": 10, "mixed_precision": precision, "num_validation_samples": 1,
+              "validation_inference_steps": 2, "num_reading_samples": 2, "attribute_weight": 1.0,
+              "attention_loss_weight": 0.1}
     clip = train_clip.main(train_clip.parse_args(["--config", write_config(tmp_path / "clip.yaml", {
         **common, "output_dir": str(tmp_path / "clip"), "resolution": [64, 96], "bpe_merges": 50,
         "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1},
@@ -305,8 +310,8 @@ def test_stage1_evaluation_reports_model_and_baseline(standardizer_run):
     assert (base[0, 0] > 250).all()  # the corners of every standard render are white
 
 
-@pytest.mark.parametrize("kind", ["pose", "mask"])
-def test_detectors_train_export_onnx_and_load_in_the_engine(kind, tmp_path):
+@pytest.mark.parametrize("kind,precision", [("pose", "no"), ("mask", "bf16")])
+def test_detectors_train_export_onnx_and_load_in_the_engine(kind, precision, tmp_path):
     from engine.preprocess.detectors import OnnxKeypointDetector, OnnxMattingDetector
     from trainer import train_detectors
     from trainer.synthetic import render_sample
@@ -314,7 +319,7 @@ def test_detectors_train_export_onnx_and_load_in_the_engine(kind, tmp_path):
     cfg = write_config(tmp_path / "d.yaml", {
         "output_dir": str(tmp_path / "run"), "detector": kind, "resolution": [64, 96], "num_characters": 10,
         "train_batch_size": 4, "max_train_steps": 2, "checkpointing_steps": 2, "log_steps": 1,
-        "channels": [8, 16, 16, 16], "num_validation_samples": 2})
+        "channels": [8, 16, 16, 16], "num_validation_samples": 2, "mixed_precision": precision})
     path = train_detectors.main(train_detectors.parse_args(["--config", cfg]))
     report = json.loads((tmp_path / "run" / "detector_accuracy.json").read_text())
     image = render_sample(3, 3, (200, 300)).image
@@ -412,3 +417,68 @@ def test_model_card_says_where_stage1_stands():
     assert "Below the targets" in text and "below the trivial baseline on PSNR and SSIM" in text
     good = model_card({**card, "quality_stage1": {**quality, "psnr": 24.0, "ssim": 0.9}})
     assert "Both targets met" in good and "Below" not in good
+
+
+def test_continue_from_shipped_or_from_the_latest_checkpoint(standardizer_run, tmp_path, monkeypatch):
+    """make_demo --continue-steps: without a surviving run, a stage starts from the shipped model (seeded into runs/,
+    with its budget recorded for the model card); with a checkpoint, it resumes there for N more steps. Always a
+    flat learning rate after the warm-up."""
+    import shutil
+
+    from trainer import make_demo
+
+    shipped = tmp_path / "shipped"
+    shutil.copytree(standardizer_run[2], shipped / "standardize")
+    (shipped / "model_card.json").write_text(json.dumps(
+        {"budgets": {"standardizer": {"steps": 1400, "batch": 16, "samples": 22400}}, "timings": {"standardizer": 9.0}}))
+    runs = tmp_path / "runs" / "demo"
+    monkeypatch.setattr(make_demo, "SHIPPED", shipped)
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    monkeypatch.setitem(make_demo.OUTPUTS, "standardizer", runs / "standardizer" / "pipeline")
+    config = {"output_dir": str(runs / "standardizer"), "lr_warmup_steps": 500}
+    fresh = make_demo.continue_overrides("standardizer", config, 300)
+    assert fresh == {"lr_schedule": "constant", "init": str(runs / "standardizer" / "pipeline"),
+                     "max_train_steps": 300, "lr_warmup_steps": 50}
+    assert (runs / "standardizer" / "pipeline" / "model_index.json").is_file()
+    assert json.loads((runs / "standardizer" / "lineage.json").read_text())["budget"]["steps"] == 1400
+    (runs / "standardizer" / "checkpoint-120").mkdir()
+    assert make_demo.continue_overrides("standardizer", config, 300) == {"lr_schedule": "constant",
+                                                                          "max_train_steps": 420}
+
+
+def test_standardizer_init_starts_from_the_given_pipeline(standardizer_run, tmp_path):
+    """With ``init`` and a zero learning rate, the trained pipeline is exactly the one it started from."""
+    from safetensors.torch import load_file
+
+    from trainer import train_standardizer
+
+    root, cfg, final = standardizer_run
+    config = yaml.safe_load(open(cfg))
+    config.update(output_dir=str(tmp_path / "run"), init=str(final), learning_rate=0.0, adam_weight_decay=0.0,
+                  max_train_steps=1, checkpointing_steps=1, validation_steps=100, lr_schedule="constant")
+    again = train_standardizer.main(train_standardizer.parse_args(["--config", write_config(tmp_path / "c.yaml",
+                                                                                            config)]))
+    for part in ("denoising_unet", "reference_unet", "pose_guider", "reference_conditioner"):
+        before = load_file(next((final / part).glob("*.safetensors")))
+        after = load_file(next((again / part).glob("*.safetensors")))
+        assert all(torch.equal(before[k], after[k]) for k in before), part
+
+
+def test_a_mixed_precision_stage1_step_leaves_autocast_off():
+    """accelerate wraps ``forward`` in one autocast object; the reference pass inside ``forward`` must not enter it
+    a second time (that left bf16 autocast on for the rest of the process)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from components import tiny_stage1_components
+
+    from engine.models.stage1 import StandardizerNet
+
+    c = tiny_stage1_components(0)
+    AcceleratorState._reset_state()
+    net = Accelerator(mixed_precision="bf16").prepare(
+        StandardizerNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"]))
+    latents, embeds = torch.randn(2, 4, 12, 8), torch.randn(2, 1, 32)
+    pred, bank = net(latents, torch.tensor([1, 2]), embeds, None,
+                     reference={"reference_latents": torch.randn(2, 4, 12, 8), "image_embeds": embeds})
+    AcceleratorState._reset_state()
+    assert pred.shape == latents.shape and not torch.is_autocast_enabled("cpu")

@@ -77,6 +77,9 @@ COMMON_DEFAULTS = {
     "gradient_accumulation_steps": 1,
     "learning_rate": 1e-4,
     "lr_warmup_steps": 0,
+    # cosine: warm-up then a cosine to zero at max_train_steps; constant: warm-up then flat, so a finished run can be
+    # continued with more steps (make_demo --continue-steps) without a schedule that already reached zero
+    "lr_schedule": "cosine",
     "adam_weight_decay": 1e-2,
     "max_grad_norm": 1.0,
     "mixed_precision": "no",
@@ -88,6 +91,9 @@ COMMON_DEFAULTS = {
     "ema_decay": 0.999,
     "resume_from_checkpoint": "latest",
     "dataloader_num_workers": 0,
+    # stop (with a checkpoint) once this much wall time has passed, even before max_train_steps (None: no limit);
+    # how a fixed-time GPU run (trainer/gpu_run.py) spends a budget
+    "max_train_seconds": None,
 }
 
 
@@ -239,10 +245,12 @@ class JsonlLogger:
         return record
 
 
-def cosine_with_warmup(optimizer, warmup: int, total: int):
+def cosine_with_warmup(optimizer, warmup: int, total: int, constant: bool = False):
     def factor(step):
         if step < warmup:
             return (step + 1) / max(1, warmup)
+        if constant:
+            return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -267,6 +275,11 @@ def setup_accelerator(config: dict):
     from accelerate.utils import ProjectConfiguration, set_seed
 
     out = Path(config["output_dir"])
+    # accelerate keeps one AcceleratorState per process: a process that runs several trainers (make_demo, the tests)
+    # would keep the first one's mixed precision. Reset it (the process group, in PartialState, stays as it is).
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=config["gradient_accumulation_steps"], mixed_precision=config["mixed_precision"],
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
@@ -294,7 +307,16 @@ def training_loop(*, accelerator, config: dict, model, optimizer, lr_scheduler, 
     logger = JsonlLogger(out / "logs.jsonl", accelerator.is_main_process)
     samples_per_step = config["train_batch_size"] * accelerator.num_processes * config["gradient_accumulation_steps"]
     step = start_step
+    started = time.perf_counter()
+    limit = config.get("max_train_seconds")
     while step < config["max_train_steps"]:
+        if limit is not None and time.perf_counter() - started > limit and step > start_step:
+            accelerator.print(f"time budget of {limit} s spent at step {step}: stopping")
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(out / f"checkpoint-{step}"))
+            if accelerator.is_main_process:
+                prune_checkpoints(out, config["checkpoints_total_limit"])
+            break
         model.train()
         with accelerator.accumulate(model):
             loss = loss_fn(next(batches))
@@ -350,7 +372,10 @@ def prepare_training(accelerator, config: dict, model: torch.nn.Module, parts: d
     accelerate's prepare, and resume. Returns (model, optimizer, lr_scheduler, ema, start step)."""
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["adam_weight_decay"])
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"])
+    if config["lr_schedule"] not in ("cosine", "constant"):
+        raise ValueError(f"lr_schedule {config['lr_schedule']!r} is not one of cosine, constant")
+    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"],
+                                      constant=config["lr_schedule"] == "constant")
     ema = EMA(ema_target if ema_target is not None else model, config["ema_decay"]) if config["use_ema"] else None
     register_pretrained_hooks(accelerator, parts, ema)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
@@ -366,3 +391,47 @@ def synthetic_batches(accelerator, config: dict, start: int, collate_fn=None, tr
                              seed=config["seed"] * 1_000_003 + start + accelerator.process_index, transform=transform)
     return iter(torch.utils.data.DataLoader(stream, batch_size=config["train_batch_size"], collate_fn=collate_fn,
                                             num_workers=config["dataloader_num_workers"]))
+
+
+def line_charts(panels: dict[str, list[tuple[float, float]]], path, x_label: str = "samples seen",
+                references: dict[str, float] | None = None, size=(300, 200)):
+    """One small line chart per named series of (x, y) points, side by side, saved as a PNG (Pillow only: the
+    trainer needs no plotting library). ``references``: a dashed horizontal line per panel (a target or baseline)."""
+    from PIL import Image, ImageDraw
+
+    w, h = size
+    pad_l, pad_r, pad_t, pad_b = 44, 10, 22, 30
+    sheet = Image.new("RGB", (w * max(1, len(panels)), h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (name, points) in enumerate(panels.items()):
+        x0 = i * w
+        ys = [y for _, y in points] + ([references[name]] if references and name in references else [])
+        xs = [x for x, _ in points]
+        if not points:
+            continue
+        lo, hi = min(ys), max(ys)
+        lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        xmin, xmax = min(xs), max(max(xs), min(xs) + 1)
+
+        def at(x, y):
+            return (x0 + pad_l + (x - xmin) / (xmax - xmin) * (w - pad_l - pad_r),
+                    pad_t + (hi - y) / (hi - lo) * (h - pad_t - pad_b))
+
+        draw.rectangle([x0 + pad_l, pad_t, x0 + w - pad_r, h - pad_b], outline=(160, 160, 160))
+        draw.text((x0 + pad_l, 4), name, fill="black")
+        for value in (lo, hi):
+            draw.text((x0 + 2, at(xmin, value)[1] - 6), f"{value:.3g}", fill=(90, 90, 90))
+        draw.text((x0 + pad_l, h - pad_b + 4), f"{xmin:.0f}", fill=(90, 90, 90))
+        draw.text((x0 + w - pad_r - 40, h - pad_b + 4), f"{xmax:.0f}", fill=(90, 90, 90))
+        draw.text((x0 + pad_l + 60, h - 14), x_label, fill=(90, 90, 90))
+        if references and name in references:
+            yy = at(xmin, references[name])[1]
+            for xx in range(int(x0 + pad_l), int(x0 + w - pad_r), 8):
+                draw.line([(xx, yy), (xx + 4, yy)], fill=(200, 60, 60))
+        line = [at(x, y) for x, y in sorted(points)]
+        if len(line) > 1:
+            draw.line(line, fill=(40, 80, 200), width=2)
+        for p in line:
+            draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(40, 80, 200))
+    sheet.save(path)
+    return sheet

@@ -1,12 +1,18 @@
 """Measuring the models on held-out synthetic characters (ground truth known exactly).
 
     python -m trainer.evaluate stage1 --standardizer runs/demo/standardizer/pipeline [--n 40] [--size 128x192] [--probe DIR]
+        [--reading 64]
     python -m trainer.evaluate encoder --image-encoder assets/models/demo/image_encoder [--n-train 1500 --n-test 500]
     python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
         [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--clip PATH]
 
 Stage I: PSNR and SSIM of the sheet against the ground-truth standard render, next to a trivial baseline that
-ignores the reference (the mean standard image of training characters).
+ignores the reference (the mean standard image of training characters); own-character retrieval among 8 (is a sheet
+closest to its own character's standard render?); with ``--reading``, whether the reference is read at all (the loss
+gap with another character's reference, the bank attention's entropy and same-part share; ``reference_reading``).
+
+The image encoder (``encoder``): per appearance attribute, a linear probe on ``image_embeds`` of held-out characters'
+references as the pipelines encode them (canvas, canvas figure on white, sheet), and the embedding's effective rank.
 
 The protocol (``run``, the paper's scaled to the demo): held-out test characters x 20 prompts (5 action, 5 background,
 5 view/framing, 5 expression) x seeds. Per variant (an adapter, fed the standardized sheet or the raw reference):
@@ -136,7 +142,8 @@ def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed:
                  for i, cid in enumerate(ids[start:start + batch])]
         data = torch.utils.data.default_collate([{k: v for k, v in item.items() if torch.is_tensor(v)}
                                                  for item in items])
-        inputs = stage1_inputs(models, preprocess, data, device, dtype, sample_target=False)
+        inputs = stage1_inputs(models, preprocess, data, device, dtype, sample_target=False,
+                               foreground_embedding=pipe.config.foreground_embedding)
         b = inputs["target"].shape[0]
         noise = torch.randn(inputs["target"].shape, generator=generator).to(device, inputs["target"].dtype)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
@@ -279,8 +286,9 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
 
 # ---------------------------------------------------------------------------------------------- the image encoder
 def encoder_inputs(image_encoder, images, view: str):
-    """Pixel values exactly as the pipelines make them: ``canvas`` squashed to a square (StandardizePipeline.
-    encode_image), ``sheet`` white-padded to a square (PersonalizePipeline.encode_sheet)."""
+    """Pixel values exactly as the pipelines make them: ``canvas`` (and ``foreground``, its figure on white) squashed
+    to a square (StandardizePipeline.encode_image), ``sheet`` white-padded to a square (PersonalizePipeline.
+    encode_sheet)."""
     import PIL.Image
     from transformers import CLIPImageProcessor
 
@@ -288,19 +296,21 @@ def encoder_inputs(image_encoder, images, view: str):
 
     size = image_encoder.config.image_size
     processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    if view == "canvas":
+    if view in ("canvas", "foreground"):
         images = [im.resize((size, size), PIL.Image.Resampling.BICUBIC) for im in images]
     elif view == "sheet":
         images = [pad_to_square(im) for im in images]
     else:
-        raise ValueError(f"view must be 'canvas' or 'sheet', got {view!r}")
+        raise ValueError(f"view must be 'canvas', 'foreground' or 'sheet', got {view!r}")
     return processor(images, return_tensors="pt").pixel_values
 
 
 def encode_references(image_encoder, ids, view: str, size=(128, 192), seed: int = 0, batch: int = 64):
-    """``image_embeds`` (N, D) of characters ``ids``: a scene placed on the Stage I canvas (``canvas``) or the
-    standard render (``sheet``), as the pipelines encode them."""
+    """``image_embeds`` (N, D) of characters ``ids``: a scene placed on the Stage I canvas (``canvas``; its figure on
+    white: ``foreground``) or the standard render (``sheet``), as the pipelines encode them."""
     import torch
+
+    from engine.pipelines.standardize import foreground_on_white
 
     from .synthetic import reference_on_canvas
 
@@ -308,8 +318,10 @@ def encode_references(image_encoder, ids, view: str, size=(128, 192), seed: int 
     out = []
     for start in range(0, len(ids), batch):
         chunk = ids[start:start + batch]
-        if view == "canvas":
-            images = [reference_on_canvas(render_sample(cid, seed + start + i, size)).image for i, cid in enumerate(chunk)]
+        if view in ("canvas", "foreground"):
+            placed = [reference_on_canvas(render_sample(cid, seed + start + i, size)) for i, cid in enumerate(chunk)]
+            images = [foreground_on_white(p.image, np.asarray(p.mask, np.float32) / 255) if view == "foreground"
+                      else p.image for p in placed]
         else:
             images = [render_sample(cid, 0, size).standard for cid in chunk]
         pixels = encoder_inputs(image_encoder, images, view).to(weight.device, weight.dtype)
@@ -357,7 +369,7 @@ def effective_rank(features) -> float:
 
 
 def embedding_probe(image_encoder, n_train: int = 1500, n_test: int = 500, size=(128, 192),
-                    views=("canvas", "sheet")) -> dict:
+                    views=("canvas", "foreground", "sheet")) -> dict:
     """What the image embedding carries: per appearance attribute, the held-out accuracy of a linear probe on
     ``image_embeds`` (fitted on training characters, tested on test characters, the character's true attribute as
     label), next to chance (the most frequent test class), per view; and the embedding's effective rank."""
@@ -384,7 +396,7 @@ def embedding_probe(image_encoder, n_train: int = 1500, n_test: int = 500, size=
 
 
 def embedding_probe_table(result: dict) -> str:
-    views = [v for v in ("canvas", "sheet") if v in result]
+    views = [v for v in ("canvas", "foreground", "sheet") if v in result]
     head = "| attribute | chance | " + " | ".join(f"{v} references" for v in views) + " |"
     lines = [head, "|---" * (len(views) + 2) + "|"]
     for name in result[views[0]]["accuracy"]:
@@ -417,6 +429,8 @@ def main(argv=None) -> int:
     st.add_argument("--steps", type=int, default=20)
     st.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the demo preset's)")
     st.add_argument("--probe", default=None, help="an AttributeProbe folder: also how much appearance the sheets carry")
+    st.add_argument("--reading", type=int, default=64, metavar="N",
+                    help="also the reference-reading instruments on N fixed test samples (0: off)")
     st.add_argument("--out", default=None, help="write the numbers as JSON here")
     run = sub.add_parser("run", help="the protocol and ablations (see the module docstring)")
     run.add_argument("--preset", default="demo")
@@ -454,6 +468,8 @@ def main(argv=None) -> int:
 
         probe = AttributeProbe.from_pretrained(args.probe).eval()
     result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, args.guidance, probe=probe)
+    if args.reading:
+        result["reading"] = reference_reading(pipe, args.reading, (w, h))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

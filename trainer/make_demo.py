@@ -3,6 +3,8 @@
     python -m trainer.make_demo                      # GPU: the configs in trainer/configs/*_demo.yaml
     python -m trainer.make_demo --profile cpu        # a 2-core CPU run (trainer/configs/cpu_profile.yaml)
     python -m trainer.make_demo --stages package     # only (re)package and re-measure what is trained
+    python -m trainer.make_demo --profile cpu --from-shipped --continue-steps 2000 --stages standardizer,package
+                                                     # train on: from runs/ where it survived, else the shipped weights
 
 Stages: clip -> vae -> base -> standardizer -> pairs (our Stage I standardizes synthetic images) -> personalizer
 -> package (fp16 copies in assets/models/demo, Stage I PSNR/SSIM on held-out characters vs the mean-standard
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -23,7 +26,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "trainer" / "configs"
-RUNS = ROOT / "runs" / "demo"
+# Where the recipe keeps its runs and where it packages the demo (and its evaluation); the environment can move them
+# (trainer/gpu_run.py's dry run does, so a rehearsal never touches runs/ or assets/).
+RUNS = Path(os.environ.get("SERIALGEN_RUNS") or ROOT / "runs" / "demo")
+DEMO = Path(os.environ.get("SERIALGEN_DEMO_DIR") or ROOT / "assets" / "models" / "demo")
+EVALUATION = Path(os.environ.get("SERIALGEN_EVALUATION_DIR") or ROOT / "assets" / "evaluation")
 STAGES = ("clip", "vae", "base", "standardizer", "pairs", "personalizer", "pose_detector", "mask_detector",
           "package")
 # The evaluation recipe (issue: the paper's Table 2-4 analogues), same profile and budgets as the models they ablate:
@@ -38,7 +45,7 @@ OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae",
            "standardizer_baseline": ABLATIONS / "standardizer-baseline" / "pipeline",
            "personalizer_unpaired": ABLATIONS / "personalizer-unpaired" / "adapter" / "ip-adapter.safetensors",
            "personalizer_raw": ABLATIONS / "personalizer-raw" / "adapter" / "ip-adapter.safetensors",
-           "evaluate": ROOT / "assets" / "evaluation" / "results.json"}
+           "evaluate": EVALUATION / "results.json"}
 # stage -> (trainer module, config name, overrides over config + profile). Ablations keep the ablated model's budget.
 TRAINERS = {
     "clip": ("train_clip", "clip", {}), "vae": ("train_vae", "vae", {}), "base": ("train_text_to_image", "base", {}),
@@ -56,7 +63,11 @@ TRAINERS = {
 }
 
 
-PROFILES = {"gpu": None, "cpu": CONFIGS / "cpu_profile.yaml"}
+PROFILES = {"gpu": None, "cpu": CONFIGS / "cpu_profile.yaml", "h200": CONFIGS / "h200_profile.yaml"}
+SHIPPED = ROOT / "assets" / "models" / "demo"  # what continued training starts from (not moved with DEMO)
+CONTINUABLE = ("clip", "base", "standardizer", "personalizer", "standardizer_baseline", "personalizer_unpaired",
+               "personalizer_raw")
+LINEAGE = "lineage.json"  # in a stage's run folder: what it started from when that was the shipped model
 
 
 def load_profile(name: str) -> dict:
@@ -73,11 +84,21 @@ def _dotted(values: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def _relocated(values: dict) -> dict:
+    """The config's paths under runs/demo/, moved to RUNS (where the recipe keeps its runs)."""
+    out = {}
+    for key, value in _dotted(values):
+        if isinstance(value, str) and (value == "runs/demo" or value.startswith("runs/demo/")):
+            out[key] = str(RUNS / value[len("runs/demo/"):]) if value != "runs/demo" else str(RUNS)
+    return out
+
+
 def _config_args(name: str, scale: float, profile: str = "gpu", extra: dict | None = None) -> list[str]:
     config = yaml.safe_load((CONFIGS / f"{name}_demo.yaml").read_text())
     overrides = load_profile(profile).get(name, {})
     args = ["--config", str(CONFIGS / f"{name}_demo.yaml")]
-    for key, value in [*_dotted(overrides), *_dotted(extra or {})]:
+    moved = _relocated(config) if RUNS != ROOT / "runs" / "demo" else {}
+    for key, value in [*moved.items(), *_dotted(overrides), *_dotted(extra or {})]:
         args += ["--set", f"{key}={json.dumps(value)}"]
     if scale != 1.0:
         steps = max(10, int(overrides.get("max_train_steps", config["max_train_steps"]) * scale))
@@ -86,23 +107,121 @@ def _config_args(name: str, scale: float, profile: str = "gpu", extra: dict | No
     return args
 
 
-def trainer_invocation(stage: str, args):
-    """(trainer module, its parsed args) for a trained stage: its config, the profile and the stage's overrides."""
+def trainer_invocation(stage: str, args, continuing: bool = False):
+    """(trainer module, its parsed args) for a trained stage: its config, the profile and the stage's overrides;
+    with ``continuing`` (``--continue-steps``), the overrides that train it on (``continue_overrides``)."""
     import importlib
 
     module_name, config_name, extra = TRAINERS[stage]
     if stage.startswith("personalizer_"):
         extra = {**extra, "num_characters": _pair_characters(args)}
     module = importlib.import_module(f".{module_name}", __package__)
-    return module, module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra))
+    common = [item for pair in (("--set", item) for item in getattr(args, "set", [])) for item in pair]
+    parsed = module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra) + common)
+    if continuing:
+        config = module.load_config(parsed, module.DEFAULTS)
+        extra = {**extra, **continue_overrides(stage, config, args.continue_steps)}
+        parsed = module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra) + common)
+    return module, parsed
 
 
-def run_stage(stage: str, args) -> None:
+# How a trained stage starts from a given model: stage -> (config key, value for a model at ``path``).
+def _init_value(stage: str, path: Path):
+    if stage.startswith("standardizer"):
+        return "init", str(path)
+    if stage.startswith("personalizer"):
+        return "init_adapter", str(path)
+    if stage == "base":
+        return "init_unet", str(path / "unet")
+    if stage == "clip":
+        folder = path.parent
+        return "init", {"image_encoder": str(folder / "image_encoder"), "text_encoder_2": str(folder / "text_encoder_2"),
+                        "tokenizer": str(folder / "tokenizer")}
+    raise ValueError(f"stage {stage} cannot be continued (it has no init option)")
+
+
+def continue_overrides(stage: str, config: dict, steps: int) -> dict:
+    """``steps`` more steps for a trained stage, with a flat learning rate after the warm-up (a finished cosine
+    schedule is at zero): from the run's latest checkpoint where it survived (runs/ is not kept between machines),
+    otherwise from its current model (this recipe's output, or the shipped demo model) as a fresh run."""
+    from .common import latest_checkpoint
+
+    checkpoint = latest_checkpoint(config["output_dir"])
+    overrides = {"lr_schedule": "constant"}
+    if checkpoint is not None:
+        overrides["max_train_steps"] = int(checkpoint.name.split("-")[1]) + steps
+        return overrides
+    source = OUTPUTS[stage] if OUTPUTS[stage].exists() else _shipped_output(stage)
+    if source is None:
+        raise ValueError(f"{stage}: nothing to continue from (no run in {config['output_dir']}, nothing shipped)")
+    key, value = _init_value(stage, source)
+    overrides.update({key: value, "max_train_steps": steps, "lr_warmup_steps": min(config["lr_warmup_steps"], 50)})
+    return overrides
+
+
+def _shipped_output(stage: str) -> Path | None:
+    """The shipped demo model of a stage, in the form its recipe output takes (seeded into runs/ where needed)."""
+    if stage in ("standardizer", "personalizer", "clip", "base"):
+        seed_from_shipped(stage)
+        return OUTPUTS[stage] if OUTPUTS[stage].exists() else None
+    return None
+
+
+def seed_from_shipped(stage: str) -> bool:
+    """Writes the shipped demo model of ``stage`` (fp32) where the recipe keeps that stage's output, when its run
+    did not survive, so later stages (and continued training) find it. Records the shipped budget in the run
+    folder (``lineage.json``) for the model card. Returns whether it wrote anything."""
+    import torch
+
+    out = OUTPUTS[stage]
+    if out.exists() or not SHIPPED.is_dir():
+        return False
+    card = json.loads((SHIPPED / "model_card.json").read_text()) if (SHIPPED / "model_card.json").is_file() else {}
+    if stage == "vae":
+        from diffusers import AutoencoderKL
+
+        AutoencoderKL.from_pretrained(SHIPPED / "personalize" / "vae", dtype=torch.float32).save_pretrained(out)
+    elif stage == "base":
+        from engine.pipelines import PersonalizePipeline
+
+        PersonalizePipeline.from_pretrained(SHIPPED / "personalize", dtype=torch.float32, image_encoder=None,
+                                            feature_extractor=None).save_pretrained(out)
+    elif stage == "clip":
+        from .train_clip import export, load_towers
+
+        model, tokenizer = load_towers({"image_encoder": SHIPPED / "image_encoder",
+                                        "text_encoder_2": SHIPPED / "personalize" / "text_encoder_2",
+                                        "tokenizer": SHIPPED / "personalize" / "tokenizer"})
+        model.save_pretrained(out.parent / "clip")
+        export(model, tokenizer, out.parent)
+    elif stage == "standardizer":
+        from engine.pipelines import StandardizePipeline
+
+        StandardizePipeline.from_pretrained(SHIPPED / "standardize", dtype=torch.float32).save_pretrained(out)
+    elif stage == "personalizer":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHIPPED / "adapter" / "ip-adapter.safetensors", out)
+    elif stage in ("pose_detector", "mask_detector"):
+        kind = stage.split("_")[0]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(SHIPPED / "detectors" / f"{kind}.onnx", out)
+        (out.parent / "detector_accuracy.json").write_text(json.dumps(card.get("detectors", {}).get(kind, {})))
+    else:
+        return False
+    run = RUNS / stage
+    run.mkdir(parents=True, exist_ok=True)
+    (run / LINEAGE).write_text(json.dumps({"from": "shipped", "budget": card.get("budgets", {}).get(stage, {}),
+                                           "wall_s": card.get("timings", {}).get(stage)}, indent=2))
+    print(f"{stage}: seeded from the shipped demo model ({out})")
+    return True
+
+
+def run_stage(stage: str, args, continuing: bool = False) -> None:
     from . import build_pairs
     from .synthetic.__main__ import main as synthetic_main
 
     if stage in TRAINERS:
-        module, trainer_args = trainer_invocation(stage, args)
+        module, trainer_args = trainer_invocation(stage, args, continuing)
         module.main(trainer_args)
     elif stage == "evaluate":
         evaluate_all(args)
@@ -110,8 +229,10 @@ def run_stage(stage: str, args) -> None:
         images = RUNS / "images"
         if not (images / "info.json").is_file():
             # two scenes a character: Stage II pairs a picture with its own sheet, so identities matter more than scenes
+            workers = str(load_profile(args.profile).get("pairs_workers", 2))
             synthetic_main(["export", "--split", "train", "--n", str(_pairs(args)), "--size", "128x192", "--out",
-                            str(images), "--workers", "2", "--scenes-per-character", "2"])
+                            str(images), "--workers", workers, "--scenes-per-character", "2"])
+        shutil.rmtree(RUNS / "pairs", ignore_errors=True)  # pairs of an earlier Stage I
         build_pairs.main(build_pairs.parse_args(["--standardizer", str(OUTPUTS["standardizer"]), "--images",
                                                  str(images), "--out", str(RUNS / "pairs"), "--size", "128x192",
                                                  "--ground-truth", "--limit", str(_pairs(args))]))
@@ -142,7 +263,7 @@ def package(args, timings: dict) -> Path:
     from .synthetic import render_sample
     from .synthetic.character import character_ids
 
-    demo = ROOT / "assets" / "models" / "demo"
+    demo = DEMO
     demo.mkdir(parents=True, exist_ok=True)
     std = StandardizePipeline.from_pretrained(OUTPUTS["standardizer"])
     std.to(torch.float16).save_pretrained(demo / "standardize")
@@ -159,7 +280,7 @@ def package(args, timings: dict) -> Path:
 
     from engine import load_engine
 
-    engine = load_engine("demo", device="cpu")
+    engine = load_engine("demo", device="cpu", overrides=packaged_overrides(demo))
     probe = None  # the evaluation's instrument, where it was trained already: appearance read from the sheets
     if OUTPUTS["probe"].exists():
         from engine.models.probe import AttributeProbe
@@ -195,6 +316,13 @@ def package(args, timings: dict) -> Path:
     (demo / "model_card.json").write_text(json.dumps(card, indent=2))
     (demo / "README.md").write_text(model_card(card))
     return demo
+
+
+def packaged_overrides(demo: Path) -> dict:
+    """Engine overrides that load the demo models packaged in ``demo`` (the demo preset's own folder by default)."""
+    return {"sdxl": str(demo / "personalize"), "image_encoder": str(demo / "image_encoder"),
+            "adapter": str(demo / "adapter" / "ip-adapter.safetensors"), "standardize": str(demo / "standardize"),
+            "pose_detector": str(demo / "detectors" / "pose.onnx"), "mask_detector": str(demo / "detectors" / "mask.onnx")}
 
 
 def demo_clip_scorer(clip_run: Path):
@@ -238,7 +366,7 @@ def evaluate_all(args) -> Path:
     probe = AttributeProbe.from_pretrained(OUTPUTS["probe"]).eval()
     for name, stage in (("with FBDM + RPIM (ours)", "standardizer"), ("without FBDM and RPIM", "standardizer_baseline")):
         if not OUTPUTS[stage].exists():
-            missing.append(f"Stage I {name}: {OUTPUTS[stage].relative_to(ROOT)}")
+            missing.append(f"Stage I {name}: {OUTPUTS[stage]}")
             continue
         pipe = StandardizePipeline.from_pretrained(OUTPUTS[stage])
         pipe.set_progress_bar_config(disable=True)
@@ -248,7 +376,7 @@ def evaluate_all(args) -> Path:
                (128, 192)).save(out / "stage1.png")
     variants = []
     for name, (extra, standardize) in PROTOCOL_VARIANTS.items():
-        absent = [str(v.relative_to(ROOT)) for v in extra.values() if not v.exists()]
+        absent = [str(v) for v in extra.values() if not v.exists()]
         if absent:
             missing.append(f"{name}: {absent[0]}")
             continue
@@ -275,19 +403,38 @@ def evaluate_all(args) -> Path:
 
 
 def stage_budgets(args) -> dict:
-    """Per trained stage, what its config (with the profile) gave it: steps, batch, samples seen, resolution."""
+    """Per trained stage, what it was given: steps (the run's last logged step, else its config's), batch, samples
+    seen, resolution; for a stage that started from the shipped model (``lineage.json``), the shipped model's own
+    steps and samples are added (``previous_steps``)."""
     budgets = {}
     for stage in STAGES:
         if stage not in TRAINERS:
             continue
         module, trainer_args = trainer_invocation(stage, args)
         config = module.load_config(trainer_args, module.DEFAULTS)
-        budgets[stage] = {"steps": config["max_train_steps"], "batch": config["train_batch_size"],
-                          "samples": config["max_train_steps"] * config["train_batch_size"],
-                          "resolution": config.get("resolution")}
+        run = Path(config["output_dir"])
+        steps = _last_logged_step(run) or config["max_train_steps"]
+        lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else None
+        if lineage and not (run / "logs.jsonl").is_file():  # seeded from the shipped model, not trained here
+            budgets[stage] = {**lineage["budget"], "from": "shipped"}
+            continue
+        budgets[stage] = {"steps": steps, "batch": config["train_batch_size"],
+                          "samples": steps * config["train_batch_size"], "resolution": config.get("resolution")}
+        if lineage:  # continued from the shipped model
+            previous = lineage["budget"]
+            budgets[stage].update(previous_steps=previous.get("steps", 0),
+                                  samples=budgets[stage]["samples"] + previous.get("samples", 0))
         if "prediction_type" in config:
             budgets[stage]["prediction_type"] = config["prediction_type"]
     return budgets
+
+
+def _last_logged_step(run: Path) -> int | None:
+    logs = run / "logs.jsonl"
+    if not logs.is_file():
+        return None
+    steps = [json.loads(line).get("step", 0) for line in logs.read_text().splitlines() if line.strip()]
+    return max(steps) if steps else None
 
 
 def _hardware() -> str:
@@ -359,11 +506,27 @@ def main(argv=None) -> int:
                         help="synthetic images standardized into Stage II pairs (default: 20000, or the profile's)")
     parser.add_argument("--eval-n", type=int, default=40)
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
+    parser.add_argument("--from-shipped", action="store_true",
+                        help="a stage not run here whose run is gone (runs/ did not survive) takes the shipped demo "
+                             "model from assets/models/demo, so the stages that follow find their inputs")
+    parser.add_argument("--force-stages", default="", help="comma-separated stages to rerun although done (e.g. "
+                        "pairs after a new Stage I)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every trained stage (over the profile), e.g. train_batch_size=2")
+    parser.add_argument("--continue-steps", type=int, default=None, metavar="N",
+                        help=f"train the selected stages of {CONTINUABLE} N more steps (flat learning rate): from "
+                             "their latest checkpoint where runs/ survived, else from their current or shipped model")
     args = parser.parse_args(argv)
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES + EVAL_STAGES]
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {STAGES + EVAL_STAGES}")
+    if args.continue_steps is not None and args.continue_steps < 1:
+        parser.error("--continue-steps must be at least 1")
+    if args.from_shipped:
+        for stage in STAGES:
+            if stage not in stages and stage in OUTPUTS:
+                seed_from_shipped(stage)
     timings_path = RUNS / "timings.json"
 
     def timings() -> dict:  # re-read each time: two recipes may run side by side (the demo and the evaluation)
@@ -373,11 +536,12 @@ def main(argv=None) -> int:
         if stage == "package":
             print(package(args, timings()))
             continue
-        if OUTPUTS[stage].exists() and not args.force:
+        continuing = args.continue_steps is not None and stage in CONTINUABLE
+        if OUTPUTS[stage].exists() and not (args.force or continuing or stage in args.force_stages.split(",")):
             print(f"{stage}: done ({OUTPUTS[stage]})")
             continue
         start = time.perf_counter()
-        run_stage(stage, args)
+        run_stage(stage, args, continuing)
         current = timings()
         current[stage] = round(time.perf_counter() - start + current.get(stage, 0), 1)
         RUNS.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ encoders and tokenizer (the SDXL-shaped base reads text with them).
 
 Pairs: an image with "caption. appearance" text (the appearance alone for a standard render). The images are the
 references as the pipelines encode them: a scene placed on the Stage I canvas (squashed to a square, as
-StandardizePipeline.encode_image does), a standard render (a sheet, white-padded to a square, as
+StandardizePipeline.encode_image does; with ``foreground_canvas`` its figure on white), a standard render (a sheet, white-padded to a square, as
 PersonalizePipeline.encode_sheet does) or a raw scene (padded). Writes ``clip/`` (the whole CLIPModel) and
 ``image_encoder/``, ``text_encoder/``, ``text_encoder_2/``, ``tokenizer/`` split out for the pipelines.
 
@@ -71,6 +71,9 @@ DEFAULTS = {
     "freeze_text": False,
     "attribute_weight": 0.0,
     "standard_fraction": 0.3,  # the rest: half canvas-placed scenes, half raw scenes (by scene seed)
+    # canvas-placed scenes with the background whited out by the mask: what StandardizePipeline encodes with
+    # foreground_embedding (the demo's Stage I)
+    "foreground_canvas": False,
 }
 
 
@@ -155,7 +158,7 @@ def canvas_for_odd_scenes(sample):
 
 
 def _collate(items):
-    return {"image": torch.stack([i["image"] for i in items]), "standard": torch.stack([i["standard"] for i in items]),
+    return {**{k: torch.stack([i[k] for i in items]) for k in ("image", "standard", "mask")},
             **{k: [i[k] for i in items] for k in ("caption", "appearance", "attributes", "scene_seed")}}
 
 
@@ -241,7 +244,11 @@ def main(args) -> Path:
         n = len(batch["caption"])
         use_standard = rng.random(n) < config["standard_fraction"]
         canvas = torch.from_numpy(~use_standard & (np.asarray(batch["scene_seed"]) % 2 == 1)).view(-1, 1, 1, 1)
-        images = torch.where(torch.from_numpy(use_standard).view(-1, 1, 1, 1), batch["standard"], batch["image"])
+        scenes = batch["image"]
+        if config["foreground_canvas"]:
+            mask = batch["mask"] * canvas  # raw scenes keep their background
+            scenes = scenes * mask + (1 - mask)
+        images = torch.where(torch.from_numpy(use_standard).view(-1, 1, 1, 1), batch["standard"], scenes)
         images = images.to(accelerator.device)
         pixels = torch.where(canvas.to(accelerator.device), pixel_values(images, size, pad=False),
                              pixel_values(images, size))

@@ -149,7 +149,8 @@ def main(args) -> Path:
                   ema_module=lambda: accelerator.unwrap_model(model))
     path = out / f"{kind}.onnx"
     if accelerator.is_main_process:
-        with ema_weights(accelerator.unwrap_model(model), ema) as final:
+        # without accelerate's mixed-precision forward wrapper: the ONNX graph is traced in fp32
+        with ema_weights(accelerator.unwrap_model(model, keep_fp32_wrapper=False), ema) as final:
             final.save_pretrained(out / kind)
             export_onnx(final, kind, (w, h), path)
         (out / "detector_accuracy.json").write_text(json.dumps(

@@ -53,6 +53,7 @@ DEFAULTS = {
     "validation_prompts": ["running, laughing, side view, full body, on a beach",
                            "sitting, sad, front view, full body, in a classroom"],
     "validation_inference_steps": 20,
+    "init_adapter": None,  # an ip-adapter.safetensors to start from (e.g. the shipped demo adapter)
 }
 
 
@@ -128,7 +129,9 @@ class AdapterTrainer(torch.nn.Module):
         self.adapter.requires_grad_(True)
 
     def forward(self, noisy, t, prompt_embeds, added_cond_kwargs):
-        return self.unet(noisy, t, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added_cond_kwargs,
+        dtype = self.unet.dtype  # the frozen encoders' outputs may be in another precision (mixed precision)
+        added = {k: [e.to(dtype) for e in v] if isinstance(v, list) else v.to(dtype) for k, v in added_cond_kwargs.items()}
+        return self.unet(noisy.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added,
                          return_dict=False)[0]
 
 
@@ -174,6 +177,9 @@ def main(args) -> Path:
     config = load_config(args, DEFAULTS)
     accelerator, out, weight_dtype = setup_accelerator(config)
     pipe, model = build(config)
+    if config["init_adapter"]:
+        init = Path(config["init_adapter"])
+        model.adapter.load_pretrained_weights(init.parent, init.name)
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.image_encoder):
         module.to(accelerator.device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)

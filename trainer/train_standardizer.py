@@ -52,6 +52,9 @@ DEFAULTS = {
     # white padding). False trains on the raw scene, which the pipeline never shows the model: the demo Stage I up to
     # 2026-11 was trained that way, and read canvases worse than raw scenes (15.8 vs 16.3 dB on 12 test characters).
     "reference_canvas": True,
+    # the image embedding of the figure on white (the pipeline's ``foreground_embedding``): the embedding then
+    # carries the character and not the scene; the demo encoder is trained on that view (train_clip)
+    "foreground_embedding": False,
     "noise_offset": 0.0,
     # Auxiliary loss on the bank attention (training only; the pipeline is unchanged): each denoiser query's attention
     # over the reference tokens is pulled toward the reference tokens of its own body part (the synthetic world's
@@ -59,8 +62,12 @@ DEFAULTS = {
     "attention_loss_weight": 0.0,
     "num_validation_samples": 4,
     "num_reading_samples": 32,  # fixed val samples for the reference-reading instruments at each validation
+    "validation_probe": None,  # an AttributeProbe folder: validation also reads the sheets' appearance with it
     "validation_inference_steps": 20,
     "validation_guidance_scale": 3.5,
+    # a StandardizePipeline folder to start from (its ReferenceNet, denoiser, pose guider and FBDM/RPIM), e.g. the
+    # shipped demo Stage I; the config's VAE and image encoder are used either way
+    "init": None,
     "model": {"use_fbdm": True, "use_rpim": True, "pose_guider": {"block_out_channels": [16, 32, 96, 256]},
               "conditioner": {"pose_block_out_channels": [16, 32, 96, 256], "pose_embedding_channels": 320}},
 }
@@ -93,12 +100,24 @@ def build_models(config: dict) -> dict:
     """Frozen VAE + image encoder; trainable Stage I net (from configs, or pretrained folders given as paths)."""
     model = config["model"]
     vae, encoder = _vae(config["vae"]), _image_encoder(config["image_encoder"])
-    reference_unet = _unet(model["unet"], config["seed"])
-    denoising_unet = _unet(model.get("denoising_unet", model["unet"]), config["seed"] + 1)
-    pose_guider = PoseGuider(conditioning_embedding_channels=denoising_unet.config.block_out_channels[0],
-                             block_out_channels=tuple(model["pose_guider"]["block_out_channels"]))
+    init = Path(config["init"]) if config.get("init") else None
+    if init is not None and not (init / "model_index.json").is_file():
+        raise ValueError(f"init {init} is not a saved StandardizePipeline folder")
+    reference_unet = _unet(str(init / "reference_unet") if init else model["unet"], config["seed"])
+    denoising_unet = _unet(str(init / "denoising_unet") if init else model.get("denoising_unet", model["unet"]),
+                           config["seed"] + 1)
+    if init is not None:
+        pose_guider = PoseGuider.from_pretrained(init / "pose_guider")
+    else:
+        pose_guider = PoseGuider(conditioning_embedding_channels=denoising_unet.config.block_out_channels[0],
+                                 block_out_channels=tuple(model["pose_guider"]["block_out_channels"]))
     conditioner = None
-    if model["use_fbdm"] or model["use_rpim"]:
+    if init is not None and (init / "reference_conditioner").is_dir():
+        conditioner = ReferenceConditioner.from_pretrained(init / "reference_conditioner")
+        if (conditioner.config.use_fbdm, conditioner.config.use_rpim) != (model["use_fbdm"], model["use_rpim"]):
+            raise ValueError(f"init {init} has FBDM/RPIM {conditioner.config.use_fbdm}/{conditioner.config.use_rpim}, "
+                             f"the config asks for {model['use_fbdm']}/{model['use_rpim']}")
+    elif model["use_fbdm"] or model["use_rpim"]:
         cond = model["conditioner"]
         conditioner = ReferenceConditioner.for_unet(
             reference_unet, use_fbdm=model["use_fbdm"], use_rpim=model["use_rpim"],
@@ -127,19 +146,23 @@ class ClipPreprocess:
         return (x - self.mean.to(x)) / self.std.to(x)
 
 
-def stage1_inputs(models: dict, clip_preprocess, batch: dict, device, dtype, sample_target: bool = True) -> dict:
-    """A synthetic batch -> what Stage I trains on: reference and target latents, the reference's image embedding,
-    background mask, both pose maps in [0, 1], and both body-part label maps (for the attention loss and instruments).
-    ``sample_target`` False takes the VAE posterior mean (fixed measurement batches)."""
+def stage1_inputs(models: dict, clip_preprocess, batch: dict, device, dtype, sample_target: bool = True,
+                  foreground_embedding: bool = False) -> dict:
+    """A synthetic batch -> what Stage I trains on: reference and target latents, the reference's image embedding
+    (of the figure on white with ``foreground_embedding``), background mask, both pose maps in [0, 1], and both
+    body-part label maps (for the attention loss and instruments). ``sample_target`` False takes the VAE posterior
+    mean (fixed measurement batches)."""
     sf = models["vae"].config.scaling_factor
     with torch.no_grad():
         image = batch["image"].to(device, dtype)
+        mask = batch["mask"].to(device, dtype)
+        embed_input = image * mask + (1 - mask) if foreground_embedding else image
         posterior = models["vae"].encode(batch["standard"].to(device, dtype)).latent_dist
         return {
             "reference_latents": models["vae"].encode(image).latent_dist.mean * sf,
             "target": (posterior.sample() if sample_target else posterior.mean) * sf,
-            "embeds": models["image_encoder"](clip_preprocess(image)).image_embeds.unsqueeze(1),
-            "background": 1.0 - batch["mask"].to(device, dtype),
+            "embeds": models["image_encoder"](clip_preprocess(embed_input)).image_embeds.unsqueeze(1),
+            "background": 1.0 - mask,
             "reference_pose": ((batch["pose_map"] + 1) / 2).to(device, dtype),
             "target_pose": ((batch["standard_pose_map"] + 1) / 2).to(device, dtype),
             "reference_labels": batch["labels"].to(device),
@@ -210,24 +233,27 @@ def attention_correspondence(bank, reference_labels: torch.Tensor, target_labels
             "same_part_uniform": mean(uniform), "reference_share": mean(ref_share).detach()}
 
 
-def make_pipeline(models: dict, net: StandardizerNet, scheduler_config) -> StandardizePipeline:
+def make_pipeline(models: dict, net: StandardizerNet, scheduler_config, foreground_embedding: bool = False
+                  ) -> StandardizePipeline:
     return StandardizePipeline(
         vae=models["vae"], image_encoder=models["image_encoder"], reference_unet=net.reference_unet,
         denoising_unet=net.denoising_unet, pose_guider=net.pose_guider, reference_conditioner=net.conditioner,
-        scheduler=DDIMScheduler.from_config(scheduler_config), feature_extractor=models["feature_extractor"])
+        scheduler=DDIMScheduler.from_config(scheduler_config), feature_extractor=models["feature_extractor"],
+        foreground_embedding=foreground_embedding)
 
 
 @torch.no_grad()
 def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) -> dict:
     """The learning curve on held-out (val) characters: sheets with ground-truth mask and pose (PSNR/SSIM, own-
-    character retrieval among 8 where there are 8 or more, a grid), and how the reference is read
+    character retrieval among 8 where there are 8 or more, appearance read by ``validation_probe``, a grid), and
+    how the reference is read
     (``trainer.evaluate.reference_reading``: loss gap with another character's reference, attention entropy and
     same-part share) on ``num_reading_samples`` fixed samples."""
     from .evaluate import own_character_retrieval, reference_reading
 
     w, h = config["resolution"]
     ids = character_ids("val", config["num_validation_samples"])
-    rows, psnrs, ssims, sheets, truths = [], [], [], [], []
+    rows, psnrs, ssims, sheets, truths, characters = [], [], [], [], [], []
     for i, cid in enumerate(ids):
         sample = render_sample(cid, 10_000 + i, (w, h))
         out = pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
@@ -237,12 +263,20 @@ def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) 
         ssims.append(ssim(out.sheet, sample.standard))
         sheets.append(out.sheet)
         truths.append(sample.standard)
+        characters.append(sample.attributes["character"])
         if len(rows) < 8:
             rows.append([sample.image, out.canvas, out.sheet, sample.standard])
     out_dir.mkdir(parents=True, exist_ok=True)
     image_grid(rows, (w, h)).save(out_dir / f"step-{step:07d}.png")
     numbers = {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims))}
     numbers.update({f"val_{k}": v for k, v in own_character_retrieval(sheets, truths).items() if "chance" not in k})
+    if config["validation_probe"]:
+        from engine.models.probe import AttributeProbe
+
+        from .evaluate import sheet_appearance_accuracy
+
+        probe = AttributeProbe.from_pretrained(config["validation_probe"]).eval()
+        numbers["val_appearance_acc"] = sheet_appearance_accuracy(probe, sheets, characters)
     if config["num_reading_samples"]:
         reading = reference_reading(pipe, config["num_reading_samples"], (w, h), split="val")
         numbers.update({f"val_{k}": v for k, v in reading.items() if k != "n"})
@@ -264,7 +298,8 @@ def main(args) -> Path:
     rng = np.random.default_rng(config["seed"] + start)
 
     def loss_fn(batch):
-        inputs = stage1_inputs(models, clip_preprocess, batch, accelerator.device, weight_dtype)
+        inputs = stage1_inputs(models, clip_preprocess, batch, accelerator.device, weight_dtype,
+                               foreground_embedding=config["foreground_embedding"])
         target = inputs["target"]
         b = target.shape[0]
         noise = torch.randn_like(target)
@@ -281,7 +316,8 @@ def main(args) -> Path:
         return loss
 
     def run_validation(step):
-        pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config)
+        pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config,
+                             config["foreground_embedding"])
         pipe.set_progress_bar_config(disable=True)
         with accelerator.autocast():  # frozen parts in bf16/fp16 under mixed precision, the net in fp32
             return validate(pipe, config, step, out / "validation")
@@ -291,7 +327,8 @@ def main(args) -> Path:
                   ema_module=lambda: accelerator.unwrap_model(net), validate=run_validation)
     final = out / "pipeline"
     if accelerator.is_main_process:
-        pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config)
+        pipe = make_pipeline(models, _averaged(accelerator.unwrap_model(net), ema), noise_scheduler.config,
+                             config["foreground_embedding"])
         pipe.to(torch.float32)
         pipe.save_pretrained(final)
     accelerator.end_training()

@@ -46,6 +46,7 @@ DEFAULTS = {
              "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
              "transformer_layers_per_block": [1, 1, 1], "addition_time_embed_dim": 32, "norm_num_groups": 32,
              "use_linear_projection": True},
+    "init_unet": None,  # a UNet folder to start from (e.g. the shipped demo base's personalize/unet)
     "validation_prompts": ["running, laughing, side view, full body, on a beach, a tall slim person with long red hair",
                            "standing, neutral expression, front view, full body, in a park"],
 }
@@ -71,7 +72,8 @@ def build(config: dict):
         projection_class_embeddings_input_dim=6 * unet_cfg["addition_time_embed_dim"] + te2.config.projection_dim,
     )
     torch.manual_seed(config["seed"])
-    unet = UNet2DConditionModel.from_config(unet_cfg)
+    unet = (UNet2DConditionModel.from_pretrained(config["init_unet"], dtype=torch.float32) if config["init_unet"]
+            else UNet2DConditionModel.from_config(unet_cfg))
     scheduler = DDIMScheduler(**noise_schedule_kwargs(config), set_alpha_to_one=False)
     for module in (vae, te, te2):
         module.requires_grad_(False).eval()
@@ -113,8 +115,11 @@ def main(args) -> Path:
                                           text_encoder_projection_dim=projection_dim).to(latents.device).repeat(b, 1)
         noise = torch.randn_like(latents)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
-        pred = unet(noise_scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=prompt_embeds,
-                    added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}, return_dict=False)[0]
+        dtype = accelerator.unwrap_model(unet).dtype  # frozen encoders' outputs in the trained UNet's precision
+        pred = unet(noise_scheduler.add_noise(latents, noise, t).to(dtype), t,
+                    encoder_hidden_states=prompt_embeds.to(dtype),
+                    added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
+                    return_dict=False)[0]
         return F.mse_loss(pred.float(), diffusion_target(noise_scheduler, latents, noise, t).float())
 
     def run_validation(step):

@@ -336,6 +336,8 @@ class StandardizerNet(nn.Module):
         """reference_latents (B, 4, h, w); image_embeds (B, 1, D); background (B, 1, H, W) in [0, 1] (1 = background);
         reference_pose (B, 3, H, W) in [0, 1]. ``record_attention``: the bank records how it is read
         (``bank.attention``; training and measurement)."""
+        dtype = self.reference_unet.dtype  # frozen inputs may come in another precision (mixed-precision training)
+        reference_latents, image_embeds = reference_latents.to(dtype), image_embeds.to(dtype)
         pose_features = self.conditioner.encode_pose(reference_pose) if self.conditioner is not None else None
         bank = ReferenceBank(reference_latents.shape[-2:], self.conditioner, background, pose_features, record_shapes,
                              record_attention)
@@ -357,7 +359,14 @@ class StandardizerNet(nn.Module):
         ``forward`` is what accelerate wraps with autocast and DDP); then returns (prediction, bank)."""
         if reference is not None:
             bank = self.encode_reference(**reference)
-            return self.forward(latents, timestep, image_embeds, target_pose, bank, ref_index, pose_features), bank
+            return self._denoise(latents, timestep, image_embeds, target_pose, bank, ref_index, pose_features), bank
+        return self._denoise(latents, timestep, image_embeds, target_pose, bank, ref_index, pose_features)
+
+    def _denoise(self, latents, timestep, image_embeds, target_pose, bank, ref_index, pose_features):
+        # not ``self.forward``: accelerate wraps ``forward`` in one autocast object, and entering it twice (nested)
+        # leaves autocast switched on after the call (measured: it leaked into every later test)
+        dtype = self.denoising_unet.dtype
+        latents, image_embeds = latents.to(dtype), image_embeds.to(dtype)
         if bank is not None:
             if ref_index is None:
                 ref_index = torch.arange(latents.shape[0], device=latents.device)

@@ -393,7 +393,8 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         # 6. Prepare latents: one CPU generator per image, so a seed reproduces its panel anywhere
         shape = (1, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         noise = [randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(s), dtype=torch.float32) for s in seeds]
-        latents = torch.cat(noise).to(device=device, dtype=prompt_embeds.dtype) * self.scheduler.init_noise_sigma
+        dtype = self.unet.dtype  # the text encoders may run in another precision than the UNet
+        latents = torch.cat(noise).to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
         # 7. Prepare added conditions
         add_text_embeds, add_time_ids = pooled, time_ids.repeat(batch, 1)
@@ -401,7 +402,8 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
             add_text_embeds = torch.cat([negative_pooled, add_text_embeds])
             add_time_ids = torch.cat([add_time_ids, add_time_ids])
-        added_cond_kwargs = {"text_embeds": add_text_embeds, "time_ids": add_time_ids}
+        prompt_embeds = prompt_embeds.to(dtype)
+        added_cond_kwargs = {"text_embeds": add_text_embeds.to(dtype), "time_ids": add_time_ids.to(dtype)}
         ip_embeds = self._image_embeds_for_run(image_embeds, batch)
         if ip_embeds is not None:
             added_cond_kwargs["image_embeds"] = ip_embeds

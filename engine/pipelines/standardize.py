@@ -44,6 +44,13 @@ def pil_to_tensor(image: PIL.Image.Image, normalize: bool = True) -> torch.Tenso
     return t * 2 - 1 if normalize else t
 
 
+def foreground_on_white(image: PIL.Image.Image, mask: np.ndarray) -> PIL.Image.Image:
+    """The figure of ``image`` over white: ``image * mask + 255 * (1 - mask)`` (mask (H, W) in [0, 1])."""
+    m = np.clip(np.asarray(mask, np.float32), 0, 1)[..., None]
+    array = np.asarray(image.convert("RGB"), np.float32) * m + 255.0 * (1 - m)
+    return PIL.Image.fromarray(np.rint(array).astype(np.uint8))
+
+
 class StandardizePipeline(DiffusionPipeline):
     """SerialGen Stage I. Attach detectors with ``set_detectors(pose=..., mask=...)`` or pass ``mask`` and
     ``reference_pose`` (in the reference's pixels) to the call; without either, FBDM/RPIM get no input."""
@@ -61,8 +68,13 @@ class StandardizePipeline(DiffusionPipeline):
         scheduler: KarrasDiffusionSchedulers,
         reference_conditioner: ReferenceConditioner | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        foreground_embedding: bool = False,
     ):
         super().__init__()
+        # True: the image embedding is taken of the reference's figure on white (the canvas with its background
+        # whited out by the mask, where a mask is known), so the one-token context carries the character, not the
+        # scene (the demo Stage I is trained so). False: of the whole canvas, as Animate Anyone's weights expect.
+        self.register_to_config(foreground_embedding=bool(foreground_embedding))
         if feature_extractor is None:
             size = image_encoder.config.image_size
             feature_extractor = CLIPImageProcessor(size={"shortest_edge": size},
@@ -117,8 +129,11 @@ class StandardizePipeline(DiffusionPipeline):
         return fit_to_canvas(image, size, mask, reference_pose)
 
     @torch.no_grad()
-    def encode_image(self, canvas: PIL.Image.Image) -> torch.Tensor:
-        """CLIP image embedding (B, 1, D) of the canvas, resized to a square as Animate Anyone does."""
+    def encode_image(self, canvas: PIL.Image.Image, mask: np.ndarray | None = None) -> torch.Tensor:
+        """CLIP image embedding (B, 1, D) of the canvas, resized to a square as Animate Anyone does; with
+        ``foreground_embedding`` and a ``mask`` (H, W in [0, 1]), of the figure on white."""
+        if self.config.foreground_embedding and mask is not None:
+            canvas = foreground_on_white(canvas, mask)
         size = self.feature_extractor.crop_size["height"]
         pixels = self.feature_extractor(canvas.resize((size, size), PIL.Image.Resampling.BICUBIC),
                                         return_tensors="pt").pixel_values
@@ -165,7 +180,7 @@ class StandardizePipeline(DiffusionPipeline):
         net = self.net
 
         # 2. Conditions: CLIP embedding, reference latents, mask, poses
-        embeds = self.encode_image(canvas.image)
+        embeds = self.encode_image(canvas.image, canvas.mask)
         ref_latents = self.encode_latents(canvas.image)
         background = None
         if canvas.mask is not None:
