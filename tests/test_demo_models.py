@@ -1,8 +1,8 @@
 """The shipped demo models (assets/models/demo, made by `python -m trainer.make_demo`): they load offline through the
 same pipeline classes as `full`, fit the size budget, carry their model card, and run deterministically with inputs
-that matter, and Stage I draws what a sheet is (white ground, a figure where the standard pose puts it). Their
-appearance quality is measured in the model card, not asserted here: the shipped CPU-session models are below the
-targets and the mean-standard baseline (see README)."""
+that matter, Stage I draws what a sheet is (white ground, a figure where the standard pose puts it) and tells the
+bundled characters apart. The rest of their quality is measured in the model card, not asserted here: the shipped
+CPU-session models are below the demo-models issue's targets and, on PSNR/SSIM, the mean-standard baseline."""
 
 import json
 
@@ -77,3 +77,21 @@ def test_demo_panels_are_deterministic_and_follow_prompt_and_sheet(demo, samples
     assert np.array_equal(as_array[0], as_array[2]) and np.array_equal(as_array[1], as_array[3])  # same call, same
     assert np.abs(as_array[0] - as_array[1]).mean() > 1  # the text matters
     assert np.abs(as_array[0] - as_array[4]).mean() > 0.5  # the sheet matters
+
+
+def test_demo_stage1_tells_the_bundled_characters_apart(demo):
+    """Kai (navy top, jeans), Leo (green top, purple skirt) and Mia get sheets a person tells apart at one seed (the
+    demo-models issue: mean absolute difference >= 6 of 255 for every pair; the sheets of the Stage I shipped before
+    the attribute-supervised encoder differed by 0.7 for Kai and Leo)."""
+    from PIL import Image
+
+    from engine.presets import ASSETS_DIR
+
+    sheets = {name: np.asarray(demo.standardize_reference(Image.open(ASSETS_DIR / "examples" / f"{name}.png")
+                                                          .convert("RGB"), seed=0).sheet, np.float32)
+              for name in ("kai", "leo", "mia")}
+    for a, b in (("kai", "leo"), ("kai", "mia"), ("leo", "mia")):
+        assert np.abs(sheets[a] - sheets[b]).mean() >= 6, (a, b)
+    card = json.loads(CARD.read_text())
+    assert min(card["bundled"]["sheet_differences"].values()) >= 6
+    assert card["quality_stage1"]["retrieval"] > 2 * card["quality_stage1"]["retrieval_chance"]

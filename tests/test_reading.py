@@ -126,19 +126,21 @@ class CopyOracle(torch.nn.Module):
             "v_prediction" else noise, bank
 
 
-def test_reference_reading_oracle_gap_is_positive(monkeypatch):
+def copy_task(sample):
+    """The reference shown is the standard render itself."""
     import dataclasses
 
+    return dataclasses.replace(sample, image=sample.standard, labels=sample.standard_labels)
+
+
+def test_reference_reading_oracle_gap_is_positive():
     from diffusers import DDPMScheduler
 
-    import trainer.evaluate as evaluate
+    from trainer.evaluate import reference_reading
 
-    # the copy task: the reference shown is the standard render itself
-    monkeypatch.setattr("trainer.synthetic.reference_on_canvas",
-                        lambda s: dataclasses.replace(s, image=s.standard, labels=s.standard_labels))
     pipe = tiny_pipe()
     oracle = CopyOracle(DDPMScheduler.from_config(pipe.scheduler.config))
-    result = evaluate.reference_reading(pipe, n=8, size=(64, 96), batch=4, net=oracle)
+    result = reference_reading(pipe, n=8, size=(64, 96), batch=4, net=oracle, transform=copy_task)
     assert result["loss_own"] < 1e-6  # every swapped sample is worse, so the gap is positive whatever t was drawn
     assert result["gap_bank"] > result["gap_bank_se"] > 0 and result["gap_both"] > 0
 
@@ -179,6 +181,14 @@ def test_recording_the_attention_changes_no_prediction():
                              reference={"reference_latents": ref, "image_embeds": embeds, "record_attention": True})
     torch.testing.assert_close(recorded, plain, rtol=1e-5, atol=1e-5)
     assert bank.attention and all(r.rows.tolist() == [0] for r in bank.attention.values())
+    with torch.no_grad():  # a strided subset of the queries: the same rows of the same attention
+        _, some = net(latents, t, embeds, None, ref_index=ref_index,
+                      reference={"reference_latents": ref, "image_embeds": embeds, "record_attention": 10})
+    for name, record in some.attention.items():
+        full = bank.attention[name]
+        assert len(record.queries) <= 10 and record.num_queries == full.log_probs.shape[-2]
+        torch.testing.assert_close(record.log_probs, full.log_probs[:, :, record.queries], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(record.share, full.share[:, :, record.queries], rtol=1e-5, atol=1e-5)
     assert net.encode_reference(ref, embeds).attention is None  # the pipeline's path records nothing
 
 

@@ -305,6 +305,8 @@ def training_loop(*, accelerator, config: dict, model, optimizer, lr_scheduler, 
     follows; ``validate(step)`` returns a dict of numbers to log (main process only)."""
     out = Path(config["output_dir"])
     logger = JsonlLogger(out / "logs.jsonl", accelerator.is_main_process)
+    if accelerator.is_main_process:  # the resolved config of this (latest) start, for the record and the model card
+        (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     samples_per_step = config["train_batch_size"] * accelerator.num_processes * config["gradient_accumulation_steps"]
     step = start_step
     started = time.perf_counter()

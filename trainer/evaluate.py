@@ -92,8 +92,9 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
 def own_character_retrieval(sheets, truths, group: int = 8) -> dict:
     """Is a sheet closer (mean absolute pixel difference) to its own character's standard render than to the other
     ``group - 1`` characters' of its group? (``retrieval``; chance 1/group.) Also how much the sheets of different
-    characters differ from each other (``sheet_spread``, /255, same seed schedule) next to their truths'
-    (``truth_spread``): a model that ignores its reference draws near-identical sheets."""
+    characters differ from each other (``sheet_spread``, /255) next to their truths' (``truth_spread``); where each
+    sheet was drawn with its own seed, that spread includes the noise's share (the bundled-examples check in
+    make_demo uses one seed for all)."""
     a = np.stack([np.asarray(x.convert("RGB"), np.float32) for x in sheets])
     t = np.stack([np.asarray(x.convert("RGB"), np.float32) for x in truths])
     hits, spread, truth_spread = [], [], []
@@ -111,7 +112,7 @@ def own_character_retrieval(sheets, truths, group: int = 8) -> dict:
 
 
 def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed: int = 0, split: str = "test",
-                      net=None) -> dict:
+                      net=None, transform=None) -> dict:
     """Does Stage I read its reference? No sampling needed: on fixed held-out batches (``n`` characters of
     ``split``, canvas references, fixed noise and timesteps), the denoising loss with each sample's own reference
     against the loss with another character's (``gap_bank``: the other's bank, own image embedding; ``gap_both``:
@@ -119,7 +120,8 @@ def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed:
     A model that reads the reference has a clearly positive gap; a model with the bank cut scores zero.
     With it, how the bank is read (own reference): normalised entropy of the attention over the reference tokens
     (1 = uniform), its share on tokens of the query's own body part (and what uniform attention would put there), and
-    the share of all attention on the bank. ``net``: the Stage I net to measure (default: the pipeline's own)."""
+    the share of all attention on the bank. ``net``: the Stage I net to measure (default: the pipeline's own);
+    ``transform``: Sample -> Sample making the reference (default: ``reference_on_canvas``, as the pipeline places it)."""
     import torch
     from diffusers import DDPMScheduler
 
@@ -130,6 +132,7 @@ def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed:
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     net = net if net is not None else pipe.net
+    transform = transform or reference_on_canvas
     models = {"vae": pipe.vae, "image_encoder": pipe.image_encoder}
     preprocess = ClipPreprocess(pipe.feature_extractor)
     device, dtype = pipe.device, pipe.vae.dtype
@@ -138,7 +141,7 @@ def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed:
     per_sample = {"own": [], "bank": [], "both": [], "t": []}
     reading = {"entropy": [], "same_part_share": [], "same_part_uniform": [], "reference_share": []}
     for start in range(0, n, batch):
-        items = [sample_to_dict(reference_on_canvas(render_sample(cid, 30_000 + start + i, size)))
+        items = [sample_to_dict(transform(render_sample(cid, 30_000 + start + i, size)))
                  for i, cid in enumerate(ids[start:start + batch])]
         data = torch.utils.data.default_collate([{k: v for k, v in item.items() if torch.is_tensor(v)}
                                                  for item in items])
@@ -307,27 +310,33 @@ def encoder_inputs(image_encoder, images, view: str):
 
 def encode_references(image_encoder, ids, view: str, size=(128, 192), seed: int = 0, batch: int = 64):
     """``image_embeds`` (N, D) of characters ``ids``: a scene placed on the Stage I canvas (``canvas``; its figure on
-    white: ``foreground``) or the standard render (``sheet``), as the pipelines encode them."""
+    white: ``foreground``) or the standard render (``sheet``), as the pipelines encode them; and per reference
+    which attributes it shows (``train_clip.visible_attributes``: None where hidden)."""
     import torch
 
     from engine.pipelines.standardize import foreground_on_white
 
     from .synthetic import reference_on_canvas
 
+    from .train_clip import visible_attributes
+
     weight = next(image_encoder.parameters())
-    out = []
+    out, seen = [], []
     for start in range(0, len(ids), batch):
         chunk = ids[start:start + batch]
         if view in ("canvas", "foreground"):
             placed = [reference_on_canvas(render_sample(cid, seed + start + i, size)) for i, cid in enumerate(chunk)]
             images = [foreground_on_white(p.image, np.asarray(p.mask, np.float32) / 255) if view == "foreground"
                       else p.image for p in placed]
+            seen += [visible_attributes(p.attributes["character"], p.attributes["scene"]) for p in placed]
         else:
-            images = [render_sample(cid, 0, size).standard for cid in chunk]
+            samples = [render_sample(cid, 0, size) for cid in chunk]
+            images = [s.standard for s in samples]
+            seen += [visible_attributes(s.attributes["character"], None) for s in samples]
         pixels = encoder_inputs(image_encoder, images, view).to(weight.device, weight.dtype)
         with torch.no_grad():
             out.append(image_encoder(pixels).image_embeds.float().cpu())
-    return torch.cat(out).numpy()
+    return torch.cat(out).numpy(), seen
 
 
 def linear_probe(train_x, train_y, test_x, test_y, l2: float = 1e-3, iterations: int = 100) -> float:
@@ -372,7 +381,8 @@ def embedding_probe(image_encoder, n_train: int = 1500, n_test: int = 500, size=
                     views=("canvas", "foreground", "sheet")) -> dict:
     """What the image embedding carries: per appearance attribute, the held-out accuracy of a linear probe on
     ``image_embeds`` (fitted on training characters, tested on test characters, the character's true attribute as
-    label), next to chance (the most frequent test class), per view; and the embedding's effective rank."""
+    label), next to chance (the most frequent test class), per view; ``visible_accuracy`` the same fitted and tested
+    only on references that show the attribute (a head-only crop shows no trousers); and the effective rank."""
     from .train_clip import ATTRIBUTES
 
     train_ids, test_ids = character_ids("train", n_train), character_ids("test", n_test)
@@ -383,25 +393,37 @@ def embedding_probe(image_encoder, n_train: int = 1500, n_test: int = 500, size=
 
     result = {"n_train": n_train, "n_test": n_test, "size": list(size)}
     for view in views:
-        train_x = encode_references(image_encoder, train_ids, view, size, seed=0)
-        test_x = encode_references(image_encoder, test_ids, view, size, seed=70_000)
-        accuracy, chance = {}, {}
+        train_x, train_seen = encode_references(image_encoder, train_ids, view, size, seed=0)
+        test_x, test_seen = encode_references(image_encoder, test_ids, view, size, seed=70_000)
+        accuracy, chance, visible, shown = {}, {}, {}, {}
         for head in ATTRIBUTES:
             train_y, test_y = [label(c, head) for c in train_ids], [label(c, head) for c in test_ids]
             accuracy[head] = linear_probe(train_x, train_y, test_x, test_y)
             chance[head] = max(test_y.count(v) for v in set(test_y)) / len(test_y)
-        result[view] = {"accuracy": accuracy, "chance": chance, "effective_rank": effective_rank(test_x),
-                        "dim": int(test_x.shape[1])}
+            tr = [i for i, s in enumerate(train_seen) if s[head] is not None]
+            te = [i for i, s in enumerate(test_seen) if s[head] is not None]
+            shown[head] = len(te) / len(test_ids)
+            if len(tr) > 10 and te:
+                visible[head] = linear_probe(train_x[tr], [train_y[i] for i in tr], test_x[te],
+                                             [test_y[i] for i in te])
+        result[view] = {"accuracy": accuracy, "chance": chance, "visible_accuracy": visible, "visible_share": shown,
+                        "effective_rank": effective_rank(test_x), "dim": int(test_x.shape[1])}
     return result
 
 
 def embedding_probe_table(result: dict) -> str:
     views = [v for v in ("canvas", "foreground", "sheet") if v in result]
-    head = "| attribute | chance | " + " | ".join(f"{v} references" for v in views) + " |"
+    head = "| attribute | chance | " + " | ".join(f"{v} references (all / where visible)" for v in views) + " |"
     lines = [head, "|---" * (len(views) + 2) + "|"]
+
+    def cell(view, name):
+        r = result[view]
+        seen = r.get("visible_accuracy", {}).get(name)
+        return f"{r['accuracy'][name]:.2f}" + (f" / {seen:.2f}" if seen is not None else " / -")
+
     for name in result[views[0]]["accuracy"]:
         lines.append(f"| {name} | {result[views[0]]['chance'][name]:.2f} | "
-                     + " | ".join(f"{result[v]['accuracy'][name]:.2f}" for v in views) + " |")
+                     + " | ".join(cell(v, name) for v in views) + " |")
     lines.append("| effective rank | - | " + " | ".join(
         f"{result[v]['effective_rank']:.1f} of {result[v]['dim']}" for v in views) + " |")
     return "\n".join(lines)

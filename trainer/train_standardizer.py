@@ -60,6 +60,7 @@ DEFAULTS = {
     # over the reference tokens is pulled toward the reference tokens of its own body part (the synthetic world's
     # label maps of the canvas reference and of the standard render give the true correspondence). 0 = off.
     "attention_loss_weight": 0.0,
+    "attention_loss_queries": 64,  # queries per block the attention loss looks at (evenly strided); 0: all
     "num_validation_samples": 4,
     "num_reading_samples": 32,  # fixed val samples for the reference-reading instruments at each validation
     "validation_probe": None,  # an AttributeProbe folder: validation also reads the sheets' appearance with it
@@ -170,7 +171,7 @@ def stage1_inputs(models: dict, clip_preprocess, batch: dict, device, dtype, sam
         }
 
 
-def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention: bool = False,
+def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention: bool | int = False,
             swap: torch.Tensor | None = None, swap_embedding: bool = False):
     """One denoiser prediction on noised targets, through the net's ``forward`` (the ReferenceNet runs inside it).
 
@@ -212,10 +213,12 @@ def attention_correspondence(bank, reference_labels: torch.Tensor, target_labels
     attention would give (the reference's token count of each part). Means over blocks, heads and queries."""
     losses, entropy, same_share, ref_share, uniform = [], [], [], [], []
     for record in bank.attention.values():
-        n_q, n_k = record.log_probs.shape[-2:]
-        hw = token_grid(n_q, bank.latent_hw)
+        n_k = record.log_probs.shape[-1]
+        hw = token_grid(record.num_queries or record.log_probs.shape[-2], bank.latent_hw)
         ref_parts = part_grid(reference_labels[record.rows], hw)  # bank row r = the reference of batch row rows[r]
         query_parts = part_grid(target_labels[record.rows], hw)
+        if record.queries is not None:
+            query_parts = query_parts[:, record.queries]
         same = (query_parts[:, :, None] == ref_parts[:, None, :]) & (query_parts[:, :, None] > 0)  # (R, Nq, Nk)
         valid = same.any(-1)  # (R, Nq)
         log_same = record.log_probs.masked_fill(~same[:, None], float("-inf")).logsumexp(-1)  # (R, heads, Nq)
@@ -307,8 +310,8 @@ def main(args) -> Path:
             noise = noise + config["noise_offset"] * torch.randn(b, target.shape[1], 1, 1, device=target.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=target.device)
         keep = torch.from_numpy(rng.random(b) >= config["reference_dropout"]).to(target.device)
-        pred, bank = denoise(net, noise_scheduler, inputs, noise, t, keep,
-                             record_attention=config["attention_loss_weight"] > 0)
+        record = (config["attention_loss_queries"] or True) if config["attention_loss_weight"] > 0 else False
+        pred, bank = denoise(net, noise_scheduler, inputs, noise, t, keep, record_attention=record)
         loss = F.mse_loss(pred.float(), diffusion_target(noise_scheduler, target, noise, t).float())
         if bank is not None and bank.attention:
             aux = attention_correspondence(bank, inputs["reference_labels"], inputs["target_labels"])["loss"]

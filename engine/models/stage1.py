@@ -139,7 +139,7 @@ class ReferenceBank:
 
     def __init__(self, latent_hw: tuple[int, int], conditioner: ReferenceConditioner | None = None,
                  background: torch.Tensor | None = None, pose_features: torch.Tensor | None = None,
-                 record_shapes: bool = False, record_attention: bool = False):
+                 record_shapes: bool = False, record_attention: bool | int = False):
         self.latent_hw = tuple(latent_hw)
         self.conditioner = conditioner
         self.background = background
@@ -149,8 +149,11 @@ class ReferenceBank:
         self.ref_index: torch.Tensor | None = None
         self.applied: dict[str, tuple] = {} if record_shapes else None  # for tests: what reached each block
         # Training and measurement only: per read block, how the denoiser's queries attend to the reference tokens
-        # (``BankAttention``). The pipeline never records, so inference is unchanged.
+        # (``BankAttention``): every query (True) or an evenly strided subset of about that many (an int; the
+        # explicit attention of every query costs as much again as the whole forward on the CPU, measured). The
+        # pipeline never records, so inference is unchanged.
         self.attention: dict[str, BankAttention] | None = {} if record_attention else None
+        self.record_queries = None if record_attention is True else (int(record_attention) or None)
 
     def write(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         if self.conditioner is not None:
@@ -175,21 +178,26 @@ class ReferenceBank:
 class BankAttention:
     """How one read block's queries attended to the reference tokens (recorded for training and measurement).
 
-    ``rows``: the denoiser batch rows (those with a reference); ``log_probs`` (R, heads, Nq, Nk): log of the attention
-    over the reference tokens alone (renormalised among them); ``share`` (R, heads, Nq): the attention mass on the
-    reference tokens within the whole softmax over [own tokens ; reference tokens]."""
+    ``rows``: the denoiser batch rows (those with a reference); ``queries``: the recorded query tokens (of the block's
+    token grid); ``log_probs`` (R, heads, len(queries), Nk): log of their attention over the reference tokens alone
+    (renormalised among them); ``share`` (R, heads, len(queries)): the attention mass on the reference tokens within
+    the whole softmax over [own tokens ; reference tokens]; ``num_queries``: the block's token count."""
 
     rows: torch.Tensor
     log_probs: torch.Tensor
     share: torch.Tensor
+    queries: torch.Tensor | None = None
+    num_queries: int | None = None
 
 
 def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Tensor,
-               record_from: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               record_from: int | None = None, record_queries: torch.Tensor | None = None
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """diffusers' scaled-dot-product attention (AttnProcessor2_0 for token inputs) with separate K/V states.
 
-    ``record_from``: also return the attention over the key tokens from that index on (the reference tokens) as
-    (log-probabilities renormalised among them, their share of the whole attention); computed explicitly."""
+    ``record_from``: also return, for the queries ``record_queries`` (default: all), the attention over the key
+    tokens from that index on (the reference tokens) as (log-probabilities renormalised among them, their share of
+    the whole attention), computed explicitly beside the fused attention (which gives the output either way)."""
     b = query_states.shape[0]
     q, k, v = attn.to_q(query_states), attn.to_k(kv_states), attn.to_v(kv_states)
     head_dim = k.shape[-1] // attn.heads
@@ -199,13 +207,12 @@ def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Ten
     if attn.norm_q is not None:
         q, k = attn.norm_q(q), attn.norm_k(k)
     recorded = None
-    if record_from is None:
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-    else:
-        logits = (q @ k.transpose(-1, -2)).float() * head_dim ** -0.5
-        log_all = logits.log_softmax(-1)
-        out = log_all.exp().to(v.dtype) @ v
-        recorded = (logits[..., record_from:].log_softmax(-1), log_all[..., record_from:].logsumexp(-1).exp())
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+    if record_from is not None:
+        q_rec = q if record_queries is None else q[:, :, record_queries]
+        logits = (q_rec @ k.transpose(-1, -2)).float() * head_dim ** -0.5
+        recorded = (logits[..., record_from:].log_softmax(-1),
+                    (logits[..., record_from:].logsumexp(-1) - logits.logsumexp(-1)).exp())
     out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     if attn.residual_connection:
@@ -243,9 +250,13 @@ class ReferenceAttnProcessor:
         if bank.attention is not None and bool(has_ref.any()):
             rows = has_ref.nonzero().flatten()
             sel = hidden_states[rows]
+            n_q = sel.shape[1]
+            queries = None
+            if bank.record_queries is not None and bank.record_queries < n_q:
+                queries = torch.arange(0, n_q, -(-n_q // bank.record_queries), device=sel.device)
             read, log_probs, share = _attention(attn, sel, torch.cat([sel, ref[index[rows]]], dim=1),
-                                                record_from=sel.shape[1])
-            bank.attention[self.name] = BankAttention(rows, log_probs, share)
+                                                record_from=n_q, record_queries=queries)
+            bank.attention[self.name] = BankAttention(rows, log_probs, share, queries, n_q)
             if len(rows) == len(index):
                 return read
             out = read.new_empty((hidden_states.shape[0], *read.shape[1:]))
