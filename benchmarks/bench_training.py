@@ -90,7 +90,7 @@ def standardizer(batch, repeats):
     for record in (False, True):
         name = " (with the attention loss)" if record else ""
 
-        def forward():
+        def forward(record=record):
             pred, bank = denoise(net, scheduler, inputs, noise, t, keep, record_attention=record and 64)
             loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, latents[1], noise, t))
             if record:
@@ -98,7 +98,7 @@ def standardizer(batch, repeats):
                                                               inputs["target_labels"])["loss"]
             return loss
 
-        parts[f"ReferenceNet + denoiser forward{name}"], loss = timed(forward, repeats)
+        parts[f"ReferenceNet + denoiser forward{name}"], _ = timed(forward, repeats)
         parts[f"backward{name}"] = timed_backward(forward, repeats)
     parts["optimizer step"], _ = timed(optimizer.step, repeats)
     return parts

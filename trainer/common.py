@@ -415,7 +415,7 @@ def line_charts(panels: dict[str, list[tuple[float, float]]], path, x_label: str
         lo, hi = (lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else (lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         xmin, xmax = min(xs), max(max(xs), min(xs) + 1)
 
-        def at(x, y):
+        def at(x, y, x0=x0, xmin=xmin, xmax=xmax, lo=lo, hi=hi):
             return (x0 + pad_l + (x - xmin) / (xmax - xmin) * (w - pad_l - pad_r),
                     pad_t + (hi - y) / (hi - lo) * (h - pad_t - pad_b))
 

@@ -317,7 +317,6 @@ def encode_references(image_encoder, ids, view: str, size=(128, 192), seed: int 
     from engine.pipelines.standardize import foreground_on_white
 
     from .synthetic import reference_on_canvas
-
     from .train_clip import visible_attributes
 
     weight = next(image_encoder.parameters())

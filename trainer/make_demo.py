@@ -254,9 +254,9 @@ def _pair_characters(args) -> int:
 def package(args, timings: dict) -> Path:
     """fp16 copies into assets/models/demo, measured quality, example grid, model card."""
     import torch
+    from transformers import CLIPVisionModelWithProjection
 
     from engine.pipelines import PersonalizePipeline, StandardizePipeline
-    from transformers import CLIPVisionModelWithProjection
 
     from .common import image_grid
     from .evaluate import standardization_quality
