@@ -280,7 +280,9 @@ def package(args, timings: dict) -> Path:
 
     from engine import load_engine
 
-    engine = load_engine("demo", device="cpu", overrides=packaged_overrides(demo))
+    # measured on the machine's accelerator where there is one (the GPU run's budget), else the CPU (the card names
+    # the hardware); fp32 either way, so the numbers compare across machines
+    engine = load_engine("demo", device="auto", dtype="float32", overrides=packaged_overrides(demo))
     probe = None  # the evaluation's instrument, where it was trained already: appearance read from the sheets
     if OUTPUTS["probe"].exists():
         from engine.models.probe import AttributeProbe
