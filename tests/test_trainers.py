@@ -228,6 +228,29 @@ def test_personalizer_on_built_pairs(tiny_base, tmp_path):
         ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs))]))
     assert adapter.is_file()
 
+    # the encoding cache gives what encoding afresh gives: the posterior, the sheet tokens, blank tokens when dropped
+    config = train_personalizer.load_config(train_personalizer.parse_args(
+        ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs))]), train_personalizer.DEFAULTS)
+    pipe, _ = train_personalizer.build(config)
+    folder = train_personalizer.PairFolder(pairs, (64, 64))
+    batch = train_personalizer.collate([folder[i] for i in (0, 1, 2)])
+    cache = train_personalizer.EncodingCache(pipe)
+    drop = torch.tensor([False, True, False])
+    torch.manual_seed(0)
+    latents, tokens = cache.encode(batch, drop, "cpu", torch.float32)
+    again_latents, again_tokens = cache.encode(batch, drop, "cpu", torch.float32)  # served from the cache
+    assert len(cache.entries) == 3
+    with torch.no_grad():
+        fresh = train_personalizer.image_embeddings(pipe, batch["sheet"], drop)
+        posterior = pipe.vae.encode(train_personalizer.to_tensor(batch["target"])).latent_dist
+    torch.testing.assert_close(tokens, fresh, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again_tokens, fresh, rtol=1e-5, atol=1e-5)
+    sf = pipe.vae.config.scaling_factor
+    for sampled in (latents, again_latents):  # fresh samples of the same posterior
+        z = (sampled / sf - posterior.mean) / posterior.std
+        assert z.abs().max() < 6 and abs(float(z.std()) - 1) < 0.2
+    assert not torch.equal(latents, again_latents)
+
 
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
