@@ -509,3 +509,25 @@ def test_a_mixed_precision_stage1_step_leaves_autocast_off():
                      reference={"reference_latents": torch.randn(2, 4, 12, 8), "image_embeds": embeds})
     AcceleratorState._reset_state()
     assert pred.shape == latents.shape and not torch.is_autocast_enabled("cpu")
+
+
+def test_curriculum_swaps_references_for_the_standard_render():
+    """The easy end of the curriculum: a chosen share of references become the target's own standard render (image,
+    mask, pose map and labels together); share 0 leaves the batch as it is."""
+    from trainer.synthetic import reference_on_canvas, render_sample
+    from trainer.synthetic.dataset import sample_to_dict
+    from trainer.train_standardizer import copy_task_references
+
+    items = [sample_to_dict(reference_on_canvas(render_sample(i, i, (64, 96)))) for i in range(8)]
+    batch = torch.utils.data.default_collate([{k: v for k, v in i.items() if torch.is_tensor(v)} for i in items])
+    rng = np.random.default_rng(0)
+    assert copy_task_references(batch, 0.0, rng) is batch
+    every = copy_task_references(batch, 1.0, rng)
+    for reference, standard in (("image", "standard"), ("mask", "standard_mask"), ("pose_map", "standard_pose_map"),
+                                ("labels", "standard_labels")):
+        assert torch.equal(every[reference], batch[standard])
+    some = copy_task_references(batch, 0.5, np.random.default_rng(3))
+    swapped = [torch.equal(some["image"][i], batch["standard"][i]) for i in range(8)]
+    assert 0 < sum(swapped) < 8
+    assert all(torch.equal(some["labels"][i], batch["standard_labels"][i] if s else batch["labels"][i])
+               for i, s in enumerate(swapped))

@@ -61,6 +61,9 @@ DEFAULTS = {
     # label maps of the canvas reference and of the standard render give the true correspondence). 0 = off.
     "attention_loss_weight": 0.0,
     "attention_loss_queries": 64,  # queries per block the attention loss looks at (evenly strided); 0: all
+    # An easy-to-hard curriculum of references: at step s a sample's reference is its own standard render (the copy
+    # task, where reading the bank is trivial) with probability max(0, 1 - s / curriculum_steps). 0 = off.
+    "curriculum_steps": 0,
     "num_validation_samples": 4,
     "num_reading_samples": 32,  # fixed val samples for the reference-reading instruments at each validation
     "validation_probe": None,  # an AttributeProbe folder: validation also reads the sheets' appearance with it
@@ -169,6 +172,22 @@ def stage1_inputs(models: dict, clip_preprocess, batch: dict, device, dtype, sam
             "reference_labels": batch["labels"].to(device),
             "target_labels": batch["standard_labels"].to(device),
         }
+
+
+def copy_task_references(batch: dict, share: float, rng) -> dict:
+    """The batch with a ``share`` of its references replaced by the target's own standard render (image, mask,
+    pose map, body-part labels): the copy task, the easy end of a curriculum."""
+    if share <= 0:
+        return batch
+    pick = torch.from_numpy(rng.random(len(batch["image"])) < share)
+    if not bool(pick.any()):
+        return batch
+    out = dict(batch)
+    for reference, standard in (("image", "standard"), ("mask", "standard_mask"), ("pose_map", "standard_pose_map"),
+                                ("labels", "standard_labels")):
+        shape = (-1,) + (1,) * (batch[reference].ndim - 1)
+        out[reference] = torch.where(pick.view(shape), batch[standard], batch[reference])
+    return out
 
 
 def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention: bool | int = False,
@@ -300,7 +319,12 @@ def main(args) -> Path:
                                transform=reference_on_canvas if config["reference_canvas"] else None)
     rng = np.random.default_rng(config["seed"] + start)
 
+    calls = [start]
+
     def loss_fn(batch):
+        calls[0] += 1
+        if config["curriculum_steps"]:
+            batch = copy_task_references(batch, 1 - calls[0] / config["curriculum_steps"], rng)
         inputs = stage1_inputs(models, clip_preprocess, batch, accelerator.device, weight_dtype,
                                foreground_embedding=config["foreground_embedding"])
         target = inputs["target"]

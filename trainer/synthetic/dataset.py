@@ -27,6 +27,7 @@ def sample_to_dict(sample: Sample) -> dict:
         "mask": _mask_tensor(sample.mask),
         "pose_map": _image_tensor(sample.pose_map),
         "standard_pose_map": _image_tensor(sample.standard_pose_map),
+        "standard_mask": _mask_tensor(sample.standard_mask),
         "keypoints": torch.from_numpy(sample.keypoints.astype(np.float32)),
         "standard_keypoints": torch.from_numpy(sample.standard_keypoints.astype(np.float32)),
         "labels": torch.from_numpy(np.asarray(sample.labels, dtype=np.int64)),
