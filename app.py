@@ -1,6 +1,7 @@
 """SerialGen Studio: `python app.py [--preset demo|full|auto] [--share] [--port N] [--server-name H]`."""
 
 import argparse
+import logging
 import os
 
 
@@ -15,8 +16,9 @@ def main(argv=None):
     parser.add_argument("--server-name", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     args = parser.parse_args(argv)
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from engine import load_engine
-    from studio import build_demo
+    from studio import LAUNCH_OPTIONS, build_demo
 
     engine, status = None, ""
     try:
@@ -27,9 +29,12 @@ def main(argv=None):
         status = f"The studio could not load its models:\n{exc}"
         print(status)
     demo = build_demo(engine, status)
-    demo.launch(server_name=args.server_name, server_port=args.port, share=args.share, prevent_thread_lock=True)
+    # quiet: Gradio's own banner suggests share=True although --share exists; we say what is true instead
+    demo.launch(server_name=args.server_name, server_port=args.port, share=args.share, prevent_thread_lock=True,
+                **LAUNCH_OPTIONS)
+    print(f"SerialGen Studio is running at {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else ""))
     if args.share and not demo.share_url:
-        print(f"No share link could be made (no network?): the studio keeps serving locally at {demo.local_url}")
+        print("No share link could be made (no network?): the studio keeps serving locally.")
     demo.block_thread()
 
 

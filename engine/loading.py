@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -46,6 +47,9 @@ class Engine:
     standardize: "StandardizePipeline | None" = None
     components: list[LoadedComponent] = field(default_factory=list)
     why: str = ""  # why this preset/device was chosen (shown by the UI)
+    # One model call at a time: the pipelines keep per-call state (scheduler timesteps, adapter scale, guidance, run
+    # counters, the sheet cache), so concurrent callers (UI and API events, threads of a script) queue here.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     def describe(self) -> str:
         lines = [f"preset {self.preset.name} on {self.device} ({str(self.dtype).replace('torch.', '')})"]
@@ -64,18 +68,23 @@ class Engine:
         """Panels for ``prompts`` with the preset's defaults; returns ``PersonalizePipelineOutput``."""
         if self.personalize is None:
             raise ValueError("this engine was loaded without Stage II (personalize)")
-        return self.personalize(prompt=prompts, sheet=sheet, **self.generation_options(**options))
+        with self.lock:
+            return self.personalize(prompt=prompts, sheet=sheet, **self.generation_options(**options))
 
     def appearance_scores(self, sheet, images, masks=None) -> list[float]:
         """How much each image still looks like the sheet's character (CLIP image cosine, figure only)."""
         if self.personalize is None:
             raise ValueError("this engine was loaded without Stage II (personalize)")
-        return self.personalize.appearance_scores(sheet, images, masks)
+        with self.lock:
+            return self.personalize.appearance_scores(sheet, images, masks)
 
     def figure_mask(self, image):
         """The figure mask (H, W) in [0, 1] of an image from the mask detector, or None where there is none."""
         detector = getattr(self.standardize, "mask_detector", None) if self.standardize is not None else None
-        return None if detector is None else detector(image)
+        if detector is None:
+            return None
+        with self.lock:
+            return detector(image)
 
     def standardize_reference(self, reference, **options):
         """A character sheet from ``reference`` with the preset's Stage I defaults; ``StandardizePipelineOutput``."""
@@ -83,7 +92,8 @@ class Engine:
             raise ValueError("this engine was loaded without Stage I (standardize)")
         merged = dict(self.preset.standardize_defaults)
         merged.update({k: v for k, v in options.items() if v is not None})
-        return self.standardize(reference, **merged)
+        with self.lock:
+            return self.standardize(reference, **merged)
 
 
 def resolve_device(policy: str | None, requires_gpu: bool, preset_name: str) -> tuple[torch.device, str]:

@@ -1,5 +1,5 @@
 """SerialGen Studio UI (Gradio). No torch code here: the engine does the work."""
 
-from .ui import build_demo
+from .ui import LAUNCH_OPTIONS, build_demo
 
-__all__ = ["build_demo"]
+__all__ = ["LAUNCH_OPTIONS", "build_demo"]

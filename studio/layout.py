@@ -18,6 +18,8 @@ FONT_REGULAR, FONT_BOLD = FONTS / "ComicNeue-Regular.otf", FONTS / "ComicNeue-Bo
 
 # Pages at 150 dpi.
 PAGE_SIZES = {"A4": (1240, 1754), "US letter": (1275, 1650), "square": (1500, 1500)}
+GUTTER_RANGE = (0, 80)  # px between panels: wider would leave no room for the panels of a 6-panel page
+BORDER_RANGE = (0, 16)  # px of panel border
 
 # Panel rectangles in the page's content box, (x0, y0, x1, y1) in [0, 1], reading order.
 LAYOUTS = {
@@ -150,9 +152,12 @@ def render_page(panels: list[PanelArt], layout: str = "4-panel grid", page_size=
     """Draws one page: the panels of ``panels`` in ``layout`` order, with captions and bubbles."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
-    size = PAGE_SIZES[page_size] if isinstance(page_size, str) else tuple(page_size)
     if isinstance(page_size, str) and page_size not in PAGE_SIZES:
         raise ValueError(f"unknown page size {page_size!r}: choose one of {', '.join(PAGE_SIZES)}")
+    size = PAGE_SIZES[page_size] if isinstance(page_size, str) else tuple(page_size)
+    for what, value, (low, high) in (("gutter", gutter, GUTTER_RANGE), ("border", border, BORDER_RANGE)):
+        if not low <= value <= high:
+            raise ValueError(f"{what} {value} is out of range: choose {low} to {high} px")
     if len(panels) > capacity(layout):
         raise ValueError(f"{len(panels)} panels do not fit the {layout!r} layout ({capacity(layout)} per page)")
     page = Image.new("RGB", size, background)

@@ -5,49 +5,164 @@ The UI events and the named API endpoints both call these; long work reports pro
 
 from __future__ import annotations
 
-import re
+import os
+import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from engine.preprocess.image import load_image
+from engine.preprocess.image import MAX_PIXELS, load_image
 
-from .layout import PanelArt, paginate, render_page
+from .layout import BORDER_RANGE, GUTTER_RANGE, LAYOUTS, PAGE_SIZES, PanelArt, paginate, render_page
 from .script import PanelSpec, parse_script
-from .story import STYLES, Character, Panel, Story
+from .story import STYLES, Character, Panel, Story, check_name, load_archive  # noqa: F401 (check_name: the studio's name rule)
 
-MAX_PROMPT_CHARS = 600
-NAME = re.compile(r"^[\w][\w .'-]{0,39}$")
 Progress = Callable[[float, str], None]
+
+# What one request may cost, the same for the UI and every API endpoint (a request past these is refused with a
+# message, never trimmed silently): sampling steps, panels and sheets per request, and every uploaded image.
+MAX_PROMPT_CHARS = 600
+MAX_STEPS = 50
+MAX_PANELS_PER_REQUEST = 24
+MAX_SHEETS_PER_REQUEST = 16
+MAX_PAGES_PER_REQUEST = 50
+MAX_UPLOAD_BYTES = 25 * 2**20
+MAX_UPLOAD_PIXELS = MAX_PIXELS  # 40 MP, the engine's own limit
+GUIDANCE_RANGE = (1.0, 10.0)  # Stage I's classifier-free guidance
+STRENGTH_RANGE = (0.0, 1.5)  # Stage II's adapter scale ("character strength")
+MAX_SEED = 2**32 - 1
+# Uploads are opened by these Pillow plugins only: no EPS/PS (Ghostscript), PDF, SVG or exotic formats.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 def _noop(fraction: float, text: str) -> None:
     return None
 
 
+def read_upload(file, what: str = "image", min_side: int = 1) -> tuple[Image.Image, str | None]:
+    """An uploaded image (a file path from Gradio, or an image object) as RGB, plus a note for the user (animated
+    images use their first frame). Every endpoint reads uploads through here: a size limit in bytes and pixels, and
+    only the formats of ``IMAGE_FORMATS``. Messages name the person's file, never the server's temporary path."""
+    if not isinstance(file, (str, os.PathLike)):
+        return load_image(file, name=what, min_side=min_side), None
+    path = Path(file)
+    shown = f"{what} {path.name!r}"
+    if not path.is_file():
+        raise ValueError(f"{shown} was not received: upload it again")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{shown} is an empty file (0 bytes): upload the image again")
+    if size > MAX_UPLOAD_BYTES:
+        raise ValueError(f"{shown} is {size / 2**20:.1f} MB; uploads are limited to {MAX_UPLOAD_BYTES // 2**20} MB "
+                         "(save it as a smaller JPEG or PNG)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=IMAGE_FORMATS) as image:
+                if image.width * image.height > MAX_UPLOAD_PIXELS:
+                    raise ValueError(f"{shown} is {image.width}x{image.height}, over the "
+                                     f"{MAX_UPLOAD_PIXELS // 1_000_000} MP limit: downscale it first")
+                note = "That was an animated image: its first frame is used." \
+                    if getattr(image, "n_frames", 1) > 1 else None
+                image.load()
+                return load_image(image, name=shown, min_side=min_side), note
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ValueError(f"{shown} is too large to decode safely: downscale it first") from None
+    except (OSError, SyntaxError):  # not an image, a truncated one, or a format outside the allowlist
+        raise ValueError(f"{shown} is not a readable image: give a PNG, JPEG, WebP, GIF, BMP or TIFF file") from None
+
+
 def read_reference(image) -> tuple[Image.Image, str | None]:
-    """A reference upload as RGB, plus a note for the user (animated images use their first frame)."""
-    note = None
-    if isinstance(image, str):
-        try:
-            with Image.open(image) as probe:
-                if getattr(probe, "n_frames", 1) > 1:
-                    note = "That was an animated image: its first frame is used."
-        except (OSError, SyntaxError, Image.DecompressionBombError):
-            pass  # load_image below says what is wrong
-    return load_image(image, name="reference", min_side=64), note
+    """A reference upload as RGB, plus a note for the user."""
+    return read_upload(image, "reference", min_side=64)
 
 
-def check_name(name: str, story: Story | None = None) -> str:
-    name = (name or "").strip()
-    if not name:
-        raise ValueError("Give the character a name (it is how the script refers to them, e.g. [Mia]).")
-    if name.upper() == "NC":
-        raise ValueError("NC is reserved for panels without a character; choose another name.")
-    if not NAME.match(name) or "[" in name or "]" in name or "," in name:
-        raise ValueError(f"{name!r} is not a usable name: up to 40 letters, digits, spaces, - or ' (no [ ] or ,).")
-    return name
+def seed_value(value) -> int | None:
+    """One meaning of a seed everywhere (UI fields and API): empty, None or negative (-1) means a random seed."""
+    if value in (None, ""):
+        return None
+    try:
+        seed = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"seed {value!r} is not a whole number (give -1 for a random seed)") from None
+    if seed > MAX_SEED:
+        raise ValueError(f"seed {seed} is too large: give 0 to {MAX_SEED}, or -1 for a random seed")
+    return None if seed < 0 else seed
+
+
+def number(value, what: str, low: float, high: float, default=None, integer: bool = False):
+    """A numeric option in [low, high] (None keeps ``default``); ValueError naming the option otherwise."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{what} should be a number from {low:g} to {high:g}, not {value!r}")
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"{what} should be a number from {low:g} to {high:g}, not {value!r}") from None
+    if not (low <= x <= high):  # also refuses NaN
+        raise ValueError(f"{what} {value} is out of range: choose {low:g} to {high:g}")
+    if integer and x != int(x):
+        raise ValueError(f"{what} should be a whole number, not {value}")
+    return int(x) if integer else x
+
+
+def steps_value(value, default=None) -> int | None:
+    return number(value, "steps", 1, MAX_STEPS, default, integer=True)
+
+
+def page_settings(layout, page_size, gutter, border) -> tuple[str, str, int, int]:
+    """Checked page options (None takes the default)."""
+    layout = layout or "4-panel grid"
+    page_size = page_size or "A4"
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
+    if page_size not in PAGE_SIZES:
+        raise ValueError(f"unknown page size {page_size!r}: choose one of {', '.join(PAGE_SIZES)}")
+    return (layout, page_size, number(gutter, "gutter", *GUTTER_RANGE, 24, integer=True),
+            number(border, "border", *BORDER_RANGE, 5, integer=True))
+
+
+PANEL_OPTIONS = {"steps", "strength", "style", "negative_prompt"}
+
+
+def panel_options(options) -> dict:
+    """The /panels options object, checked: {"steps": 1-50, "strength": 0-1.5, "style": one of STYLES,
+    "negative_prompt": text}; every key optional."""
+    if options in (None, ""):
+        return {}
+    if not isinstance(options, dict):
+        raise ValueError(f"options should be an object like {{\"steps\": 20, \"strength\": 1.0}}, "
+                         f"not {type(options).__name__}")
+    unknown = sorted(set(options) - PANEL_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown option{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: "
+                         f"use {', '.join(sorted(PANEL_OPTIONS))}")
+    style = options.get("style", "none")
+    if style not in STYLES:
+        raise ValueError(f"unknown style {style!r}: choose one of {', '.join(STYLES)}")
+    negative = options.get("negative_prompt", "") or ""
+    if not isinstance(negative, str) or len(negative) > MAX_PROMPT_CHARS:
+        raise ValueError(f"negative_prompt should be text of at most {MAX_PROMPT_CHARS} characters")
+    return {"steps": steps_value(options.get("steps")),
+            "strength": number(options.get("strength"), "strength", *STRENGTH_RANGE), "style": style,
+            "negative_prompt": negative}
+
+
+class Cancelled(Exception):
+    """The person pressed Cancel: raised from a sampling step, so the run stops at once."""
+
+
+def step_callback(progress: Progress, fraction, text: str, cancel: Callable[[], bool] | None = None):
+    """A pipeline's ``callback_on_step_end``: reports ``fraction(pipe, step)`` and stops the run when cancelled."""
+    def on_step(pipe, step, t, tensors):
+        if cancel is not None and cancel():
+            raise Cancelled
+        progress(fraction(pipe, step), text)
+        return {}
+    return on_step
 
 
 def review_image(canvas: Image.Image, mask: Image.Image | None, pose_map: Image.Image | None) -> Image.Image:
@@ -68,29 +183,30 @@ def review_image(canvas: Image.Image, mask: Image.Image | None, pose_map: Image.
     return base
 
 
-def standardize(engine, image, seed: int | None, steps: int | None, guidance: float | None,
-                progress: Progress = _noop) -> dict:
-    """Reference -> sheet and what the reviewer sees. ValueError for bad input."""
+def standardize(engine, image, seed=None, steps=None, guidance=None, progress: Progress = _noop,
+                cancel: Callable[[], bool] | None = None) -> dict:
+    """Reference -> sheet and what the reviewer sees; pure (inputs in, images out), so it can run as a ZeroGPU
+    function. ValueError for bad input (checked before any model runs)."""
     reference, note = read_reference(image)
+    seed, steps = seed_value(seed), steps_value(steps)
+    guidance = number(guidance, "guidance", *GUIDANCE_RANGE)
     total = steps or engine.preset.standardize_defaults.get("num_inference_steps", 20)
-
-    def on_step(pipe, i, t, tensors):
-        progress((i + 1) / total, "standardizing")
-        return {}
-
-    out = engine.standardize_reference(reference, seed=None if seed is None else int(seed),
-                                       num_inference_steps=None if steps is None else int(steps),
-                                       guidance_scale=guidance, callback_on_step_end=on_step)
+    on_step = step_callback(progress, lambda pipe, i: (i + 1) / total, "standardizing", cancel)
+    out = engine.standardize_reference(reference, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
+                                       callback_on_step_end=on_step)
     return {"reference": reference, "sheet": out.sheet, "review": review_image(out.canvas, out.mask,
                                                                               out.reference_pose_map),
             "target_pose": out.target_pose_map, "seed": out.seed, "note": note}
 
 
 def set_character(story: Story, name: str, result: dict, steps, guidance) -> Character:
-    """Adds (or replaces) a character with a freshly standardized, not yet accepted, sheet."""
+    """Adds (or replaces) a character with a freshly standardized, not yet accepted, sheet. A replaced character's
+    revision goes up, so panels drawn from its old sheet become stale once the new one is accepted."""
     name = check_name(name)
+    old = story.characters.get(name)
     character = Character(name=name, reference=result["reference"], sheet=result["sheet"], accepted=False,
-                          seed=result["seed"], steps=steps, guidance=guidance, review=result["review"])
+                          seed=result["seed"], steps=steps, guidance=guidance, review=result["review"],
+                          revision=0 if old is None else old.revision + 1)
     story.characters[name] = character
     return character
 
@@ -119,14 +235,35 @@ def styled(prompt: str, style: str) -> str:
     return f"{prompt}, {suffix}" if suffix else prompt
 
 
+def render_panels(engine, prompts: list[str], sheets: list, seeds: list[int], negative_prompt=None, steps=None,
+                  strength=None, progress: Progress = _noop, cancel: Callable[[], bool] | None = None) -> dict:
+    """The model work of one batch of panels, pure (inputs in; images, figure masks and appearance scores out), so it
+    can run as a ZeroGPU function in another process: it touches no story."""
+    def fraction(pipe, step):
+        return (pipe.current_run * pipe.num_timesteps + step + 1) / max(1, pipe.num_runs * pipe.num_timesteps)
+
+    output = engine.generate_panels(prompts, sheet=sheets, seeds=seeds, negative_prompt=negative_prompt,
+                                    num_inference_steps=steps, adapter_scale=strength,
+                                    callback_on_step_end=step_callback(progress, fraction, "drawing panels", cancel))
+    masks = [engine.figure_mask(image) for image in output.images]
+    scores = [None if sheet is None else engine.appearance_scores(sheet, [image], [mask])[0]
+              for sheet, image, mask in zip(sheets, output.images, masks)]
+    return {"images": output.images, "masks": masks, "scores": scores}
+
+
 def draw_panels(engine, story: Story, indices: list[int] | None = None, seed: int | None = None, steps=None,
-                strength=None, batch: int = 4, progress: Progress = _noop) -> Iterator[list[int]]:
-    """Draws the panels (all not-yet-drawn ones, or ``indices``) in batches; yields the indices after each batch
-    so the UI can show them as they finish. Locked panels keep their seed; others get ``seed + index`` or a new one."""
-    todo = [i for i in (indices if indices is not None else range(len(story.panels)))
-            if indices is not None or story.panels[i].image is None]
+                strength=None, batch: int = 4, progress: Progress = _noop, render=None,
+                cancel: Callable[[], bool] | None = None) -> Iterator[list[int]]:
+    """Draws the panels (those not drawn yet or stale, or ``indices``) in batches through ``render`` (the pure model
+    call; ``render_panels`` on ``engine`` by default); yields the indices after each batch so the UI can show them as they finish. Locked panels keep their seed;
+    others get ``seed + index`` or a new one. At most ``MAX_PANELS_PER_REQUEST`` panels per call."""
+    todo = list(indices) if indices is not None else story.to_draw()
     if not todo:
         return
+    if len(todo) > MAX_PANELS_PER_REQUEST:
+        raise ValueError(f"{len(todo)} panels in one request; draw at most {MAX_PANELS_PER_REQUEST} at a time")
+    steps, strength = steps_value(steps), number(strength, "strength", *STRENGTH_RANGE)
+    seed = seed_value(seed)
     accepted = story.accepted()
     for i in todo:
         name = story.panels[i].spec.character
@@ -134,33 +271,27 @@ def draw_panels(engine, story: Story, indices: list[int] | None = None, seed: in
             raise ValueError(f"panel {i + 1} needs {name}, who has no accepted sheet: accept the sheet first")
         if len(story.panels[i].text) > MAX_PROMPT_CHARS:
             raise ValueError(f"panel {i + 1}: the prompt is over {MAX_PROMPT_CHARS} characters")
+    if render is None:
+        def render(*args):
+            return render_panels(engine, *args)
     rng = np.random.default_rng()
     negative = " , ".join(x for x in (story.negative_prompt, STYLES.get(story.style, ("", ""))[1]) if x) or None
     done = 0
     for start in range(0, len(todo), batch):
         chunk = todo[start:start + batch]
         panels = [story.panels[i] for i in chunk]
-        seeds = []
         for i, p in zip(chunk, panels):
             if not (p.locked and p.seed is not None):
                 p.seed = int(seed) + i if seed is not None else int(rng.integers(0, 2**31 - 1))
-            seeds.append(p.seed)
-
-        def on_step(pipe, step, t, tensors, done=done, size=len(chunk)):
-            within = (pipe.current_run * pipe.num_timesteps + step + 1) / max(1, pipe.num_runs * pipe.num_timesteps)
-            progress((done + within * size) / len(todo), f"drawing panels {done + 1}-{done + size} of {len(todo)}")
-            return {}
-
-        output = engine.generate_panels(
-            [styled(p.text, story.style) for p in panels],
-            sheet=[accepted[p.spec.character].sheet if p.spec.character else None for p in panels],
-            seeds=seeds, negative_prompt=negative, num_inference_steps=steps,
-            adapter_scale=strength, callback_on_step_end=on_step)
-        for p, image in zip(panels, output.images):
-            p.image = image
-            p.mask = engine.figure_mask(image)
-            if p.spec.character is not None:
-                p.consistency = engine.appearance_scores(accepted[p.spec.character].sheet, [image], [p.mask])[0]
+        characters = [accepted[p.spec.character] if p.spec.character else None for p in panels]
+        out = render([styled(p.text, story.style) for p in panels], [c.sheet if c else None for c in characters],
+                     [p.seed for p in panels], negative, steps, strength,
+                     lambda f, t, done=done, size=len(chunk): progress(
+                         (done + f * size) / len(todo), f"drawing panels {done + 1}-{done + size} of {len(todo)}"),
+                     cancel)
+        for p, c, image, mask, score in zip(panels, characters, out["images"], out["masks"], out["scores"]):
+            p.image, p.mask, p.consistency = image, mask, score
+            p.sheet_revision = None if c is None else c.revision
         flag_drift(story)
         done += len(chunk)
         yield chunk
@@ -181,14 +312,36 @@ def flag_drift(story: Story) -> None:
             p.drifted = len(panels) >= 3 and p.consistency < DRIFT_RATIO * median
 
 
-def make_pages(story: Story) -> list[Image.Image]:
+def make_pages(story: Story, layout=None, page_size=None, gutter=None, border=None) -> list[Image.Image]:
+    """The story's drawn panels laid out as pages (the story's page settings, or the ones given)."""
+    layout, page_size = layout or story.layout, page_size or story.page_size
+    gutter = story.gutter if gutter is None else gutter
+    border = story.border if border is None else border
     drawn = [p for p in story.panels if p.image is not None]
     if not drawn:
         raise ValueError("No panels are drawn yet: draw the panels first.")
     pages = []
-    for page in paginate(len(drawn), story.layout):
+    for page in paginate(len(drawn), layout):
         arts = [PanelArt(image=drawn[i].image, mask=drawn[i].mask, speech=drawn[i].spec.speech,
                          caption=drawn[i].spec.caption) for i in page]
-        image, _ = render_page(arts, story.layout, story.page_size, gutter=story.gutter, border=story.border)
+        image, _ = render_page(arts, layout, page_size, gutter=gutter, border=border)
         pages.append(image)
     return pages
+
+
+MAX_ARCHIVE_UPLOAD_BYTES = 256 * 2**20
+
+
+def read_archive(file) -> Story:
+    """A project archive upload (a path), with the upload limits; messages name the person's file."""
+    path = Path(file)
+    if not path.is_file():
+        raise ValueError(f"project {path.name!r} was not received: upload it again")
+    size = path.stat().st_size
+    if size > MAX_ARCHIVE_UPLOAD_BYTES:
+        raise ValueError(f"project {path.name!r} is {size / 2**20:.0f} MB; projects are limited to "
+                         f"{MAX_ARCHIVE_UPLOAD_BYTES // 2**20} MB")
+    try:
+        return load_archive(path.read_bytes())
+    except ValueError as exc:
+        raise ValueError(f"Cannot open {path.name!r}: {exc}") from None

@@ -16,12 +16,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from .script import PanelSpec
+from .layout import BORDER_RANGE, GUTTER_RANGE, LAYOUTS, PAGE_SIZES
+from .script import MAX_LINE_CHARS, MAX_PANELS, PanelSpec, parse_script
 
 ARCHIVE_VERSION = 1
 MAX_ARCHIVE_ENTRIES = 2000
 MAX_ARCHIVE_BYTES = 512 * 2**20
 MAX_IMAGE_PIXELS = 40_000_000
+NAME = re.compile(r"^[\w][\w .'-]{0,39}$")
+MAX_TITLE_CHARS = 200
 SAFE_NAME = re.compile(r"^(characters|panels)/[0-9]{1,4}/[a-z_]{1,20}\.png$")
 STYLES = {
     "none": ("", ""),
@@ -30,6 +33,18 @@ STYLES = {
     "watercolor": ("soft watercolor illustration", "photo, harsh lines"),
     "cinematic": ("cinematic lighting, detailed background", "flat, blurry"),
 }
+
+
+def check_name(name: str) -> str:
+    """A character's name as the script refers to it ([Mia]); ValueError saying what is wrong."""
+    name = (name or "").strip() if isinstance(name, str) else name
+    if not isinstance(name, str) or not name:
+        raise ValueError("Give the character a name (it is how the script refers to them, e.g. [Mia]).")
+    if name.upper() == "NC":
+        raise ValueError("NC is reserved for panels without a character; choose another name.")
+    if not NAME.match(name) or "[" in name or "]" in name or "," in name:
+        raise ValueError(f"{name!r} is not a usable name: up to 40 letters, digits, spaces, - or ' (no [ ] or ,).")
+    return name
 
 
 @dataclass
@@ -42,6 +57,7 @@ class Character:
     steps: int | None = None
     guidance: float | None = None
     review: Image.Image | None = None  # canvas with mask and pose drawn over it
+    revision: int = 0  # counts the sheets this character has had: panels drawn from an older one are stale
 
 
 @dataclass
@@ -54,6 +70,7 @@ class Panel:
     mask: np.ndarray | None = None
     consistency: float | None = None  # appearance score against the character's sheet
     drifted: bool = False  # well below the character's other panels: worth a redraw
+    sheet_revision: int | None = None  # the character's revision this panel was drawn from
 
     @property
     def text(self) -> str:
@@ -76,6 +93,16 @@ class Story:
     def accepted(self) -> dict[str, Character]:
         return {n: c for n, c in self.characters.items() if c.accepted and c.sheet is not None}
 
+    def is_stale(self, panel: Panel) -> bool:
+        """A drawn panel whose character has accepted another sheet since it was drawn."""
+        character = self.characters.get(panel.spec.character) if panel.spec.character else None
+        return (panel.image is not None and character is not None and character.accepted
+                and panel.sheet_revision is not None and panel.sheet_revision != character.revision)
+
+    def to_draw(self) -> list[int]:
+        """The panels "Draw panels" draws: not drawn yet, or stale."""
+        return [i for i, p in enumerate(self.panels) if p.image is None or self.is_stale(p)]
+
 
 def _png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
@@ -89,7 +116,7 @@ def save_archive(story: Story) -> bytes:
     characters = []
     for i, c in enumerate(story.characters.values()):
         entry = {"name": c.name, "accepted": c.accepted, "seed": c.seed, "steps": c.steps, "guidance": c.guidance,
-                 "files": {}}
+                 "revision": c.revision, "files": {}}
         for key in ("reference", "sheet", "review"):
             image = getattr(c, key)
             if image is not None:
@@ -100,7 +127,7 @@ def save_archive(story: Story) -> bytes:
     panels = []
     for i, p in enumerate(story.panels):
         entry = {"spec": p.spec.to_dict(), "seed": p.seed, "locked": p.locked, "prompt": p.prompt,
-                 "consistency": p.consistency, "drifted": p.drifted, "files": {}}
+                 "consistency": p.consistency, "drifted": p.drifted, "sheet_revision": p.sheet_revision, "files": {}}
         if p.image is not None:
             files[f"panels/{i}/image.png"] = _png(p.image)
             entry["files"]["image"] = f"panels/{i}/image.png"
@@ -150,6 +177,15 @@ def _expect(value, kind, what):
     return value
 
 
+def _optional(value, kind, what):
+    return None if value is None else _expect(value, kind, what)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArchiveError(f"story.json: {message}")
+
+
 def load_archive(data: bytes) -> Story:
     """The story of a project archive; ArchiveError (a ValueError) says what is wrong with a bad one."""
     try:
@@ -172,6 +208,8 @@ def load_archive(data: bytes) -> Story:
             raise ArchiveError("the archive has no story.json: it is not a SerialGen Studio project") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArchiveError(f"story.json is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise ArchiveError("story.json is nested too deeply to be a SerialGen Studio project") from None
         if not isinstance(meta, dict) or meta.get("format") != "serialgen-studio-project":
             raise ArchiveError("story.json is not a SerialGen Studio project")
         if meta.get("version") != ARCHIVE_VERSION:
@@ -183,32 +221,65 @@ def load_archive(data: bytes) -> Story:
             layout=_expect(meta.get("layout", "4-panel grid"), str, "layout"),
             page_size=_expect(meta.get("page_size", "A4"), str, "page_size"),
             gutter=_expect(meta.get("gutter", 24), int, "gutter"), border=_expect(meta.get("border", 5), int, "border"))
+        # the same checks as the studio's own fields: an archive cannot hold what the studio would refuse
+        _check(len(story.title) <= MAX_TITLE_CHARS, f"the title is over {MAX_TITLE_CHARS} characters")
+        _check(story.style in STYLES, f"unknown style {story.style!r}")
+        _check(len(story.negative_prompt) <= MAX_LINE_CHARS, "the negative prompt is too long")
+        _check(story.layout in LAYOUTS, f"unknown layout {story.layout!r}")
+        _check(story.page_size in PAGE_SIZES, f"unknown page size {story.page_size!r}")
+        _check(GUTTER_RANGE[0] <= story.gutter <= GUTTER_RANGE[1], f"gutter {story.gutter} is out of range")
+        _check(BORDER_RANGE[0] <= story.border <= BORDER_RANGE[1], f"border {story.border} is out of range")
         for entry in _expect(meta.get("characters", []), list, "characters"):
             entry = _expect(entry, dict, "a character")
             files = _expect(entry.get("files", {}), dict, "character files")
             if "reference" not in files:
                 raise ArchiveError("story.json: a character has no reference image")
-            name = _expect(entry.get("name"), str, "character name")
+            try:
+                name = check_name(_expect(entry.get("name"), str, "character name"))
+            except ArchiveError:
+                raise
+            except ValueError as exc:
+                raise ArchiveError(f"story.json: a character's name is refused: {exc}") from None
+            _check(name not in story.characters, f"the character {name} appears twice")
             story.characters[name] = Character(
                 name=name, reference=_read_image(z, files["reference"]),
                 sheet=_read_image(z, files["sheet"]) if "sheet" in files else None,
                 review=_read_image(z, files["review"]) if "review" in files else None,
-                accepted=bool(entry.get("accepted", False)), seed=entry.get("seed"), steps=entry.get("steps"),
-                guidance=entry.get("guidance"))
-        for entry in _expect(meta.get("panels", []), list, "panels"):
+                accepted=bool(entry.get("accepted", False)), seed=_optional(entry.get("seed"), int, "a seed"),
+                steps=_optional(entry.get("steps"), int, "steps"),
+                guidance=_optional(entry.get("guidance"), (int, float), "guidance"),
+                revision=_expect(entry.get("revision", 0), int, "a character revision"))
+        if story.script.strip():
+            try:
+                parse_script(story.script, list(story.characters))
+            except ValueError as exc:
+                raise ArchiveError(f"the project's script is refused: {exc}") from None
+        panel_entries = _expect(meta.get("panels", []), list, "panels")
+        _check(len(panel_entries) <= MAX_PANELS, f"{len(panel_entries)} panels; a story has at most {MAX_PANELS}")
+        for entry in panel_entries:
             entry = _expect(entry, dict, "a panel")
             spec = _expect(entry.get("spec"), dict, "panel spec")
             try:
                 panel_spec = PanelSpec(**spec)
             except TypeError as exc:
                 raise ArchiveError(f"story.json: a panel spec is malformed ({exc})") from None
+            _check(isinstance(panel_spec.prompt, str) and 0 < len(panel_spec.prompt) <= MAX_LINE_CHARS,
+                   "a panel's prompt is empty or too long")
+            _check(panel_spec.character is None or panel_spec.character in story.characters,
+                   f"a panel names {panel_spec.character!r}, who is not one of the project's characters")
+            prompt = _optional(entry.get("prompt"), str, "a panel prompt")
+            _check(prompt is None or len(prompt) <= MAX_LINE_CHARS, "a panel's edited prompt is too long")
             files = _expect(entry.get("files", {}), dict, "panel files")
             mask = None
             if "mask" in files:
                 mask = np.asarray(_read_image(z, files["mask"], "L"), np.float32) / 255.0
             score = entry.get("consistency")
-            story.panels.append(Panel(spec=panel_spec, seed=entry.get("seed"), locked=bool(entry.get("locked")),
-                                      prompt=entry.get("prompt"), mask=mask, drifted=bool(entry.get("drifted")),
+            drawn_from = _optional(entry.get("sheet_revision"), int, "a panel's sheet revision")
+            if "sheet_revision" not in entry and panel_spec.character is not None:  # older archives: current sheet
+                drawn_from = story.characters[panel_spec.character].revision
+            story.panels.append(Panel(spec=panel_spec, seed=_optional(entry.get("seed"), int, "a panel seed"),
+                                      locked=bool(entry.get("locked")), sheet_revision=drawn_from,
+                                      prompt=prompt, mask=mask, drifted=bool(entry.get("drifted")),
                                       consistency=float(score) if isinstance(score, (int, float)) else None,
                                       image=_read_image(z, files["image"]) if "image" in files else None))
     return story

@@ -1,5 +1,6 @@
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,3 +51,70 @@ def test_character_names(name, message):
     with pytest.raises(ValueError, match=message):
         service.check_name(name)
     assert service.check_name("  Mia Rose ") == "Mia Rose"
+
+
+def test_uploads_open_only_allowlisted_formats(tmp_path):
+    eps = tmp_path / "drawing.eps"  # Pillow would hand this to Ghostscript
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 100 150\nshowpage\n")
+    with pytest.raises(ValueError, match=r"reference 'drawing.eps' is not a readable image: give a PNG, JPEG"):
+        service.read_reference(str(eps))
+    for fmt in ("PNG", "JPEG", "WEBP", "BMP"):
+        path = tmp_path / f"ok.{fmt.lower()}"
+        Image.new("RGB", (80, 120), (10, 200, 30)).save(path, format=fmt)
+        image, _ = service.read_reference(str(path))
+        assert image.size == (80, 120) and abs(image.getpixel((40, 60))[1] - 200) < 8
+
+
+@pytest.mark.parametrize("value, expected", [(-1, None), (None, None), ("", None), (0, 0), (7.0, 7), ("12", 12)])
+def test_one_meaning_of_a_seed(value, expected):
+    assert service.seed_value(value) == expected
+
+
+def test_a_seed_that_is_no_number_is_refused():
+    with pytest.raises(ValueError, match="seed 'abc' is not a whole number"):
+        service.seed_value("abc")
+    with pytest.raises(ValueError, match="too large"):
+        service.seed_value(2**40)
+
+
+def test_options_and_numbers_are_checked():
+    assert service.panel_options({"steps": 3, "strength": 0.5}) == {"steps": 3, "strength": 0.5, "style": "none",
+                                                                     "negative_prompt": ""}
+    for bad, message in [([1, 2], "options should be an object"), ({"steps": 2.5}, "steps should be a whole"),
+                         ({"strength": float("nan")}, "strength nan is out of range"),
+                         ({"style": "oil"}, "unknown style 'oil'"), ({"steps": True}, "steps should be a number")]:
+        with pytest.raises(ValueError, match=message):
+            service.panel_options(bad)
+
+
+def test_export_files_older_than_their_age_are_cleaned(tmp_path):
+    import os
+
+    from studio.export import TempFiles
+
+    files = TempFiles(tmp_path / "exports", max_age=60)
+    first = files.write("story.pdf", b"%PDF old")
+    os.utime(first, (0, 0))
+    os.utime(os.path.dirname(first), (0, 0))
+    second = files.write("story.pdf", b"%PDF new")
+    assert not os.path.exists(first) and Path(second).read_bytes() == b"%PDF new"
+    assert len(list((tmp_path / "exports").iterdir())) == 1
+
+
+def test_cancel_stops_sampling_at_the_next_step(tiny_full_engine):
+    from studio.script import PanelSpec
+    from studio.story import Panel, Story
+
+    story = Story(panels=[Panel(spec=PanelSpec(index=i, line=i + 1, character=None, prompt=f"a street {i}"))
+                          for i in range(2)])
+    steps = []
+
+    def progress(fraction, text):
+        steps.append(fraction)
+
+    with pytest.raises(service.Cancelled):
+        list(service.draw_panels(tiny_full_engine, story, seed=1, steps=5, progress=progress,
+                                 cancel=lambda: len(steps) >= 2))
+    assert len(steps) == 2 and all(p.image is None for p in story.panels)  # nothing half-drawn is kept
+    list(service.draw_panels(tiny_full_engine, story, seed=1, steps=2))
+    assert all(p.image is not None for p in story.panels)

@@ -3,7 +3,7 @@
 On a lent GPU machine (one H200, 16 CPU cores; diffusers carried as wheels, see docs/training.md):
 
     python -m trainer.gpu_run train --out "$OUT"     # <= 8 minutes: train, package, measure, pack into $OUT
-    python -m trainer.gpu_run bench --out "$OUT"     # <= 3 minutes: the README's full-size benchmark rows
+    python -m trainer.gpu_run bench --out "$OUT"     # <= 3 minutes: the full-size benchmark rows (docs/benchmarks.md)
 
 Back here, with the files that came back:
 
@@ -35,7 +35,7 @@ PART_BYTES = 15 * 2**20
 MAX_FILES = 8
 PACK_NAME = "demo-models.tar"
 TRAIN_STAGES = "clip,base,standardizer,pairs,personalizer,package"
-# The README's full-size rows (random weights, 512x768, bf16, next to stock diffusers) and the low-VRAM row.
+# The full-size rows of docs/benchmarks.md (random weights, 512x768, bf16, next to stock diffusers), low-VRAM row.
 BENCH_COMMANDS = [
     ["benchmarks/bench_standardize.py", "--model", "random-full", "--device", "cuda", "--dtype", "bfloat16"],
     ["benchmarks/bench_personalize.py", "--model", "random-full", "--device", "cuda", "--dtype", "bfloat16",
