@@ -36,8 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="load a preset and print which components came from where")
+    info = sub.add_parser("info", help="list every component of a preset and where it would load from (no loading)")
     _engine_args(info)
+    info.add_argument("--load", action="store_true", help="also load the engine and print what came from where")
 
     std = sub.add_parser("standardize", help="turn a reference picture into a standardized character sheet")
     _engine_args(std)
@@ -139,11 +140,34 @@ def run_panels(args) -> dict:
     return manifest
 
 
+def run_info(args) -> int:
+    """Prints each component, where it would load from and whether it is there; names every missing one at once."""
+    from .loading import plan_sources
+    from .presets import get_preset
+
+    presets = ["full", "demo"] if args.preset == "auto" else [args.preset]
+    missing = []
+    for name in presets:
+        preset = get_preset(name).with_overrides(dict(args.override))
+        print(f"preset {preset.name}: {preset.description}")
+        for component, where, problem in plan_sources(preset):
+            state = "MISSING" if problem else ("download" if "(not cached" in where else "ok")
+            print(f"  {component:22s} {state:8s} {where}")
+            if problem:
+                missing.append(problem)
+    if missing and args.preset != "auto":
+        print("error: " + "\n".join(missing), file=sys.stderr)
+        return 2
+    if args.load:
+        print(_load(args).describe())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.command == "info":
-            print(_load(args).describe())
+            return run_info(args)
         elif args.command == "standardize":
             result = run_standardize(args)
             print(f"{result['sheet']}  seed={result['seed']}  {result['seconds']:.1f} s "

@@ -144,6 +144,38 @@ def check_sources(preset: Preset, names: list[str]) -> None:
         raise EngineLoadError("\n".join(problems))
 
 
+def _in_hub_cache(spec: ComponentSource) -> bool:
+    """Whether a hub component is in the local HF cache (a file, or a folder's config), without any network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    prefix = f"{spec.subfolder}/" if spec.subfolder else ""
+    names = [spec.filename] if spec.filename else ["config.json", "model_index.json"]
+    return any(isinstance(try_to_load_from_cache(spec.source, prefix + name, revision=spec.revision), str)
+               for name in names)
+
+
+def plan_sources(preset: Preset, stages=("personalize", "standardize")) -> list[tuple[str, str, str | None]]:
+    """Every component ``load_engine`` would need for ``stages``: (name, where it would load from, None when it is
+    there, else what is wrong and how to get it). Loads no weights; works on any machine."""
+    rows = []
+    for name in _required(preset, stages) + [n for n in ("pose_detector", "mask_detector")
+                                              if n in preset.components]:
+        spec = preset.components.get(name)
+        if spec is None:
+            rows.append((name, "-", f"preset {preset.name!r} has no component {name!r}"))
+        elif not spec.is_set:
+            rows.append((name, "-", _missing_message(name, spec, "no source is set")))
+        elif spec.is_local:
+            ok = spec.local_path().exists()
+            rows.append((name, spec.describe(), None if ok else _missing_message(
+                name, spec, f"{spec.local_path()} does not exist")))
+        else:
+            ok = _in_hub_cache(spec)
+            problem = None if ok or not _offline() else _missing_message(name, spec, "not in the local HF cache")
+            rows.append((name, spec.describe() + ("" if ok else " (not cached: downloads on first load)"), problem))
+    return rows
+
+
 def _hub_kwargs(spec: ComponentSource) -> dict:
     kwargs = {"local_files_only": _offline()}
     if spec.revision:

@@ -135,3 +135,20 @@ def test_an_engine_tuning_its_preset_leaves_the_module_presets_alone():
     copy.defaults.update(height=8)
     copy.standardize_defaults.update(width=8)
     assert DEMO.defaults == before and DEMO.standardize_defaults == before_std
+
+
+def test_info_lists_every_component_without_loading_and_names_all_missing(monkeypatch, tmp_path, capsys):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    aa = tmp_path / "aa"
+    aa.mkdir()
+    assert cli_main(["info", "--preset", "full", "--override", f"animate_anyone={aa}"]) == 2
+    out, err = capsys.readouterr()
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    assert set(rows) == {"sdxl", "image_encoder", "adapter", "stage1_unet_config", "stage1_vae",
+                         "stage1_image_encoder", "animate_anyone", "pose_detector", "mask_detector"}
+    assert rows["animate_anyone"] == "ok" and sum(v == "MISSING" for v in rows.values()) == 8
+    assert err.count("could not be loaded") == 8 and "hf download stabilityai/stable-diffusion-xl-base-1.0" in err
+    assert cli_main(["info", "--preset", "demo"]) == 0  # the shipped demo models are all there

@@ -166,8 +166,11 @@ def test_animate_anyone_key_mapping_is_strict(tmp_path):
     src_pose = PoseGuider(conditioning_embedding_channels=32, block_out_channels=(8, 8, 16, 16))
     with torch.no_grad():
         src_pose.conv_out.weight.normal_()
-    # Moore's layout: plain state dicts in .pth files; a DDP prefix and stage-2 keys must not bother the loader
-    torch.save(src_ref.state_dict(), tmp_path / "reference_unet.pth")
+    # Moore's layout: plain state dicts in .pth files; a DDP prefix and stage-2 keys must not bother the loader, and
+    # the released reference_unet.pth has no output head (Moore's reference UNet class drops it)
+    released = {k: v for k, v in src_ref.state_dict().items() if not k.startswith(("conv_norm_out.", "conv_out."))}
+    assert len(released) == len(src_ref.state_dict()) - 4
+    torch.save(released, tmp_path / "reference_unet.pth")
     den = {f"module.{k}": v for k, v in src_den.state_dict().items()}
     den["module.down_blocks.0.motion_modules.0.temporal_transformer.proj_in.weight"] = torch.zeros(2)
     torch.save(den, tmp_path / "denoising_unet.pth")
@@ -179,7 +182,14 @@ def test_animate_anyone_key_mapping_is_strict(tmp_path):
     assert len(reports[1].ignored) == 1
     for a, b in ((ref, src_ref), (denoise, src_den), (pose, src_pose)):
         for (k, v), (k2, v2) in zip(a.state_dict().items(), b.state_dict().items()):
-            assert k == k2 and torch.equal(v, v2)
+            assert k == k2 and (torch.equal(v, v2) or a is ref and k.startswith(("conv_norm_out.", "conv_out.")))
+    # only those four, and only for the reference UNet, may be absent
+    with pytest.raises(ValueError, match=r"denoising_unet: .*missing keys: conv_norm_out.bias, conv_norm_out.weight, "
+                                         r"conv_out.bias, conv_out.weight"):
+        load_strict(tiny_sd_unet(), released, "denoising_unet")
+    del released["conv_in.bias"]
+    with pytest.raises(ValueError, match=r"reference_unet: .*missing keys: conv_in.bias\)"):
+        load_strict(tiny_sd_unet(), released, "reference_unet")
 
     bad = dict(src_ref.state_dict())
     bad["extra.weight"] = torch.zeros(1)

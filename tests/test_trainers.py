@@ -531,3 +531,19 @@ def test_curriculum_swaps_references_for_the_standard_render():
     assert 0 < sum(swapped) < 8
     assert all(torch.equal(some["labels"][i], batch["standard_labels"][i] if s else batch["labels"][i])
                for i, s in enumerate(swapped))
+
+
+def test_identical_init_starts_the_denoiser_as_a_copy_of_the_reference_net():
+    from trainer import train_standardizer
+
+    config = {**train_standardizer.DEFAULTS, "vae": TINY_VAE, "image_encoder": TINY_CLIP,
+              "model": {"unet": TINY_UNET, "use_fbdm": True, "use_rpim": True,
+                        "pose_guider": {"block_out_channels": [8, 8, 16, 16]},
+                        "conditioner": {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}}}
+    apart = train_standardizer.build_models(config)["net"]
+    same = train_standardizer.build_models({**config, "identical_init": True})["net"]
+    reference, denoiser = same.reference_unet.state_dict(), same.denoising_unet.state_dict()
+    assert all(torch.equal(reference[k], denoiser[k]) for k in reference)
+    assert same.reference_unet is not same.denoising_unet  # two modules that then train apart
+    reference, denoiser = apart.reference_unet.state_dict(), apart.denoising_unet.state_dict()
+    assert not all(torch.equal(reference[k], denoiser[k]) for k in reference)

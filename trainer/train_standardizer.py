@@ -12,6 +12,7 @@ EMA, resumable) and ``pipeline/`` (a StandardizePipeline with EMA weights, what 
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -72,6 +73,10 @@ DEFAULTS = {
     # a StandardizePipeline folder to start from (its ReferenceNet, denoiser, pose guider and FBDM/RPIM), e.g. the
     # shipped demo Stage I; the config's VAE and image encoder are used either way
     "init": None,
+    # Without ``init``: the denoiser starts as an exact copy of the ReferenceNet (Animate Anyone starts both from the
+    # same SD1.5 weights), so at step 0 a denoiser query and the reference key of the same content already live in
+    # one feature space. False: two independent random initialisations (the demo recipe up to 2026-12).
+    "identical_init": False,
     "model": {"use_fbdm": True, "use_rpim": True, "pose_guider": {"block_out_channels": [16, 32, 96, 256]},
               "conditioner": {"pose_block_out_channels": [16, 32, 96, 256], "pose_embedding_channels": 320}},
 }
@@ -108,8 +113,13 @@ def build_models(config: dict) -> dict:
     if init is not None and not (init / "model_index.json").is_file():
         raise ValueError(f"init {init} is not a saved StandardizePipeline folder")
     reference_unet = _unet(str(init / "reference_unet") if init else model["unet"], config["seed"])
-    denoising_unet = _unet(str(init / "denoising_unet") if init else model.get("denoising_unet", model["unet"]),
-                           config["seed"] + 1)
+    if init is None and config.get("identical_init"):
+        if model.get("denoising_unet", model["unet"]) != model["unet"]:
+            raise ValueError("identical_init needs the ReferenceNet and the denoiser to share one architecture")
+        denoising_unet = copy.deepcopy(reference_unet)
+    else:
+        denoising_unet = _unet(str(init / "denoising_unet") if init else model.get("denoising_unet", model["unet"]),
+                               config["seed"] + 1)
     if init is not None:
         pose_guider = PoseGuider.from_pretrained(init / "pose_guider")
     else:
@@ -366,7 +376,6 @@ def _averaged(net: StandardizerNet, ema: EMA | None) -> StandardizerNet:
     """The EMA weights in a copy of the net (the training weights stay as they are)."""
     if ema is None:
         return net
-    import copy
 
     averaged = copy.deepcopy(net)
     ema.copy_to(averaged)

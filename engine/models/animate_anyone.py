@@ -20,6 +20,10 @@ from safetensors.torch import load_file
 FILES = {"reference_unet": "reference_unet.pth", "denoising_unet": "denoising_unet.pth",
          "pose_guider": "pose_guider.pth"}
 IGNORED_MARKERS = ("motion_modules.", "temporal_transformer", "attn_temp", "norm_temp")
+# Moore's reference UNet class drops the output head (only the self-attention inputs of the reference pass are read),
+# so the released reference_unet.pth lacks these four tensors, and only these may be absent: our UNet keeps its own
+# values for them, which shape an output nobody reads.
+OPTIONAL_KEYS = {"reference_unet": ("conv_norm_out.weight", "conv_norm_out.bias", "conv_out.weight", "conv_out.bias")}
 
 
 @dataclass
@@ -64,7 +68,7 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: st
     """Loads ``state`` into ``model``; any missing, unexpected or mis-shaped key raises a ValueError naming them."""
     converted, ignored = convert_keys(state)
     own = model.state_dict()
-    missing = sorted(set(own) - set(converted))
+    missing = sorted(set(own) - set(converted) - set(OPTIONAL_KEYS.get(name, ())))
     unexpected = sorted(set(converted) - set(own))
     shapes = sorted(k for k in set(own) & set(converted) if tuple(own[k].shape) != tuple(converted[k].shape))
     if missing or unexpected or shapes:
@@ -80,7 +84,7 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], name: st
             parts.append("shape mismatches: " + show([f"{k} {tuple(converted[k].shape)} vs {tuple(own[k].shape)}"
                                                       for k in shapes]))
         raise ValueError(f"{name}: the checkpoint does not match the model ({'; '.join(parts)})")
-    model.load_state_dict(converted, strict=True)
+    model.load_state_dict({**{k: own[k] for k in OPTIONAL_KEYS.get(name, ()) if k in own}, **converted}, strict=True)
     return LoadReport(name, loaded=len(converted), ignored=ignored)
 
 
