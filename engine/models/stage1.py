@@ -98,14 +98,25 @@ class ReferenceConditioner(ModelMixin, ConfigMixin):
         return cls(attention_names=list(layers), attention_dims=[m.to_q.in_features for m in layers.values()],
                    **kwargs)
 
+    # Both uses go through ``forward`` (model CPU offload and accelerate hook only ``forward``: a method reading the
+    # weights directly would find them still on the CPU under --low-vram).
     def encode_pose(self, pose_map: torch.Tensor | None) -> torch.Tensor | None:
+        """The RPIM features of a reference pose map (B, 3, H, W), or None without RPIM or pose."""
         if not self.config.use_rpim or pose_map is None:
             return None
-        return self.pose_encoder(pose_map.to(self.dtype))
+        return self(pose_map=pose_map)
 
     def condition(self, name: str, hidden: torch.Tensor, hw: tuple[int, int], background: torch.Tensor | None,
                   pose_features: torch.Tensor | None) -> torch.Tensor:
         """hidden (B, h*w, C) -> f~ for block ``name``."""
+        return self(hidden, name=name, hw=hw, background=background, pose_features=pose_features)
+
+    def forward(self, hidden: torch.Tensor | None = None, name: str | None = None, hw: tuple[int, int] | None = None,
+                background: torch.Tensor | None = None, pose_features: torch.Tensor | None = None,
+                pose_map: torch.Tensor | None = None) -> torch.Tensor:
+        """``pose_map`` alone: encode it (RPIM); otherwise condition ``hidden`` of block ``name`` (FBDM + RPIM)."""
+        if hidden is None:
+            return self.pose_encoder(pose_map.to(self.dtype))
         i = self.index[name]
         b, n, c = hidden.shape
         if self.config.use_fbdm and background is not None:

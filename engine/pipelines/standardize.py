@@ -55,7 +55,9 @@ class StandardizePipeline(DiffusionPipeline):
     """SerialGen Stage I. Attach detectors with ``set_detectors(pose=..., mask=...)`` or pass ``mask`` and
     ``reference_pose`` (in the reference's pixels) to the call; without either, FBDM/RPIM get no input."""
 
-    model_cpu_offload_seq = "image_encoder->reference_unet->denoising_unet->vae"
+    # the conditioner runs inside the reference UNet's forward (from its attention processors), the pose guider once
+    # before the denoising loop; both through their own ``forward``, so the offload hooks move them
+    model_cpu_offload_seq = "image_encoder->reference_conditioner->reference_unet->pose_guider->denoising_unet->vae"
     _optional_components = ["reference_conditioner", "feature_extractor"]
 
     def __init__(
