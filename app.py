@@ -4,6 +4,9 @@ import argparse
 import logging
 import os
 
+if os.environ.get("SPACES_ZERO_GPU"):  # ZeroGPU: `spaces` must come before anything initialises CUDA through torch
+    import spaces  # noqa: F401
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="SerialGen Studio")

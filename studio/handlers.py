@@ -16,7 +16,7 @@ from PIL import Image
 from . import service
 from .errors import friendly
 from .export import TempFiles, pages_to_cbz, pages_to_pdf, pages_to_png_zip
-from .gpu import gpu
+from .gpu import gpu, on_zero_gpu
 from .script import parse_script
 from .story import Character, Panel, Story, save_archive
 
@@ -38,7 +38,11 @@ class ModelWork:
             return service.render_panels(self.need(), prompts, sheets, seeds, negative, steps, strength,
                                          progress or service._noop, cancel)
 
-        self.standardize, self.render = standardize, render
+        if on_zero_gpu():  # callbacks cannot cross into the GPU process: no step progress or cancel there
+            self.standardize = lambda *args: standardize(*args[:4])
+            self.render = lambda *args: render(*args[:6])
+        else:
+            self.standardize, self.render = standardize, render
 
     def need(self):
         if self.engine is None:

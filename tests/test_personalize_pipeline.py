@@ -196,3 +196,27 @@ def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
 def test_sheet_without_adapter_is_an_error():
     with pytest.raises(ValueError, match="no adapter is loaded"):
         run(make_pipe(with_adapter=False), "a", sheet=make_sheet(), seeds=0)
+
+
+def test_an_empty_negative_prompt_is_sdxls_zeroed_negative(pipe, monkeypatch):
+    """As stock diffusers does for None (force_zeros_for_empty_prompt): zero negative embeddings, per panel."""
+    from diffusers import StableDiffusionXLPipeline
+
+    seen = []
+    denoise = pipe._denoise
+
+    def spy(**kwargs):
+        seen.append((kwargs["negative_embeds"].clone(), kwargs["negative_pooled"].clone()))
+        return denoise(**kwargs)
+
+    monkeypatch.setattr(pipe, "_denoise", spy)
+    mixed = run(pipe, ["a knight", "a cat"], seeds=[1, 2], negative_prompt=["", "blurry"]).images
+    (embeds, pooled), = seen
+    assert embeds[0].abs().max() == 0 and pooled[0].abs().max() == 0
+    assert embeds[1].abs().max() > 0  # a written negative is encoded
+    stock = StableDiffusionXLPipeline.encode_prompt(pipe, "a knight", device="cpu", negative_prompt=None)
+    assert torch.equal(stock[1], torch.zeros_like(stock[1]))  # what stock does for None
+    none = run(pipe, "a knight", seeds=1, negative_prompt=None).images[0]
+    np.testing.assert_allclose(mixed[0], none, atol=2e-4)
+    written = run(pipe, "a knight", seeds=1, negative_prompt="blurry").images[0]
+    assert np.abs(written - none).max() > 1e-3

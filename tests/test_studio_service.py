@@ -118,3 +118,30 @@ def test_cancel_stops_sampling_at_the_next_step(tiny_full_engine):
     assert len(steps) == 2 and all(p.image is None for p in story.panels)  # nothing half-drawn is kept
     list(service.draw_panels(tiny_full_engine, story, seed=1, steps=2))
     assert all(p.image is not None for p in story.panels)
+
+
+def test_on_zero_gpu_the_model_work_gets_only_picklable_inputs(monkeypatch, tiny_full_engine):
+    import pickle
+
+    from studio.handlers import ModelWork
+
+    received = []
+
+    def fake_gpu(duration):
+        def wrap(fn):
+            def run(*args, **kwargs):
+                pickle.dumps((args, kwargs))  # what ZeroGPU does with the arguments
+                received.append(len(args))
+                return fn(*args, **kwargs)
+            return run
+        return wrap
+
+    fake = types.ModuleType("spaces")
+    fake.GPU = fake_gpu
+    monkeypatch.setitem(sys.modules, "spaces", fake)
+    monkeypatch.setenv("SPACES_ZERO_GPU", "1")
+    work = ModelWork(tiny_full_engine)
+    out = work.render(["a street"], [None], [3], None, 2, None, lambda f, t: None, lambda: False)
+    assert len(out["images"]) == 1 and received == [6]
+    sheet = work.standardize("assets/examples/mia.png", 1, 2, 3.5, lambda f, t: None, lambda: False)["sheet"]
+    assert sheet.size == (64, 96) and received == [6, 4]

@@ -296,6 +296,13 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             do_classifier_free_guidance=self.do_classifier_free_guidance,
             negative_prompt=sample_negatives,
         )
+        # An empty negative prompt means SDXL's zeroed negative embeddings, as stock diffusers does for None
+        # (``force_zeros_for_empty_prompt``), per panel, so a batch may mix empty and written negatives.
+        empty = [not neg for neg in sample_negatives]
+        if negative_embeds is not None and self.config.force_zeros_for_empty_prompt and any(empty):
+            zero = torch.tensor(empty, device=negative_embeds.device)
+            negative_embeds = torch.where(zero[:, None, None], torch.zeros_like(negative_embeds), negative_embeds)
+            negative_pooled = torch.where(zero[:, None], torch.zeros_like(negative_pooled), negative_pooled)
         projection_dim = (
             int(pooled.shape[-1]) if self.text_encoder_2 is None else self.text_encoder_2.config.projection_dim
         )
