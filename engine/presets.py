@@ -153,6 +153,10 @@ FULL = Preset(
     defaults=PAPER_DEFAULTS,
     standardize_defaults=STAGE1_DEFAULTS,
     # Moore-AnimateAnyone trains with zero terminal SNR: v-prediction, rescaled betas, trailing timesteps.
+    # Decision: sample with the betas the weights were trained with (scaled_linear), not the `beta_schedule: linear`
+    # of Moore's published inference config. Both end at zero SNR after rescaling, but in between a timestep index
+    # means a different noise level under the two schedules, so the linear schedule feeds the denoiser timesteps
+    # whose noise it was not trained on; a sampler should match its model's training schedule.
     stage1_scheduler={"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1,
                       "clip_sample": False, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
                       "timestep_spacing": "trailing"},

@@ -152,3 +152,35 @@ def test_info_lists_every_component_without_loading_and_names_all_missing(monkey
     assert rows["animate_anyone"] == "ok" and sum(v == "MISSING" for v in rows.values()) == 8
     assert err.count("could not be loaded") == 8 and "hf download stabilityai/stable-diffusion-xl-base-1.0" in err
     assert cli_main(["info", "--preset", "demo"]) == 0  # the shipped demo models are all there
+
+
+@pytest.mark.parametrize("policy, device, bf16, stage, expected", [
+    ("auto", "cpu", False, "personalize", torch.float32),
+    ("auto", "cpu", False, "standardize", torch.float32),
+    ("auto", "cuda", True, "standardize", torch.float16),  # Animate Anyone's weights run in fp16
+    ("auto", "cuda", True, "personalize", torch.bfloat16),
+    ("auto", "cuda", False, "personalize", torch.float16),  # no bf16 on this GPU: fp16 (VAE decodes in fp32)
+    ("bfloat16", "cuda", False, "standardize", torch.float16),
+    ("bfloat16", "cuda", True, "standardize", torch.bfloat16),  # asked for and available
+    ("float32", "cuda", True, "personalize", torch.float32),
+])
+def test_each_stage_runs_in_the_dtype_of_its_weights(policy, device, bf16, stage, expected):
+    from engine.loading import resolve_dtype
+
+    assert resolve_dtype(policy, torch.device(device), stage, bf16_supported=bf16) == expected
+
+
+def test_fp16_sdxl_decodes_in_float32():
+    """SDXL's VAE overflows in fp16 (force_upcast): our __call__ decodes in float32 and leaves the VAE in fp16."""
+    from components import tiny_sdxl_components
+
+    from engine.pipelines import PersonalizePipeline
+
+    pipe = PersonalizePipeline(**tiny_sdxl_components(0))
+    pipe.vae.register_to_config(force_upcast=True)
+    pipe.vae.to(torch.float16)
+    seen = []
+    decode = pipe.vae.decode
+    pipe.vae.decode = lambda z, **kw: (seen.append((z.dtype, pipe.vae.dtype)), decode(z, **kw))[1]
+    pipe._decode(torch.randn(1, 4, 8, 8, dtype=torch.float16))
+    assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16
