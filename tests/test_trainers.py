@@ -342,17 +342,35 @@ def test_detectors_train_export_onnx_and_load_in_the_engine(kind, precision, tmp
     cfg = write_config(tmp_path / "d.yaml", {
         "output_dir": str(tmp_path / "run"), "detector": kind, "resolution": [64, 96], "num_characters": 10,
         "train_batch_size": 4, "max_train_steps": 2, "checkpointing_steps": 2, "log_steps": 1,
-        "channels": [8, 16, 16, 16], "num_validation_samples": 2, "mixed_precision": precision})
+        "channels": [8, 16, 16, 16], "num_validation_samples": 2, "mixed_precision": precision,
+        "negative_fraction": 0.5 if kind == "pose" else 0.0})
     path = train_detectors.main(train_detectors.parse_args(["--config", cfg]))
     report = json.loads((tmp_path / "run" / "detector_accuracy.json").read_text())
     image = render_sample(3, 3, (200, 300)).image
     if kind == "pose":
-        assert "visibility_accuracy" in report
+        assert {"visibility_accuracy", "person_found", "no_person_refused"} <= set(report)
         out = OnnxKeypointDetector(path, threshold=0.0)(image)  # untrained: every point "visible"
         assert out.shape == (18, 3) and (0 <= out[:, 0]).all() and (out[:, 0] <= 200).all()
     else:
         assert 0 <= report["mask_iou"] <= 1
         assert OnnxMattingDetector(path)(image).shape == (300, 200)
+
+
+def test_no_person_negatives_are_scenes_without_a_figure():
+    from trainer.synthetic import render_sample, without_person
+    from trainer.train_detectors import NoPersonNegatives
+
+    sample = render_sample(4, 9, (64, 96))
+    empty = without_person(sample, things=0)
+    assert not empty.keypoints.any() and not np.asarray(empty.mask).any() and not np.asarray(empty.labels).any()
+    # the person is gone and the scene stays: the picture differs only where the figure was
+    diff = np.abs(np.asarray(empty.image, int) - np.asarray(sample.image, int)).sum(-1) > 30
+    figure = np.asarray(sample.mask) > 0
+    assert diff[figure].mean() > 0.5 and diff[~figure].mean() < 0.05
+    swapped = [NoPersonNegatives(0.5)(render_sample(i, i, (64, 96))) for i in range(40)]
+    share = np.mean([not s.keypoints.any() for s in swapped])
+    assert 0.3 < share < 0.7 and NoPersonNegatives(0.5)(sample).image.tobytes() == \
+        NoPersonNegatives(0.5)(sample).image.tobytes()  # deterministic
 
 
 def test_vae_random_crops_cut_every_image_and_stay_inside():

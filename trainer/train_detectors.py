@@ -32,12 +32,27 @@ from .common import (
     synthetic_batches,
     training_loop,
 )
-from .synthetic import render_sample
+from .synthetic import render_sample, without_person
 from .synthetic.character import character_ids
 
 DEFAULTS = {**COMMON_DEFAULTS, "detector": "pose", "resolution": [128, 192], "num_characters": 20000,
             "train_batch_size": 32, "learning_rate": 1e-3, "channels": [16, 32, 64, 128], "use_ema": False,
-            "num_validation_samples": 64}
+            "num_validation_samples": 64,
+            # the share of training pictures with no person in them (scenes, animals, things; no keypoints): the
+            # pose detector learns to say "no person", so the studio refuses a cat photo instead of making a sheet
+            "negative_fraction": 0.0}
+
+
+class NoPersonNegatives:
+    """A data-worker transform: a ``fraction`` of samples become the same scene with no person in it (a picklable
+    module-level callable; the choice is deterministic in the sample)."""
+
+    def __init__(self, fraction: float):
+        self.fraction = fraction
+
+    def __call__(self, sample):
+        rng = np.random.default_rng([sample.character_id, sample.scene_seed, 11])
+        return without_person(sample) if rng.random() < self.fraction else sample
 
 
 def _block(c_in, c_out, stride=1):
@@ -117,8 +132,13 @@ def held_out_accuracy(kind: str, onnx_path: Path, n: int, size) -> dict:
             pred, truth = det(s.image) > 0.5, np.asarray(s.mask) > 127
             ious.append((pred & truth).sum() / max(1, (pred | truth).sum()))
     if kind == "pose":
+        found = [det(render_sample(cid, 20_000 + i, size).image) is not None for i, cid in
+                 enumerate(character_ids("val", n))]
+        refused = [det(without_person(render_sample(cid, 30_000 + i, size)).image) is None for i, cid in
+                   enumerate(character_ids("val", n))]
         return {"mean_keypoint_error_px": float(np.mean(errors)) if errors else None,
-                "visibility_accuracy": float(np.mean(vis_hits)), "n": n, "size": list(size)}
+                "visibility_accuracy": float(np.mean(vis_hits)), "person_found": float(np.mean(found)),
+                "no_person_refused": float(np.mean(refused)), "n": n, "size": list(size)}
     return {"mask_iou": float(np.mean(ious)), "n": n, "size": list(size)}
 
 
@@ -131,7 +151,8 @@ def main(args) -> Path:
     model = (PoseRegressor if kind == "pose" else MaskUNet)(channels=tuple(config["channels"]))
     model, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, model, {kind: ""})
     w, h = config["resolution"]
-    loader = synthetic_batches(accelerator, config, start)
+    negatives = NoPersonNegatives(config["negative_fraction"]) if config["negative_fraction"] > 0 else None
+    loader = synthetic_batches(accelerator, config, start, transform=negatives)
 
     def loss_fn(batch):
         x = batch["image"].to(accelerator.device)

@@ -19,6 +19,7 @@ from .render import (
     render_sample,
     render_standard,
     sample_scene,
+    without_person,
 )
 from .scenes import SCENES
 from .skeleton import POSE_FAMILIES, VIEWS
@@ -26,5 +27,5 @@ from .skeleton import POSE_FAMILIES, VIEWS
 __all__ = [
     "BODY_LABELS", "EXPRESSIONS", "FRAMINGS", "LABELS", "POSE_FAMILIES", "SCENES", "VIEWS", "Character", "Sample",
     "SceneSpec", "appearance_combinations", "reference_on_canvas", "character_ids", "make_character", "render_sample", "render_standard",
-    "sample_scene", "split_of",
+    "sample_scene", "split_of", "without_person",
 ]

@@ -301,3 +301,70 @@ def reference_on_canvas(sample: Sample) -> Sample:
 
 __all__ = ["FRAMINGS", "LABELS", "SceneSpec", "Sample", "reference_on_canvas", "render_background", "render_sample",
            "render_standard", "sample_scene", "tint"]
+
+
+THINGS = ("animal", "ball", "box", "bottle", "plant", "lamp")
+
+
+def _draw_thing(draw, kind: str, rng: np.random.Generator, w: int, h: int) -> None:
+    """One object that is not a person, roughly the size a figure would be (a cat, a ball, a box, ...)."""
+    from .figure import shade
+
+    color = tuple(int(c) for c in rng.integers(20, 236, 3))
+    s = float(rng.uniform(0.18, 0.55)) * min(w, h)
+    cx, cy = float(rng.uniform(0.2, 0.8)) * w, float(rng.uniform(0.35, 0.85)) * h
+    dark = shade(color, 0.6)
+    if kind == "animal":  # a four-legged body with a head, ears and a tail
+        bw, bh = s, s * 0.45
+        draw.ellipse([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], fill=color, outline=dark)
+        for dx in (-0.35, -0.15, 0.15, 0.35):
+            x = cx + dx * bw
+            draw.rectangle([x - bw * 0.05, cy, x + bw * 0.05, cy + bh * 1.1], fill=color, outline=dark)
+        hx, hy, r = cx + bw * 0.55, cy - bh * 0.6, bh * 0.5
+        draw.ellipse([hx - r, hy - r, hx + r, hy + r], fill=color, outline=dark)
+        for ex in (-0.6, 0.6):
+            draw.polygon([(hx + ex * r, hy - r * 0.5), (hx + ex * r * 0.3, hy - r * 0.9), (hx + ex * r, hy - r * 1.6)],
+                         fill=color, outline=dark)
+        draw.line([(cx - bw / 2, cy), (cx - bw * 0.8, cy - bh)], fill=dark, width=max(1, int(bh * 0.12)))
+    elif kind == "ball":
+        draw.ellipse([cx - s / 2, cy - s / 2, cx + s / 2, cy + s / 2], fill=color, outline=dark)
+    elif kind == "box":
+        draw.rectangle([cx - s / 2, cy - s / 3, cx + s / 2, cy + s / 3], fill=color, outline=dark, width=2)
+        draw.polygon([(cx - s / 2, cy - s / 3), (cx - s / 4, cy - s / 2), (cx + s * 0.75, cy - s / 2),
+                      (cx + s / 2, cy - s / 3)], fill=shade(color, 1.2), outline=dark)
+    elif kind == "bottle":
+        draw.rectangle([cx - s * 0.15, cy - s * 0.3, cx + s * 0.15, cy + s * 0.6], fill=color, outline=dark)
+        draw.rectangle([cx - s * 0.06, cy - s * 0.6, cx + s * 0.06, cy - s * 0.3], fill=color, outline=dark)
+    elif kind == "plant":
+        draw.rectangle([cx - s * 0.2, cy + s * 0.1, cx + s * 0.2, cy + s * 0.5], fill=(150, 80, 40))
+        for _ in range(6):
+            a = rng.uniform(-2.6, -0.5)
+            draw.ellipse([cx + np.cos(a) * s * 0.4 - s * 0.12, cy + np.sin(a) * s * 0.5 - s * 0.2,
+                          cx + np.cos(a) * s * 0.4 + s * 0.12, cy + np.sin(a) * s * 0.5 + s * 0.2],
+                         fill=(40, int(rng.integers(110, 190)), 50))
+    else:  # a lamp: a pole and a shade
+        draw.line([(cx, cy - s * 0.5), (cx, cy + s * 0.6)], fill=dark, width=max(1, int(s * 0.05)))
+        draw.polygon([(cx - s * 0.3, cy - s * 0.4), (cx + s * 0.3, cy - s * 0.4), (cx + s * 0.18, cy - s * 0.75),
+                      (cx - s * 0.18, cy - s * 0.75)], fill=color, outline=dark)
+
+
+def without_person(sample: Sample, things: int | None = None) -> Sample:
+    """The sample's scene with no person in it: its background (tinted as the scene is) with 0-3 objects that are
+    not people (an animal, a ball, a box, ...), no keypoints, an empty mask and labels. A detector's negatives: it
+    learns to say "no person" (deterministic in the sample's scene seed)."""
+    import dataclasses
+
+    from PIL import ImageDraw
+
+    spec = sample_scene(sample.character_id, sample.scene_seed)
+    rng = np.random.default_rng([spec.seed, 7])
+    image = render_background(spec, sample.image.size)
+    draw = ImageDraw.Draw(image)
+    count = int(rng.integers(0, 4)) if things is None else things
+    for _ in range(count):
+        _draw_thing(draw, THINGS[int(rng.integers(len(THINGS)))], rng, *image.size)
+    image = Image.fromarray(np.rint(tint(np.asarray(image, np.float32), spec.lighting)).astype(np.uint8))
+    empty = Image.new("L", image.size, 0)
+    keypoints = np.zeros((18, 3))
+    return dataclasses.replace(sample, image=image, mask=empty, labels=empty, keypoints=keypoints,
+                               pose_map=draw_pose_map(keypoints, image.size), caption=PHRASES[spec.background])
