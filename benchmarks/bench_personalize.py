@@ -28,10 +28,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import add_model_args, build_random, timed  # noqa: E402
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import (  # noqa: E402
-    CLIPImageProcessor,
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
@@ -40,9 +40,8 @@ from transformers import (  # noqa: E402
     CLIPVisionModelWithProjection,
 )
 
-from common import add_model_args, build_random, timed  # noqa: E402
-
 from engine import IPAdapterModules, PersonalizePipeline, load_engine  # noqa: E402
+from engine.preprocess.image import clip_processor  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "configs"
 TOKENIZER = ROOT / "tests" / "fixtures" / "clip-tokenizer"  # timing does not depend on the vocabulary
@@ -73,8 +72,7 @@ def random_components(config_name: str, device, dtype) -> dict:
                                    clip_sample=False, set_alpha_to_one=False, steps_offset=1,
                                    timestep_spacing="leading"),
         "image_encoder": build_random(CLIPVisionModelWithProjection, CLIPVisionConfig(**enc), device, dtype, 4),
-        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": enc["image_size"]},
-                                                crop_size={"height": enc["image_size"], "width": enc["image_size"]}),
+        "feature_extractor": clip_processor(enc["image_size"]),
     }
 
 

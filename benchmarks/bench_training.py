@@ -126,12 +126,13 @@ def base(batch, repeats, adapter=False):
     params = unet.parameters()
     if adapter:
         from PIL import Image
-        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+        from transformers import CLIPVisionModelWithProjection
+
+        from engine.preprocess.image import clip_processor
 
         encoder = CLIPVisionModelWithProjection.from_pretrained(DEMO / "image_encoder", dtype=torch.float32)
         size = encoder.config.image_size
-        pipe.register_modules(image_encoder=encoder, feature_extractor=CLIPImageProcessor(
-            size={"shortest_edge": size}, crop_size={"height": size, "width": size}))
+        pipe.register_modules(image_encoder=encoder, feature_extractor=clip_processor(size))
         sheets = [Image.fromarray(((x.permute(1, 2, 0).numpy() + 1) * 127.5).astype("uint8")) for x in data["standard"]]
         with torch.no_grad():
             parts["image encoder (sheet tokens)"], tokens = timed(

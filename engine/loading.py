@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDIMScheduler
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from transformers import CLIPVisionModelWithProjection
 
 from .models.adapter import ADAPTER_WEIGHT_NAME
 from .pipelines.personalize import PersonalizePipeline
+from .preprocess.image import clip_processor
 from .presets import ComponentSource, Preset, get_preset
 
 if TYPE_CHECKING:
@@ -254,7 +255,7 @@ def load_personalize(preset: Preset, device: torch.device, dtype: torch.dtype) -
         enc_path, dtype=dtype, **enc_kwargs
     ))
     size = image_encoder.config.image_size
-    feature_extractor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    feature_extractor = clip_processor(size)
     pipe.register_modules(image_encoder=image_encoder, feature_extractor=feature_extractor)
     report.append(LoadedComponent("image_encoder", enc.describe(), type(image_encoder).__name__))
 

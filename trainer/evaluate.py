@@ -293,12 +293,11 @@ def encoder_inputs(image_encoder, images, view: str):
     to a square (StandardizePipeline.encode_image), ``sheet`` white-padded to a square (PersonalizePipeline.
     encode_sheet)."""
     import PIL.Image
-    from transformers import CLIPImageProcessor
 
-    from engine.preprocess.image import pad_to_square
+    from engine.preprocess.image import clip_processor, pad_to_square
 
     size = image_encoder.config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = clip_processor(size)
     if view in ("canvas", "foreground"):
         images = [im.resize((size, size), PIL.Image.Resampling.BICUBIC) for im in images]
     elif view == "sheet":

@@ -394,13 +394,14 @@ def packaged_overrides(demo: Path) -> dict:
 def demo_clip_scorer(clip_run: Path):
     """The demo world's own CLIP (train_clip) as the paper's CLIP-I/CLIP-T/AP-CLIP-I instrument, fed white-padded
     squares as in its training. It is also the adapter's image encoder: read its numbers next to the probes'."""
-    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+    from transformers import CLIPModel, CLIPTokenizer
 
     from engine.metrics import ClipScorer
+    from engine.preprocess.image import clip_processor
 
     model = CLIPModel.from_pretrained(clip_run / "clip")
     size = model.config.vision_config.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = clip_processor(size)
     return ClipScorer(model, processor, CLIPTokenizer.from_pretrained(clip_run / "tokenizer"), pad_square=True)
 
 

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from engine.models.adapter import IPAdapterModules
 from engine.pipelines.personalize import PersonalizePipeline
-from engine.preprocess.image import pad_to_square
+from engine.preprocess.image import clip_processor, pad_to_square
 
 from .common import (
     COMMON_DEFAULTS,
@@ -146,8 +146,7 @@ def build(config: dict):
                else CLIPVisionModelWithProjection(CLIPVisionConfig(**spec)))
     size = encoder.config.image_size
     pipe.register_modules(image_encoder=encoder.requires_grad_(False).eval(),
-                          feature_extractor=CLIPImageProcessor(size={"shortest_edge": size},
-                                                               crop_size={"height": size, "width": size}))
+                          feature_extractor=clip_processor(size))
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False).eval()
     return pipe, AdapterTrainer(pipe.unet, encoder.config.hidden_size, config["seed"])

@@ -25,6 +25,7 @@ from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWi
 from engine.metrics import psnr, ssim
 from engine.models.stage1 import PoseGuider, ReferenceConditioner, StandardizerNet, token_grid
 from engine.pipelines.standardize import StandardizePipeline
+from engine.preprocess.image import clip_processor
 
 from .common import (
     COMMON_DEFAULTS,
@@ -141,7 +142,7 @@ def build_models(config: dict) -> dict:
     return {
         "vae": vae.requires_grad_(False).eval(),
         "image_encoder": encoder.requires_grad_(False).eval(),
-        "feature_extractor": CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
+        "feature_extractor": clip_processor(size),
         "net": StandardizerNet(reference_unet, denoising_unet, pose_guider, conditioner),
     }
 

@@ -18,11 +18,10 @@ import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.models.embeddings import ImageProjection
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
-
 from transformers import (
     CLIPImageProcessor,
     CLIPTextModel,

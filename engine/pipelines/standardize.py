@@ -20,7 +20,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ..models.stage1 import PoseGuider, ReferenceConditioner, StandardizerNet
 from ..preprocess.canvas import MIN_SIDE, fit_to_canvas
-from ..preprocess.image import load_image
+from ..preprocess.image import clip_processor, load_image
 from ..preprocess.pose import draw_pose_map
 from ..preprocess.standard import standard_keypoints
 
@@ -79,8 +79,7 @@ class StandardizePipeline(DiffusionPipeline):
         self.register_to_config(foreground_embedding=bool(foreground_embedding))
         if feature_extractor is None:
             size = image_encoder.config.image_size
-            feature_extractor = CLIPImageProcessor(size={"shortest_edge": size},
-                                                   crop_size={"height": size, "width": size})
+            feature_extractor = clip_processor(size)
         self.register_modules(vae=vae, image_encoder=image_encoder, reference_unet=reference_unet,
                               denoising_unet=denoising_unet, pose_guider=pose_guider, scheduler=scheduler,
                               reference_conditioner=reference_conditioner, feature_extractor=feature_extractor)

@@ -97,3 +97,11 @@ def pad_to_square(image: Image.Image, fill=(255, 255, 255)) -> Image.Image:
     canvas = Image.new(image.mode, (side, side), fill)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
+
+
+def clip_processor(size: int):
+    """The CLIP image processor for an image encoder of ``size`` px (resize the shortest side, centre crop, CLIP's
+    normalisation): the one factory every pipeline, trainer and benchmark uses."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
