@@ -94,6 +94,9 @@ COMMON_DEFAULTS = {
     # stop (with a checkpoint) once this much wall time has passed, even before max_train_steps (None: no limit);
     # how a fixed-time GPU run (trainer/gpu_run.py) spends a budget
     "max_train_seconds": None,
+    # write a digest of each process's first N training batches to batches-rank{R}.txt (0: off): how a multi-process
+    # run shows that its processes train on different samples
+    "record_batches": 0,
 }
 
 
@@ -272,7 +275,7 @@ def image_grid(rows: list[list], tile: tuple[int, int]):
 def setup_accelerator(config: dict):
     """(accelerator, output folder, dtype for frozen modules)."""
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
     out = Path(config["output_dir"])
     # accelerate keeps one AcceleratorState per process: a process that runs several trainers (make_demo, the tests)
@@ -282,7 +285,11 @@ def setup_accelerator(config: dict):
     AcceleratorState._reset_state()
     accelerator = Accelerator(
         gradient_accumulation_steps=config["gradient_accumulation_steps"], mixed_precision=config["mixed_precision"],
-        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+        project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
+        # DDP must be told when some parameters get no gradient in a step (Stage I: the ReferenceNet after its last
+        # self-attention, and all of it when reference dropout drops a whole batch)
+        kwargs_handlers=[DistributedDataParallelKwargs(
+            find_unused_parameters=bool(config.get("find_unused_parameters", False)))])
     set_seed(config["seed"])
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     return accelerator, out, weight_dtype
@@ -295,6 +302,23 @@ def resume(accelerator, config: dict) -> int:
         accelerator.load_state(str(checkpoint))
         accelerator.print(f"resumed from {checkpoint} at step {step}")
     return step
+
+
+def batch_digest(batch) -> str:
+    """A short fingerprint of a training batch (its tensors and images), to compare what processes see."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for key in sorted(batch) if isinstance(batch, dict) else range(len(batch)):
+        value = batch[key]
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if torch.is_tensor(item):
+                digest.update(item.detach().cpu().contiguous().numpy().tobytes())
+            elif hasattr(item, "tobytes"):
+                digest.update(item.tobytes())
+            else:
+                digest.update(repr(item).encode())
+    return digest.hexdigest()[:16]
 
 
 def training_loop(*, accelerator, config: dict, model, optimizer, lr_scheduler, batches, loss_fn, start_step: int,
@@ -320,8 +344,12 @@ def training_loop(*, accelerator, config: dict, model, optimizer, lr_scheduler, 
                 prune_checkpoints(out, config["checkpoints_total_limit"])
             break
         model.train()
+        batch = next(batches)
+        if step - start_step < config.get("record_batches", 0):
+            with open(out / f"batches-rank{accelerator.process_index}.txt", "a") as f:
+                f.write(batch_digest(batch) + "\n")
         with accelerator.accumulate(model):
-            loss = loss_fn(next(batches))
+            loss = loss_fn(batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), config["max_grad_norm"])
@@ -376,7 +404,10 @@ def prepare_training(accelerator, config: dict, model: torch.nn.Module, parts: d
     optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["adam_weight_decay"])
     if config["lr_schedule"] not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule {config['lr_schedule']!r} is not one of cosine, constant")
-    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"], config["max_train_steps"],
+    # accelerate steps a prepared scheduler once per process for every optimizer step (the batch is num_processes
+    # times larger), so the schedule counts in those units: built for one process, it would end after 1/N of the run
+    n = accelerator.num_processes
+    lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"] * n, config["max_train_steps"] * n,
                                       constant=config["lr_schedule"] == "constant")
     ema = EMA(ema_target if ema_target is not None else model, config["ema_decay"]) if config["use_ema"] else None
     register_pretrained_hooks(accelerator, parts, ema)

@@ -86,6 +86,13 @@ class PairFolder(torch.utils.data.Dataset):
                 "caption": r["caption"], "index": index}
 
 
+def shard(dataset, accelerator):
+    """This process's share of a map-style dataset (every N-th item, from its rank), so N processes never train on
+    the same pairs in one epoch; the whole dataset on one process."""
+    n, rank = accelerator.num_processes, accelerator.process_index
+    return dataset if n == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), n))
+
+
 class SyntheticPairs(torch.utils.data.IterableDataset):
     """Endless synthetic (reference, target, caption) triples for the paper's Table 2 variants:
     ``synthetic-oracle`` (reference = the ground-truth standard render: an ideal Stage I),
@@ -100,7 +107,8 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
         self.ids, self.size, self.seed, self.mode = character_ids("train", num_characters), tuple(size), seed, mode
 
     def __iter__(self):
-        rng = np.random.default_rng(self.seed)
+        info = torch.utils.data.get_worker_info()  # each data worker its own stream
+        rng = np.random.default_rng([self.seed, info.id if info is not None else 0])
         while True:
             cid = self.ids[int(rng.integers(len(self.ids)))]
             s = render_sample(cid, int(rng.integers(2**31)), self.size)
@@ -221,7 +229,7 @@ def main(args) -> Path:
     if str(config["pairs"]).startswith("synthetic-"):
         dataset, shuffle = SyntheticPairs(config["num_characters"], (w, h), seed, config["pairs"]), False
     else:
-        dataset, shuffle = PairFolder(config["pairs"], (w, h)), True
+        dataset, shuffle = shard(PairFolder(config["pairs"], (w, h)), accelerator), True
     loader = torch.utils.data.DataLoader(dataset, batch_size=config["train_batch_size"], shuffle=shuffle,
                                          collate_fn=collate, num_workers=config["dataloader_num_workers"],
                                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
@@ -235,7 +243,7 @@ def main(args) -> Path:
     projection_dim = pipe.text_encoder_2.config.projection_dim
     d_t, d_i, d_b = config["text_dropout"], config["image_dropout"], config["both_dropout"]
 
-    cache = EncodingCache(pipe) if config["cache_encodings"] and isinstance(dataset, PairFolder) else None
+    cache = EncodingCache(pipe) if config["cache_encodings"] and not isinstance(dataset, SyntheticPairs) else None
 
     def loss_fn(batch):
         b = len(batch["caption"])

@@ -66,6 +66,7 @@ DEFAULTS = {
     # An easy-to-hard curriculum of references: at step s a sample's reference is its own standard render (the copy
     # task, where reading the bank is trivial) with probability max(0, 1 - s / curriculum_steps). 0 = off.
     "curriculum_steps": 0,
+    "find_unused_parameters": True,  # DDP: the ReferenceNet's tail gets no gradient (trainer.common.setup_accelerator)
     "num_validation_samples": 4,
     "num_reading_samples": 32,  # fixed val samples for the reference-reading instruments at each validation
     "validation_probe": None,  # an AttributeProbe folder: validation also reads the sheets' appearance with it
