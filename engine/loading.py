@@ -243,6 +243,7 @@ def load_personalize(preset: Preset, device: torch.device, dtype: torch.dtype) -
         feature_extractor=None,
         **({} if sdxl.is_local else _hub_kwargs(sdxl)),
         **({"subfolder": sdxl.subfolder} if sdxl.subfolder and not sdxl.is_local else {}),
+        **({"variant": sdxl.variant} if sdxl.variant and dtype != torch.float32 and not sdxl.is_local else {}),
     ))
     report.append(LoadedComponent("sdxl", sdxl.describe(), type(pipe.unet).__name__ + " + 2 text encoders + VAE"))
     if preset.scheduler == "ddim" and not isinstance(pipe.scheduler, DDIMScheduler):

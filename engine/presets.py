@@ -28,6 +28,7 @@ class ComponentSource:
     revision: str | None = None
     how_to_get: str = ""  # shown when the component is missing
     optional: bool = False  # a missing optional component is reported and skipped
+    variant: str | None = None  # the hub weight variant to fetch when running in half precision (e.g. "fp16")
 
     @property
     def is_set(self) -> bool:
@@ -117,8 +118,9 @@ FULL = Preset(
     name="full",
     description="Public weights on a GPU: SDXL base 1.0 + OpenCLIP ViT-H/14 + IP-Adapter (ours when given).",
     components={
+        # its fp16 weights (half the download) whenever the GPU runs it in fp16 or bf16
         "sdxl": ComponentSource(
-            "stabilityai/stable-diffusion-xl-base-1.0",
+            "stabilityai/stable-diffusion-xl-base-1.0", variant="fp16",
             how_to_get=_HUB_HOW.format(repo="stabilityai/stable-diffusion-xl-base-1.0"),
         ),
         "image_encoder": ComponentSource(

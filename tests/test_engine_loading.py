@@ -184,3 +184,20 @@ def test_fp16_sdxl_decodes_in_float32():
     pipe.vae.decode = lambda z, **kw: (seen.append((z.dtype, pipe.vae.dtype)), decode(z, **kw))[1]
     pipe._decode(torch.randn(1, 4, 8, 8, dtype=torch.float16))
     assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype, variant", [(torch.float16, "fp16"), (torch.bfloat16, "fp16"), (torch.float32, None)])
+def test_full_fetches_sdxls_fp16_weights_in_half_precision(monkeypatch, dtype, variant):
+    from engine.loading import load_personalize
+    from engine.pipelines import PersonalizePipeline
+
+    asked = {}
+
+    def fake(source, **kwargs):
+        asked.update(kwargs, source=source)
+        raise OSError("stop here")
+
+    monkeypatch.setattr(PersonalizePipeline, "from_pretrained", fake)
+    with pytest.raises(EngineLoadError, match="sdxl"):
+        load_personalize(FULL, torch.device("cpu"), dtype)
+    assert asked["source"] == "stabilityai/stable-diffusion-xl-base-1.0" and asked.get("variant") == variant

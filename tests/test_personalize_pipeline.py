@@ -220,3 +220,57 @@ def test_an_empty_negative_prompt_is_sdxls_zeroed_negative(pipe, monkeypatch):
     np.testing.assert_allclose(mixed[0], none, atol=2e-4)
     written = run(pipe, "a knight", seeds=1, negative_prompt="blurry").images[0]
     assert np.abs(written - none).max() > 1e-3
+
+
+def _plus_file(pipe, folder, num_queries=4, hidden=64, seed=0):
+    """An IP-Adapter Plus file (Resampler projection) in h94's layout, with tiny random weights: what `full` falls
+    back to (ip-adapter-plus_sdxl_vit-h) until our own adapter is given."""
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    embed = pipe.image_encoder.config.hidden_size  # Plus reads the penultimate hidden states
+    proj = IPAdapterPlusImageProjection(embed_dims=embed, output_dims=pipe.unet.config.cross_attention_dim,
+                                        hidden_dims=hidden, heads=hidden // 64, num_queries=num_queries)  # depth 4, as h94
+    for p in proj.parameters():
+        p.data.normal_(0, 0.2)
+    out = {}
+    for key, value in proj.state_dict().items():  # diffusers -> h94 names (the inverse of diffusers' converter)
+        h94 = key.replace(".ln0.", ".0.norm1.").replace(".ln1.", ".0.norm2.")
+        h94 = h94.replace(".ff.0.", ".1.0.").replace(".ff.1.net.0.proj.", ".1.1.").replace(".ff.1.net.2.", ".1.3.")
+        h94 = h94.replace(".attn.to_q.", ".0.to_q.").replace(".attn.to_out.0.", ".0.to_out.")
+        if ".attn.to_k." in h94:
+            v = proj.state_dict()[key.replace("to_k", "to_v")]
+            out["image_proj." + h94.replace(".attn.to_k.", ".0.to_kv.")] = torch.cat([value, v])
+        elif ".attn.to_v." not in h94:
+            out["image_proj." + h94] = value
+    cross = pipe.unet.config.cross_attention_dim
+    names = [n for n in pipe.unet.attn_processors if n.endswith("attn2.processor")]
+    modules = dict(pipe.unet.named_modules())
+    for i, name in enumerate(names):
+        width = modules[name[: -len(".processor")]].to_q.in_features
+        out[f"ip_adapter.{2 * i + 1}.to_k_ip.weight"] = torch.randn(width, cross) * 0.2
+        out[f"ip_adapter.{2 * i + 1}.to_v_ip.weight"] = torch.randn(width, cross) * 0.2
+    save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "ip-adapter-plus.safetensors"))
+    return proj
+
+
+def test_ip_adapter_plus_fallback_runs_through_our_call(tmp_path):
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    pipe = make_pipe(with_adapter=False)
+    expected = _plus_file(pipe, tmp_path)
+    plain = run(pipe, ["a knight", "a cat"], seeds=[1, 2]).images
+    pipe.load_ip_adapter(str(tmp_path), subfolder="", weight_name="ip-adapter-plus.safetensors",
+                         image_encoder_folder=None)
+    layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    assert isinstance(layer, IPAdapterPlusImageProjection)
+    loaded = layer.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in expected.state_dict().items())  # our h94 names are right
+    red = run(pipe, ["a knight", "a cat"], sheet=make_sheet((220, 30, 30)), seeds=[1, 2]).images
+    blue = run(pipe, ["a knight", "a cat"], sheet=make_sheet((30, 30, 220)), seeds=[1, 2]).images
+    off = run(pipe, ["a knight", "a cat"], sheet=make_sheet((220, 30, 30)), seeds=[1, 2], adapter_scale=0.0).images
+    assert np.abs(red - blue).max() > 1e-2 and np.abs(red - plain).max() > 1e-2  # the sheet is read
+    np.testing.assert_allclose(off, plain, atol=1e-5)  # scale 0: plain SDXL
+    embeds = pipe.encode_sheet(make_sheet((220, 30, 30)))  # Plus reads the penultimate hidden states, all tokens
+    assert embeds.cond.shape[-1] == pipe.image_encoder.config.hidden_size and embeds.cond.shape[-2] > 1
