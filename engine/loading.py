@@ -437,7 +437,7 @@ def load_standardize(preset: Preset, device: torch.device, dtype: torch.dtype):
         scheduler = DDIMScheduler(**preset.stage1_scheduler)
         pipe = StandardizePipeline(vae=vae, image_encoder=encoder, reference_unet=reference_unet,
                                    denoising_unet=denoising_unet, pose_guider=pose_guider, scheduler=scheduler,
-                                   reference_conditioner=conditioner)
+                                   reference_conditioner=conditioner, whole_body_pose=True)
         pipe.to(dtype=dtype)
         for name, spec in (("stage1_vae", vae_spec), ("stage1_image_encoder", enc_spec)):
             report.append(LoadedComponent(name, spec.describe(), "loaded"))

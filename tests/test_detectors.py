@@ -84,7 +84,49 @@ def test_dwpose_keypoints_map_back_to_the_image(dwpose):
         if j is not None:
             np.testing.assert_allclose(kp[i, :2], expected[j], atol=0.6)
     np.testing.assert_allclose(kp[1, :2], (expected[5] + expected[6]) / 2, atol=0.6)  # neck
+    assert kp.shape == (128, 3) and kp[:18, 2].all() and not kp[18:, 2].any()  # hands and face scored 0 here
+
+
+def test_dwpose_gives_hands_and_face_in_our_whole_body_layout(tmp_path):
+    r = 640 / 480
+    det = constant_model(tmp_path / "yolox_l.onnx", "images", [1, 3, 640, 640],
+                         {"output": yolox_output([(160 * r, 240 * r, 120 * r, 360 * r)])})
+    crop = np.stack([np.linspace(10, 278, 133), np.linspace(15, 370, 133)], 1)  # COCO-WholeBody point k at crop[k]
+    sx, sy = simcc_for(crop)
+    pose = constant_model(tmp_path / "p.onnx", "input", [1, 3, 384, 288], {"simcc_x": sx, "simcc_y": sy})
+    kp = DWPoseDetector(det, pose)(Image.new("RGB", (320, 480)))
+    scale = np.array([450 * 288 / 384, 450])
+    image_points = crop / np.array([288, 384]) * scale + np.array([160, 240]) - scale / 2
+    np.testing.assert_allclose(kp[18:39, :2], image_points[91:112], atol=0.6)  # left hand
+    np.testing.assert_allclose(kp[39:60, :2], image_points[112:133], atol=0.6)  # right hand
+    np.testing.assert_allclose(kp[60:128, :2], image_points[23:91], atol=0.6)  # 68 face landmarks
     assert kp[:, 2].all()
+
+
+def test_dwpose_models_get_bgr_pictures(dwpose):
+    detector, _ = dwpose
+    seen = {}
+    for name in ("det", "pose"):
+        session = getattr(detector, name)
+
+        class Spy:
+            def __init__(self, session=session, name=name):
+                self.session, self.name = session, name
+
+            def get_inputs(self):
+                return self.session.get_inputs()
+
+            def run(self, outputs, feeds):
+                seen[self.name] = next(iter(feeds.values()))
+                return self.session.run(outputs, feeds)
+
+        setattr(detector, name, Spy())
+    detector(Image.new("RGB", (320, 480), (250, 10, 10)))  # a red picture
+    letterboxed = seen["det"][0, :, 10, 10]
+    assert letterboxed[0] < 20 and letterboxed[2] > 240  # channel 0 is blue
+    crop = seen["pose"][0, :, 192, 144]
+    np.testing.assert_allclose(crop, [(10 - 123.675) / 58.395, (10 - 116.28) / 57.12, (250 - 103.53) / 57.375],
+                               atol=0.1)
 
 
 def test_no_person_returns_none(tmp_path):

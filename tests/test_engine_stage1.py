@@ -85,6 +85,11 @@ def test_full_layout_from_parts_with_animate_anyone_files_and_detectors(tmp_path
     torch.testing.assert_close(engine.standardize.reference_unet.conv_in.weight, c["reference_unet"].conv_in.weight)
     out = engine.standardize_reference(render_sample(3, 1, (128, 192)).image, seed=1)
     assert out.sheet.size == (64, 96) and out.reference_pose_map is not None  # DWPose found the (tiny) person
+    # the Animate Anyone weights learned from DWPose's whole-body maps: the standard target has hands and a face
+    from engine.preprocess.standard import standard_pose_map
+
+    assert engine.standardize.config.whole_body_pose
+    assert np.array_equal(np.asarray(out.target_pose_map), np.asarray(standard_pose_map((64, 96), whole_body=True)))
 
 
 def test_full_preset_stage1_offline_names_what_to_download(monkeypatch):

@@ -217,3 +217,36 @@ def test_references_in_any_mode(pipe, sample, mode, tmp_path):
         upright = pipe(sample.image, seed=1, **SIZE).canvas
         diff = np.abs(np.asarray(out.canvas, int) - np.asarray(upright, int)).mean()
         assert diff < 12  # JPEG noise only
+
+
+def test_whole_body_standard_target_has_hands_at_the_wrists_and_a_face_in_the_head():
+    from engine.preprocess.pose import FACE, HANDS, draw_pose_map
+
+    size = (512, 768)
+    body, whole = standard_keypoints(size), standard_keypoints(size, whole_body=True)
+    assert whole.shape == (128, 3) and np.array_equal(whole[:18], body) and whole[:, 2].all()
+    for hand, wrist in zip(HANDS, (7, 4)):  # left hand at the left wrist (image right), right at the right
+        np.testing.assert_allclose(whole[hand][0, :2], body[wrist, :2])
+        assert np.hypot(*(whole[hand][:, :2] - body[wrist, :2]).T).max() < 0.1 * 768  # within a hand's length
+    hx, hy, hh = standard_head(size)
+    face = whole[FACE, :2]
+    assert (np.abs(face[:, 0] - hx) < 0.45 * hh).all() and (np.abs(face[:, 1] - hy) < 0.55 * hh).all()
+    drawn = np.asarray(draw_pose_map(whole, size))
+    body_only = np.asarray(draw_pose_map(body, size))
+    white = (drawn == 255).all(-1)
+    assert white.sum() > 100 and not (body_only == 255).all(-1).any()  # face dots, only in the whole-body map
+    blue = (drawn == (0, 0, 255)).all(-1)
+    assert blue[int(body[4, 1]):, :].sum() > blue[:int(body[4, 1]), :].sum()  # hand joints below the wrists
+
+
+def test_a_whole_body_pipeline_draws_its_target_with_hands_and_face(sample):
+    from engine.preprocess.pose import draw_pose_map
+
+    pipe = StandardizePipeline(**tiny_stage1_components(), whole_body_pose=True)
+    pipe.set_progress_bar_config(disable=True)
+    keypoints = np.zeros((128, 3))
+    keypoints[:18] = sample.keypoints
+    out = pipe(sample.image, mask=sample.mask, reference_pose=keypoints, seed=3, **SIZE)
+    np.testing.assert_array_equal(np.asarray(out.target_pose_map),
+                                  np.asarray(draw_pose_map(standard_keypoints((64, 96), whole_body=True), (64, 96))))
+    assert out.keypoints.shape == (128, 3)

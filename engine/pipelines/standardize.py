@@ -71,12 +71,16 @@ class StandardizePipeline(DiffusionPipeline):
         reference_conditioner: ReferenceConditioner | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
         foreground_embedding: bool = False,
+        whole_body_pose: bool = False,
     ):
         super().__init__()
         # True: the image embedding is taken of the reference's figure on white (the canvas with its background
         # whited out by the mask, where a mask is known), so the one-token context carries the character, not the
         # scene (the demo Stage I is trained so). False: of the whole canvas, as Animate Anyone's weights expect.
         self.register_to_config(foreground_embedding=bool(foreground_embedding))
+        # True: pose maps with hands and face (DWPose's whole-body drawing), for the Animate Anyone weights, which
+        # were trained on those; False: the 18 body points, as the demo Stage I is trained (its maps have no more)
+        self.register_to_config(whole_body_pose=bool(whole_body_pose))
         if feature_extractor is None:
             size = image_encoder.config.image_size
             feature_extractor = clip_processor(size)
@@ -105,8 +109,9 @@ class StandardizePipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 0")
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"seed={seed!r} must be a non-negative integer")
-        if reference_pose is not None and np.asarray(reference_pose).shape != (18, 3):
-            raise ValueError(f"reference_pose must be (18, 3) OpenPose keypoints; got {np.asarray(reference_pose).shape}")
+        if reference_pose is not None and np.asarray(reference_pose).shape not in ((18, 3), (128, 3)):
+            raise ValueError(f"reference_pose must be (18, 3) OpenPose or (128, 3) whole-body keypoints; got "
+                             f"{np.asarray(reference_pose).shape}")
         if mask is not None and np.asarray(mask).ndim != 2:
             raise ValueError(f"mask must be a 2-D array (H, W); got shape {np.asarray(mask).shape}")
 
@@ -115,7 +120,7 @@ class StandardizePipeline(DiffusionPipeline):
         image = load_image(reference, name="reference", min_side=MIN_SIDE)
         if reference_pose is None and self.pose_detector is not None:
             reference_pose = self.pose_detector(image)
-            if reference_pose is None or (np.asarray(reference_pose)[:, 2] > 0).sum() < 2:
+            if reference_pose is None or (np.asarray(reference_pose)[:18, 2] > 0).sum() < 2:
                 raise ValueError("no person found in the reference: use a picture where the character is clearly "
                                  "visible (a face or a body), not too small and not cut off")
         if mask is None and self.mask_detector is not None:
@@ -186,9 +191,12 @@ class StandardizePipeline(DiffusionPipeline):
         background = None
         if canvas.mask is not None:
             background = 1.0 - torch.from_numpy(canvas.mask)[None, None].to(device, ref_latents.dtype)
-        ref_pose_map = draw_pose_map(canvas.keypoints, (width, height)) if canvas.keypoints is not None else None
+        whole = self.config.get("whole_body_pose", False)
+        ref_kp = canvas.keypoints if canvas.keypoints is None or whole else canvas.keypoints[:18]
+        ref_pose_map = draw_pose_map(ref_kp, (width, height)) if ref_kp is not None else None
         ref_pose_tensor = pil_to_tensor(ref_pose_map, normalize=False).to(device) if ref_pose_map else None
-        target_kp = standard_keypoints((width, height)) if target_pose is None else np.asarray(target_pose, float)
+        target_kp = standard_keypoints((width, height), whole_body=whole) if target_pose is None \
+            else np.asarray(target_pose, float)
         target_pose_map = draw_pose_map(target_kp, (width, height))
         pose_features = net.encode_target_pose(pil_to_tensor(target_pose_map, normalize=False).to(device))
 

@@ -75,8 +75,25 @@ def _nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> list[int]:
     return keep
 
 
+# COCO-WholeBody (133 points) -> our whole-body layout after the 18 body points: left hand 91-111, right hand
+# 112-132, face 23-90 (engine.preprocess.pose).
+WHOLEBODY_REST = tuple(range(91, 112)) + tuple(range(112, 133)) + tuple(range(23, 91))
+
+
+def coco_wholebody_to_keypoints(keypoints: np.ndarray, scores: np.ndarray, threshold: float = 0.3) -> np.ndarray:
+    """(133, 2) COCO-WholeBody keypoints and scores -> (128, 3): OpenPose-18 body, two hands, 68 face landmarks."""
+    rest = np.zeros((len(WHOLEBODY_REST), 3))
+    rest[:, :2] = keypoints[list(WHOLEBODY_REST)]
+    rest[:, 2] = scores[list(WHOLEBODY_REST)] > threshold
+    return np.concatenate([coco_to_openpose(keypoints, scores, threshold), rest])
+
+
 class DWPoseDetector:
-    """DWPose: yolox person boxes, then the whole-body pose of the largest person, as OpenPose-18."""
+    """DWPose: yolox person boxes, then the whole-body pose of the largest person: (128, 3) body, hands and face
+    (what the Animate Anyone weights were trained on), or OpenPose-18 from a body-only pose model.
+
+    Both ONNX models take BGR pictures (the reference code converts with OpenCV before calling them); the RTMPose
+    normalisation constants below are applied to BGR as the reference code does."""
 
     def __init__(self, detector_onnx: str | Path, pose_onnx: str | Path, score_threshold: float = 0.3):
         self.det = _session(detector_onnx)
@@ -85,7 +102,8 @@ class DWPoseDetector:
 
     # --- yolox
     def detect(self, rgb: np.ndarray) -> np.ndarray:
-        """Person boxes (N, 4) x0, y0, x1, y1 in image pixels, largest first."""
+        """Person boxes (N, 4) x0, y0, x1, y1 in image pixels, largest first (``rgb``: the picture as the model
+        takes it, BGR for DWPose's yolox)."""
         inp = self.det.get_inputs()[0]
         size = tuple(int(v) for v in inp.shape[2:4])  # (h, w), 640x640 for yolox_l
         h, w = rgb.shape[:2]
@@ -142,11 +160,13 @@ class DWPoseDetector:
         return keypoints, scores
 
     def __call__(self, image: Image.Image) -> np.ndarray | None:
-        rgb = np.asarray(image.convert("RGB"))
-        boxes = self.detect(rgb)
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[..., ::-1])
+        boxes = self.detect(bgr)
         if len(boxes) == 0:
             return None
-        keypoints, scores = self.estimate(rgb, boxes[0])
+        keypoints, scores = self.estimate(bgr, boxes[0])
+        if len(keypoints) >= 133:
+            return coco_wholebody_to_keypoints(keypoints, scores, self.score_threshold)
         return coco_to_openpose(keypoints, scores, self.score_threshold)
 
 

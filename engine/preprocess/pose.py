@@ -5,6 +5,11 @@ Keypoint order (OpenPose COCO-18): 0 nose, 1 neck, 2 r_shoulder, 3 r_elbow, 4 r_
 Keypoints are an (18, 3) float array of (x, y, visible) in pixels; invisible points are not drawn. The drawing
 matches the maps Animate Anyone / ControlNet were trained on: limbs as filled ellipses in 60% of the limb colour,
 joints as full-colour discs, on black, widths scaled with the canvas (4 px at 512 wide).
+
+Whole-body keypoints (DWPose, what the Animate Anyone weights learned from) are (128, 3): the 18 body points, then
+the left and the right hand (21 points each: wrist, then thumb, index, middle, ring and little finger from base to
+tip) and 68 face landmarks (the iBUG 300-W layout). They are drawn as DWPose draws them: hand bones in 20 hues, hand
+joints as blue discs, face landmarks as white dots (2 / 4 / 3 px at 512 wide).
 """
 
 from __future__ import annotations
@@ -28,6 +33,11 @@ COLORS = (
     (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255), (0, 0, 255), (85, 0, 255),
     (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
 )
+BODY, WHOLE_BODY = 18, 128
+HANDS = (slice(18, 39), slice(39, 60))
+FACE = slice(60, 128)
+HAND_EDGES = ((0, 1), (1, 2), (2, 3), (3, 4), (0, 5), (5, 6), (6, 7), (7, 8), (0, 9), (9, 10), (10, 11), (11, 12),
+              (0, 13), (13, 14), (14, 15), (15, 16), (0, 17), (17, 18), (18, 19), (19, 20))
 # Left/right swap for mirroring a pose.
 FLIP_INDEX = (0, 1, 5, 6, 7, 2, 3, 4, 11, 12, 13, 8, 9, 10, 15, 14, 17, 16)
 
@@ -45,11 +55,19 @@ def _ellipse_polygon(x0, y0, x1, y1, half_width, segments=16):
     return points
 
 
+def _hue(h: float) -> tuple[int, int, int]:
+    """HSV (h, 1, 1) -> RGB 0-255 (matplotlib's hsv_to_rgb, which DWPose colours its hand bones with)."""
+    i, f = int(h * 6.0) % 6, h * 6.0 - int(h * 6.0)
+    q, t = 1.0 - f, f
+    r, g, b = ((1, t, 0), (q, 1, 0), (0, 1, t), (0, q, 1), (t, 0, 1), (1, 0, q))[i]
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
 def draw_pose_map(keypoints: np.ndarray, size: tuple[int, int], stick_width: float | None = None) -> Image.Image:
-    """Draws (18, 3) keypoints on a black RGB canvas of ``size`` = (width, height)."""
+    """Draws (18, 3) body or (128, 3) whole-body keypoints on a black RGB canvas of ``size`` = (width, height)."""
     keypoints = np.asarray(keypoints, dtype=np.float64)
-    if keypoints.shape != (18, 3):
-        raise ValueError(f"keypoints must have shape (18, 3) (x, y, visible); got {keypoints.shape}")
+    if keypoints.shape not in ((BODY, 3), (WHOLE_BODY, 3)):
+        raise ValueError(f"keypoints must have shape (18, 3) or (128, 3) (x, y, visible); got {keypoints.shape}")
     width, height = size
     scale = width / 512.0
     stick = stick_width if stick_width is not None else max(1.0, 4.0 * scale)
@@ -66,6 +84,19 @@ def draw_pose_map(keypoints: np.ndarray, size: tuple[int, int], stick_width: flo
         if visible[i]:
             x, y = keypoints[i, :2]
             draw.ellipse((x - radius, y - radius, x + radius, y + radius), fill=color)
+    if len(keypoints) == WHOLE_BODY:
+        line, joint, dot = max(1, round(2 * scale)), max(1.0, 4.0 * scale), max(1.0, 3.0 * scale)
+        for hand in HANDS:
+            points, seen = keypoints[hand, :2], visible[hand]
+            for k, (a, b) in enumerate(HAND_EDGES):
+                if seen[a] and seen[b]:
+                    draw.line([tuple(points[a]), tuple(points[b])], fill=_hue(k / len(HAND_EDGES)), width=line)
+            for (x, y), ok in zip(points, seen):
+                if ok:
+                    draw.ellipse((x - joint, y - joint, x + joint, y + joint), fill=(0, 0, 255))
+        for (x, y), ok in zip(keypoints[FACE, :2], visible[FACE]):
+            if ok:
+                draw.ellipse((x - dot, y - dot, x + dot, y + dot), fill=(255, 255, 255))
     return canvas
 
 

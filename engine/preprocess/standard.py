@@ -35,10 +35,17 @@ def standard_head(size: tuple[int, int], path: str | Path = STANDARD_POSE_FILE) 
     return w / 2 + data["head"][0] * h, data["head"][1] * h, data["head"][2] * h
 
 
-def standard_keypoints(size: tuple[int, int], path: str | Path = STANDARD_POSE_FILE) -> np.ndarray:
-    """(18, 3) keypoints of the standard pose on a canvas of ``size`` = (W, H)."""
+def standard_keypoints(size: tuple[int, int], path: str | Path = STANDARD_POSE_FILE,
+                       whole_body: bool = False) -> np.ndarray:
+    """(18, 3) keypoints of the standard pose on a canvas of ``size`` = (W, H); ``whole_body``: (128, 3) with the
+    hands and the face (DWPose's layout, ``engine.preprocess.pose``), for weights trained on whole-body maps."""
     data = _load(str(path))
     kp = np.array(data["keypoints"], dtype=np.float64)
+    if whole_body:
+        if "hands" not in data or "face" not in data:
+            raise ValueError(f"{path} has no hand and face points; regenerate it with "
+                             "`python -m trainer.synthetic standard-pose`")
+        kp = np.concatenate([kp, np.array(data["hands"], np.float64), np.array(data["face"], np.float64)])
     w, h = size
     out = kp.copy()
     out[:, 0] = w / 2 + kp[:, 0] * h
@@ -46,5 +53,6 @@ def standard_keypoints(size: tuple[int, int], path: str | Path = STANDARD_POSE_F
     return out
 
 
-def standard_pose_map(size: tuple[int, int], path: str | Path = STANDARD_POSE_FILE) -> Image.Image:
-    return draw_pose_map(standard_keypoints(size, path), size)
+def standard_pose_map(size: tuple[int, int], path: str | Path = STANDARD_POSE_FILE,
+                      whole_body: bool = False) -> Image.Image:
+    return draw_pose_map(standard_keypoints(size, path, whole_body), size)

@@ -138,6 +138,51 @@ def preview(args) -> Path:
     return out
 
 
+def _hand(wrist: np.ndarray, elbow: np.ndarray, length: float, inward: float) -> list[list[float]]:
+    """21 hand points (wrist, then thumb, index, middle, ring, little finger from base to tip) of a relaxed open
+    hand hanging along the forearm's direction; ``inward`` (+1 / -1) is the side of the body's centre line."""
+    d = (wrist - elbow) / max(1e-6, float(np.hypot(*(wrist - elbow))))
+    n = np.array([-d[1], d[0]]) * inward  # across the palm, toward the body
+    points = [wrist]
+    palm = 0.45 * length
+    for finger, (across, size) in enumerate(((0.55, 0.55), (0.3, 0.95), (0.08, 1.0), (-0.14, 0.92), (-0.34, 0.75))):
+        if finger == 0:  # the thumb starts at the wrist side of the palm and points down and in
+            base = wrist + d * palm * 0.25 + n * across * palm
+            direction = (d + 0.6 * n) / np.hypot(*(d + 0.6 * n))
+        else:
+            base = wrist + d * palm + n * across * palm
+            direction = d
+        step = (length - palm) * size / 3
+        points += [base + direction * step * k for k in range(4)]
+    return [[float(x), float(y)] for x, y in points]
+
+
+def _face(cx: float, cy: float, hh: float) -> list[list[float]]:
+    """68 landmarks of a neutral frontal face (the iBUG 300-W layout) in a head of height ``hh`` centred at
+    (cx, cy): a procedural mean face (jaw, brows, nose, eyes, mouth) for the standard target's face dots."""
+    pts = []
+    for k in range(17):  # jaw, from the right ear (image left) round the chin to the left ear
+        t = np.pi * k / 16
+        pts.append((cx - 0.38 * hh * np.cos(t), cy - 0.02 * hh + 0.45 * hh * np.sin(t)))
+    for side in (-1, 1):  # brows, image left to right
+        xs = np.linspace(0.3, 0.06, 5) if side < 0 else np.linspace(0.06, 0.3, 5)
+        pts += [(cx + side * x, cy - 0.19 * hh - 0.03 * hh * np.sin(np.pi * (x - 0.06) / 0.24)) for x in xs * hh]
+    pts += [(cx, cy + (-0.12 + 0.065 * k) * hh) for k in range(4)]  # nose bridge
+    pts += [(cx + x * hh, cy + (0.13 + (0.01 if abs(x) < 0.05 else 0)) * hh) for x in np.linspace(-0.08, 0.08, 5)]
+    for side in (-1, 1):  # eyes: outer corner, upper two, inner corner, lower two (clockwise from image left)
+        ex, ey, w, h = cx + side * 0.16 * hh, cy - 0.09 * hh, 0.12 * hh, 0.035 * hh
+        pts += [(ex - w / 2, ey), (ex - w / 6, ey - h), (ex + w / 6, ey - h), (ex + w / 2, ey), (ex + w / 6, ey + h),
+                (ex - w / 6, ey + h)]
+    mx, my = cx, cy + 0.26 * hh
+    for k in range(12):  # mouth, outer lip: from the left corner over the top and back along the bottom
+        t = np.pi - 2 * np.pi * k / 12
+        pts.append((mx + 0.12 * hh * np.cos(t), my - 0.04 * hh * np.sin(t)))
+    for k in range(8):  # inner lip
+        t = np.pi - 2 * np.pi * k / 8
+        pts.append((mx + 0.08 * hh * np.cos(t), my - 0.012 * hh * np.sin(t)))
+    return [[float(x), float(y)] for x, y in pts]
+
+
 def standard_pose(args) -> Path:
     """Writes the standard target pose (the A-pose of an average body) for engine.preprocess.standard."""
     from dataclasses import replace
@@ -150,11 +195,22 @@ def standard_pose(args) -> Path:
     average = replace(make_character(0), height=1.0, build=1.05, head_size=1.03)
     fig = render_figure(average, dict(STANDARD_POSE), "front", False, "neutral", (w, h), _standard_placement((w, h)))
     kp = fig.keypoints
+    hh = STANDARD_HEAD_H * h
+    # the whole-body target (DWPose's layout: left hand, right hand, 68 face points) for weights trained on it
+    hands = _hand(kp[7, :2], kp[6, :2], 0.8 * hh, inward=1) + _hand(kp[4, :2], kp[3, :2], 0.8 * hh, inward=-1)
+    face = _face(w / 2, STANDARD_HEAD_Y * h, hh)
+
+    def rel(points):
+        return [[round((x - w / 2) / h, 5), round(y / h, 5), 1] for x, y in points]
+
     data = {
         "description": "SerialGen standard pose: A-pose, front view; (dx, y, visible) in canvas heights, dx from the"
-                       " centre line; head = (dx, y, height) of the head centre",
+                       " centre line; head = (dx, y, height) of the head centre; hands (left, right: 21 points each)"
+                       " and face (68 landmarks) complete DWPose's whole-body layout",
         "head": [0.0, STANDARD_HEAD_Y, STANDARD_HEAD_H],
         "keypoints": [[round((x - w / 2) / h, 5), round(y / h, 5), int(v)] for x, y, v in kp.tolist()],
+        "hands": rel(hands),
+        "face": rel(face),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
