@@ -7,9 +7,9 @@ so importing a light submodule must not pull in torch and diffusers.
 import importlib
 
 _EXPORTS = {
-    "Engine": ".loading",
-    "EngineLoadError": ".loading",
-    "LoadedComponent": ".loading",
+    "Engine": ".engine",
+    "EngineLoadError": ".engine",
+    "LoadedComponent": ".engine",
     "load_engine": ".loading",
     "IPAdapterModules": ".models",
     "PoseGuider": ".models",

@@ -142,7 +142,7 @@ def run_panels(args) -> dict:
 
 def run_info(args) -> int:
     """Prints each component, where it would load from and whether it is there; names every missing one at once."""
-    from .loading import plan_sources
+    from .sources import plan_sources
     from .presets import get_preset
 
     presets = ["full", "demo"] if args.preset == "auto" else [args.preset]

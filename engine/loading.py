@@ -1,234 +1,25 @@
-"""Building the engine from a preset: ``load_engine(preset, overrides) -> Engine``."""
+"""Building the engine from a preset: ``load_engine(preset, overrides) -> Engine``, and the loader of each stage
+(Stage II ``load_personalize``, Stage I ``load_standardize``, its ``load_detectors``). The engine itself lives in
+``engine.engine``, the device and dtype policy in ``engine.devices``, component sources in ``engine.sources``."""
 
 from __future__ import annotations
 
 import os
-import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DDIMScheduler
 from transformers import CLIPVisionModelWithProjection
 
-from .models.adapter import ADAPTER_WEIGHT_NAME
+from .devices import resolve_device, resolve_dtype
+from .engine import Engine, EngineLoadError, LoadedComponent
 from .pipelines.personalize import PersonalizePipeline
 from .preprocess.image import clip_processor
-from .presets import ComponentSource, Preset, get_preset
+from .presets import Preset, get_preset
+from .sources import STAGES, _adapter_file, _file, _hub_kwargs, _load, _missing_message, _required, check_sources
 
-if TYPE_CHECKING:
-    from .pipelines.standardize import StandardizePipeline
-
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class EngineLoadError(ValueError):
-    """A component could not be loaded; the message names it, its source and how to get it."""
-
-
-@dataclass
-class LoadedComponent:
-    name: str
-    location: str  # resolved local path, or hub:repo/subfolder/file
-    kind: str  # the class that was loaded
-
-    def __str__(self) -> str:
-        return f"{self.name:14s} {self.kind:34s} {self.location}"
-
-
-@dataclass
-class Engine:
-    """Everything the studio and the CLI need: the pipelines of one preset on one device."""
-
-    preset: Preset
-    device: torch.device
-    dtype: torch.dtype
-    personalize: PersonalizePipeline | None
-    standardize: "StandardizePipeline | None" = None
-    components: list[LoadedComponent] = field(default_factory=list)
-    why: str = ""  # why this preset/device was chosen (shown by the UI)
-    # One model call at a time: the pipelines keep per-call state (scheduler timesteps, adapter scale, guidance, run
-    # counters, the sheet cache), so concurrent callers (UI and API events, threads of a script) queue here.
-    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
-
-    def describe(self) -> str:
-        dtypes = {str(p.dtype).replace("torch.", "") for p in (self.personalize, self.standardize) if p is not None}
-        dtypes = dtypes or {str(self.dtype).replace("torch.", "")}
-        lines = [f"preset {self.preset.name} on {self.device} ({', '.join(sorted(dtypes))})"]
-        if self.why:
-            lines.append(self.why)
-        lines += [str(c) for c in self.components]
-        return "\n".join(lines)
-
-    def generation_options(self, **options) -> dict:
-        """The preset's defaults updated with the non-None ``options``."""
-        merged = dict(self.preset.defaults)
-        merged.update({k: v for k, v in options.items() if v is not None})
-        return merged
-
-    def generate_panels(self, prompts, sheet=None, **options):
-        """Panels for ``prompts`` with the preset's defaults; returns ``PersonalizePipelineOutput``."""
-        if self.personalize is None:
-            raise ValueError("this engine was loaded without Stage II (personalize)")
-        with self.lock:
-            return self.personalize(prompt=prompts, sheet=sheet, **self.generation_options(**options))
-
-    def appearance_scores(self, sheet, images, masks=None) -> list[float]:
-        """How much each image still looks like the sheet's character (CLIP image cosine, figure only)."""
-        if self.personalize is None:
-            raise ValueError("this engine was loaded without Stage II (personalize)")
-        with self.lock:
-            return self.personalize.appearance_scores(sheet, images, masks)
-
-    def figure_mask(self, image):
-        """The figure mask (H, W) in [0, 1] of an image from the mask detector, or None where there is none."""
-        detector = getattr(self.standardize, "mask_detector", None) if self.standardize is not None else None
-        if detector is None:
-            return None
-        with self.lock:
-            return detector(image)
-
-    def standardize_reference(self, reference, **options):
-        """A character sheet from ``reference`` with the preset's Stage I defaults; ``StandardizePipelineOutput``."""
-        if self.standardize is None:
-            raise ValueError("this engine was loaded without Stage I (standardize)")
-        merged = dict(self.preset.standardize_defaults)
-        merged.update({k: v for k, v in options.items() if v is not None})
-        with self.lock:
-            return self.standardize(reference, **merged)
-
-
-def resolve_device(policy: str | None, requires_gpu: bool, preset_name: str) -> tuple[torch.device, str]:
-    if policy not in (None, "auto"):
-        return torch.device(policy), f"device {policy} was asked for"
-    if torch.cuda.is_available():
-        return torch.device("cuda"), "a CUDA GPU is available"
-    if requires_gpu:
-        raise EngineLoadError(
-            f"preset {preset_name!r} needs a GPU and none was found; use --preset demo for the CPU models,"
-            " or pass --device cpu to run it (very slowly) anyway"
-        )
-    return torch.device("cpu"), "no GPU found, running on the CPU"
-
-
-def _bf16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-
-def resolve_dtype(policy: str | None, device: torch.device, stage: str = "personalize",
-                  bf16_supported: bool | None = None) -> torch.dtype:
-    """The dtype a stage runs in, chosen for the weights it runs.
-
-    ``auto``: float32 on the CPU. On a GPU, Stage I (standardize) runs in float16: the Animate Anyone weights were
-    trained and are run in fp16 by their reference code, and on the same weights bf16 deviates about 7 times more
-    from the reference output than fp16 (the review's measurement). Stage II (SDXL) runs in bfloat16 where the GPU
-    has it, else float16 (the SDXL VAE then decodes in float32: ``force_upcast``, as stock diffusers does). An
-    explicit bfloat16 on a GPU without it falls back to float16.
-    """
-    if policy not in (None, "auto") and policy not in _DTYPES:
-        raise EngineLoadError(f"dtype {policy!r} is not one of {sorted(_DTYPES)} or 'auto'")
-    if device.type != "cuda":
-        return torch.float32 if policy in (None, "auto") else _DTYPES[policy]
-    bf16 = _bf16_supported(device) if bf16_supported is None else bf16_supported
-    if policy in (None, "auto"):
-        dtype = torch.float16 if stage == "standardize" else torch.bfloat16
-    else:
-        dtype = _DTYPES[policy]
-    return torch.float16 if dtype == torch.bfloat16 and not bf16 else dtype
-
-
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
-def _missing_message(name: str, spec: ComponentSource, detail: str) -> str:
-    message = f"component {name!r} could not be loaded from {spec.describe()}: {detail}"
-    if spec.how_to_get:
-        message += f"; {spec.how_to_get}"
-    return message + f", or pass --override {name}=/local/path"
-
-
-def check_sources(preset: Preset, names: list[str]) -> None:
-    """Fails fast, naming every local component that is missing, before anything heavy is loaded."""
-    problems = []
-    for name in names:
-        if name not in preset.components:
-            problems.append(f"preset {preset.name!r} has no component {name!r}")
-            continue
-        spec = preset.components[name]
-        if not spec.is_set:
-            problems.append(_missing_message(name, spec, "no source is set"))
-        elif spec.is_local and not spec.local_path().exists():
-            problems.append(_missing_message(name, spec, f"{spec.local_path()} does not exist"))
-    if problems:
-        raise EngineLoadError("\n".join(problems))
-
-
-def _in_hub_cache(spec: ComponentSource) -> bool:
-    """Whether a hub component is in the local HF cache (a file, or a folder's config), without any network."""
-    from huggingface_hub import try_to_load_from_cache
-
-    prefix = f"{spec.subfolder}/" if spec.subfolder else ""
-    names = [spec.filename] if spec.filename else ["config.json", "model_index.json"]
-    return any(isinstance(try_to_load_from_cache(spec.source, prefix + name, revision=spec.revision), str)
-               for name in names)
-
-
-def plan_sources(preset: Preset, stages=("personalize", "standardize")) -> list[tuple[str, str, str | None]]:
-    """Every component ``load_engine`` would need for ``stages``: (name, where it would load from, None when it is
-    there, else what is wrong and how to get it). Loads no weights; works on any machine."""
-    rows = []
-    for name in _required(preset, stages) + [n for n in ("pose_detector", "mask_detector")
-                                              if n in preset.components]:
-        spec = preset.components.get(name)
-        if spec is None:
-            rows.append((name, "-", f"preset {preset.name!r} has no component {name!r}"))
-        elif not spec.is_set:
-            rows.append((name, "-", _missing_message(name, spec, "no source is set")))
-        elif spec.is_local:
-            ok = spec.local_path().exists()
-            rows.append((name, spec.describe(), None if ok else _missing_message(
-                name, spec, f"{spec.local_path()} does not exist")))
-        else:
-            ok = _in_hub_cache(spec)
-            problem = None if ok or not _offline() else _missing_message(name, spec, "not in the local HF cache")
-            rows.append((name, spec.describe() + ("" if ok else " (not cached: downloads on first load)"), problem))
-    return rows
-
-
-def _hub_kwargs(spec: ComponentSource) -> dict:
-    kwargs = {"local_files_only": _offline()}
-    if spec.revision:
-        kwargs["revision"] = spec.revision
-    return kwargs
-
-
-def _load(name: str, spec: ComponentSource, loader):
-    try:
-        return loader()
-    except EngineLoadError:
-        raise
-    except (OSError, ValueError, RuntimeError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        if _offline() and not spec.is_local:
-            detail = f"not in the local cache and HF_HUB_OFFLINE=1 ({detail})"
-        raise EngineLoadError(_missing_message(name, spec, detail)) from exc
-
-
-def _adapter_file(spec: ComponentSource) -> tuple[str, str, str]:
-    """(folder or repo, subfolder, weight_name) for ``load_ip_adapter``."""
-    if not spec.is_local:
-        if not spec.filename:
-            raise EngineLoadError(f"component 'adapter' from hub {spec.source!r} needs a filename")
-        return spec.source, spec.subfolder or "", spec.filename
-    folder = Path(spec.source) / (spec.subfolder or "")
-    if spec.filename:
-        return str(folder), "", spec.filename
-    candidates = sorted(p.name for p in folder.glob("*.safetensors"))
-    if ADAPTER_WEIGHT_NAME in candidates or len(candidates) != 1:
-        return str(folder), "", ADAPTER_WEIGHT_NAME
-    return str(folder), "", candidates[0]
+__all__ = ["Engine", "EngineLoadError", "LoadedComponent", "load_detectors", "load_engine", "load_personalize",
+           "load_standardize"]
 
 
 def load_personalize(preset: Preset, device: torch.device, dtype: torch.dtype) -> tuple[PersonalizePipeline, list]:
@@ -281,14 +72,6 @@ def load_personalize(preset: Preset, device: torch.device, dtype: torch.dtype) -
     return pipe, report
 
 
-STAGE_COMPONENTS = {
-    "personalize": ("sdxl", "image_encoder", "adapter"),
-    "standardize": ("standardize",),  # a saved pipeline folder, or the parts below
-    "standardize_parts": ("stage1_unet_config", "stage1_vae", "stage1_image_encoder", "animate_anyone"),
-}
-STAGES = ("personalize", "standardize")
-
-
 def load_engine(
     preset: str | os.PathLike | Preset = "demo",
     overrides: dict[str, str] | None = None,
@@ -328,15 +111,6 @@ def load_engine(
                   standardize=standardize, components=report, why=why)
 
 
-def _required(preset: Preset, stages) -> list[str]:
-    names = []
-    if "personalize" in stages:
-        names += STAGE_COMPONENTS["personalize"]
-    if "standardize" in stages:
-        names += ["standardize"] if "standardize" in preset.components else STAGE_COMPONENTS["standardize_parts"]
-    return names
-
-
 def _load_auto(overrides, device, dtype, low_vram, stages) -> Engine:
     if torch.cuda.is_available() or (device or "").startswith("cuda"):
         try:
@@ -350,22 +124,6 @@ def _load_auto(overrides, device, dtype, low_vram, stages) -> Engine:
     engine = load_engine("demo", overrides, device, dtype, low_vram, stages)
     engine.why = reason
     return engine
-
-
-def _file(name: str, spec: ComponentSource, filename: str | None = None, subfolder: str | None = None) -> str:
-    """A local file of a component: its local path, or the hub file (from the cache when offline)."""
-    filename = filename or spec.filename
-    if spec.is_local:
-        path = Path(spec.source) / (subfolder or spec.subfolder or "") / (filename or "")
-        if not path.exists():
-            raise EngineLoadError(_missing_message(name, spec, f"{path} does not exist"))
-        return str(path)
-    from huggingface_hub import hf_hub_download
-
-    return _load(name, spec, lambda: hf_hub_download(
-        spec.source, filename, subfolder=subfolder or spec.subfolder, revision=spec.revision,
-        local_files_only=_offline(),
-    ))
 
 
 def load_detectors(preset: Preset) -> tuple[object | None, object | None, list[LoadedComponent]]:

@@ -165,7 +165,7 @@ def test_info_lists_every_component_without_loading_and_names_all_missing(monkey
     ("float32", "cuda", True, "personalize", torch.float32),
 ])
 def test_each_stage_runs_in_the_dtype_of_its_weights(policy, device, bf16, stage, expected):
-    from engine.loading import resolve_dtype
+    from engine.devices import resolve_dtype
 
     assert resolve_dtype(policy, torch.device(device), stage, bf16_supported=bf16) == expected
 
