@@ -361,7 +361,7 @@ def test_no_person_negatives_are_scenes_without_a_figure():
     from trainer.train_detectors import NoPersonNegatives
 
     sample = render_sample(4, 9, (64, 96))
-    empty = without_person(sample, things=0)
+    empty = without_person(sample, things=0, kind="scene")
     assert not empty.keypoints.any() and not np.asarray(empty.mask).any() and not np.asarray(empty.labels).any()
     # the person is gone and the scene stays: the picture differs only where the figure was
     diff = np.abs(np.asarray(empty.image, int) - np.asarray(sample.image, int)).sum(-1) > 30

@@ -348,19 +348,47 @@ def _draw_thing(draw, kind: str, rng: np.random.Generator, w: int, h: int) -> No
                       (cx - s * 0.18, cy - s * 0.75)], fill=color, outline=dark)
 
 
-def without_person(sample: Sample, things: int | None = None) -> Sample:
-    """The sample's scene with no person in it: its background (tinted as the scene is) with 0-3 objects that are
-    not people (an animal, a ball, a box, ...), no keypoints, an empty mask and labels. A detector's negatives: it
-    learns to say "no person" (deterministic in the sample's scene seed)."""
+def _texture(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A photo-like texture with no figure: value noise over several octaves (fur, foliage, gravel, clouds) in a
+    random palette, smoothed at a random scale."""
+    w, h = size
+    field = np.zeros((h, w), np.float32)
+    for octave in range(int(rng.integers(2, 6))):
+        cells = 2 ** (octave + 1)
+        grid = rng.random((cells + 1, max(2, cells * w // h) + 1)).astype(np.float32)
+        layer = np.asarray(Image.fromarray((grid * 255).astype(np.uint8)).resize((w, h), Image.Resampling.BICUBIC),
+                           np.float32) / 255.0
+        field += layer / (octave + 1)
+    field = (field - field.min()) / max(1e-6, float(field.max() - field.min()))
+    low, high = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    rgb = low[None, None] * (1 - field[..., None]) + high[None, None] * field[..., None]
+    rgb += rng.normal(0, float(rng.uniform(0, 18)), rgb.shape)  # grain
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+
+
+def without_person(sample: Sample, things: int | None = None, kind: str | None = None) -> Sample:
+    """A picture with no person in it, from the sample's scene: its background (tinted as the scene is) with 0-3
+    objects that are not people (an animal, a ball, a box, ...), or a close-up of one such object filling the frame,
+    or a photo-like texture; no keypoints, an empty mask and labels. A detector's negatives: it learns to say
+    "no person" (``kind``: "scene", "close-up" or "texture"; by default chosen, deterministic in the scene seed)."""
     import dataclasses
 
     from PIL import ImageDraw
 
     spec = sample_scene(sample.character_id, sample.scene_seed)
     rng = np.random.default_rng([spec.seed, 7])
-    image = render_background(spec, sample.image.size)
+    kind = kind or ("scene", "scene", "close-up", "texture")[int(rng.integers(4))]
+    w, h = sample.image.size
+    image = _texture(rng, (w, h)) if kind == "texture" else render_background(spec, (w, h))
     draw = ImageDraw.Draw(image)
-    count = int(rng.integers(0, 4)) if things is None else things
+    if kind == "close-up":  # the object drawn large on a double-size canvas, then cropped to the frame
+        big = render_background(spec, (2 * w, 2 * h)).crop((w // 2, h // 2, w // 2 + w, h // 2 + h))
+        image = Image.new("RGB", (2 * w, 2 * h))
+        image.paste(big.resize((2 * w, 2 * h)))
+        _draw_thing(ImageDraw.Draw(image), THINGS[int(rng.integers(len(THINGS)))], rng, 2 * w, 2 * h)
+        image = image.crop((w // 2, h // 2, w // 2 + w, h // 2 + h))
+        draw = ImageDraw.Draw(image)
+    count = (int(rng.integers(0, 4)) if kind == "scene" else 0) if things is None else things
     for _ in range(count):
         _draw_thing(draw, THINGS[int(rng.integers(len(THINGS)))], rng, *image.size)
     image = Image.fromarray(np.rint(tint(np.asarray(image, np.float32), spec.lighting)).astype(np.uint8))
