@@ -1,6 +1,6 @@
 """Where a training step's time goes, per demo trainer (Stage I, the base, the adapter), on this machine.
 
-    python benchmarks/bench_training.py [--threads 1] [--batch 16] [--repeats 3] [--stages standardizer,base,adapter]
+    python benchmarks/bench_training.py [--threads 1] [--batch 16] [--repeats 3] [--stages standardize,base,adapter]
 
 Each part of one step is timed on its own (median of ``--repeats``), with the shipped demo models and the demo
 size (128x192): rendering a batch of samples, placing the references on the canvas with their pose maps, turning
@@ -60,12 +60,12 @@ def data_parts(batch: int, repeats: int, canvas: bool) -> tuple[dict, dict]:
     return parts, data
 
 
-def standardizer(batch, repeats):
+def standardize(batch, repeats):
     from diffusers import DDPMScheduler
 
     from engine.pipelines import StandardizePipeline
     from trainer.common import diffusion_target
-    from trainer.train_standardizer import ClipPreprocess, attention_correspondence, denoise
+    from trainer.train_standardize import ClipPreprocess, attention_correspondence, denoise
 
     parts, data = data_parts(batch, repeats, canvas=True)
     pipe = StandardizePipeline.from_pretrained(DEMO / "standardize", dtype=torch.float32)
@@ -161,13 +161,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--stages", default="standardizer,base,adapter")
+    parser.add_argument("--stages", default="standardize,base,adapter")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data_keys = ("render", "canvas + pose map", "to tensors")
     for stage in args.stages.split(","):
-        parts = {"standardizer": lambda: standardizer(args.batch, args.repeats),
+        parts = {"standardize": lambda: standardize(args.batch, args.repeats),
                  "base": lambda: base(args.batch, args.repeats),
                  "adapter": lambda: base(args.batch, args.repeats, adapter=True)}[stage]()
         serial = sum(v for k, v in parts.items() if "attention loss" not in k)

@@ -146,7 +146,7 @@ FULL = Preset(
         "animate_anyone": ComponentSource("patrolli/AnimateAnyone",
                                           how_to_get=_HUB_HOW.format(repo="patrolli/AnimateAnyone")),
         # Our trained FBDM/RPIM (a ReferenceConditioner folder); without it Stage I runs the Animate Anyone baseline.
-        "stage1_modules": ComponentSource("", optional=True, how_to_get="train it with python -m trainer.train_standardizer"),
+        "stage1_modules": ComponentSource("", optional=True, how_to_get="train it with python -m trainer.train_standardize"),
         "pose_detector": ComponentSource("yzd-v/DWPose", how_to_get=_HUB_HOW.format(repo="yzd-v/DWPose")),
         "mask_detector": ComponentSource("Xenova/modnet", subfolder="onnx", filename="model.onnx",
                                          how_to_get=_HUB_HOW.format(repo="Xenova/modnet")),

@@ -35,7 +35,7 @@ def test_demo_models_fit_the_budget_and_carry_a_card():
     card = json.loads(CARD.read_text())
     quality = card["quality_stage1"]
     assert quality["n"] >= 20 and {"psnr", "ssim", "baseline_psnr", "baseline_ssim"} <= set(quality)
-    assert card["timings"] and card["budgets"]["standardizer"]["samples"] > 0
+    assert card["timings"] and card["budgets"]["standardize"]["samples"] > 0
     assert f"{quality['psnr']:.2f}" in (DEMO_MODELS_DIR / "README.md").read_text()
 
 

@@ -49,7 +49,7 @@ def test_dry_run_trains_packages_and_the_engine_runs_what_comes_back(tmp_path):
     files = gpu_run.train(tmp_path / "out", dry_run=True)
     assert len(files) <= 8 and all(f.stat().st_size <= 15 * 2**20 for f in files)
     report = json.loads((tmp_path / "out" / "gpu_run.json").read_text())
-    assert report["dry_run"] and {"clip", "base", "standardizer", "pairs", "personalizer"} <= set(report["timings"])
+    assert report["dry_run"] and {"clip", "base", "standardize", "pairs", "personalizer"} <= set(report["timings"])
     assert "Stage I on 8 held-out test characters" in (tmp_path / "out" / "README.md").read_text()
     gpu_run.unpack(tmp_path / "out", tmp_path / "demo")
     engine = load_engine("demo", device="cpu", overrides=packaged_overrides(tmp_path / "demo"))

@@ -69,9 +69,9 @@ def test_clip_vae_and_base(clip, tmp_path):
            tmp_path, "base")
 
 
-def test_standardizer_with_reference_dropout(tmp_path):
+def test_standardize_with_reference_dropout(tmp_path):
     # reference dropout 0.5 drops whole batches now and then: DDP must accept a ReferenceNet without gradients
-    launch("trainer.train_standardizer", {
+    launch("trainer.train_standardize", {
         "resolution": [64, 96], "vae": TINY_VAE, "image_encoder": TINY_CLIP, "reference_dropout": 0.5,
         "attention_loss_weight": 0.1,
         "model": {"unet": TINY_UNET, "pose_guider": {"block_out_channels": [8, 8, 16, 16]},

@@ -7,7 +7,7 @@ import torch
 from components import tiny_stage1_components
 from PIL import Image
 
-from engine.models.stage1 import AttnProcessor2_0, BankAttention, ReferenceBank, StandardizerNet
+from engine.models.stage1 import AttnProcessor2_0, BankAttention, ReferenceBank, StandardizeNet
 from engine.pipelines import StandardizePipeline
 
 
@@ -110,7 +110,7 @@ def test_visible_attributes_follow_the_framing():
 # ------------------------------------------------------------------------------------------ Stage I's bank
 class CopyOracle(torch.nn.Module):
     """Reads x0 straight from its reference latents (a copy task where the reference is the target) and returns the
-    exact diffusion target: the ideal reader. Same call signature as StandardizerNet with ``reference``."""
+    exact diffusion target: the ideal reader. Same call signature as StandardizeNet with ``reference``."""
 
     def __init__(self, scheduler):
         super().__init__()
@@ -155,7 +155,7 @@ def test_reference_reading_with_the_bank_cut_scores_zero_gap():
     processors = {name: AttnProcessor2_0() for name in pipe.denoising_unet.attn_processors}
     pipe.denoising_unet.set_attn_processor(processors)  # the denoiser no longer reads the bank
 
-    class Cut(StandardizerNet):
+    class Cut(StandardizeNet):
         def __init__(self, p):
             torch.nn.Module.__init__(self)
             self.reference_unet, self.denoising_unet = p.reference_unet, p.denoising_unet
@@ -169,7 +169,7 @@ def test_recording_the_attention_changes_no_prediction():
     """The attention loss is training-only: recording the attention gives the same prediction, and the pipeline never
     records."""
     c = tiny_stage1_components(0)
-    net = StandardizerNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"])
+    net = StandardizeNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"])
     g = torch.Generator().manual_seed(0)
     latents, ref = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 4, 12, 8, generator=g)
     embeds = torch.randn(2, 1, 32, generator=g)
@@ -193,7 +193,7 @@ def test_recording_the_attention_changes_no_prediction():
 
 
 def test_attention_correspondence_on_known_attention():
-    from trainer.train_standardizer import attention_correspondence
+    from trainer.train_standardize import attention_correspondence
 
     labels = torch.zeros(1, 16, 16, dtype=torch.long)
     labels[:, :8] = 3  # top half "top", bottom half background; on a 2x2 token grid: tokens 0, 1 top; 2, 3 background
@@ -212,10 +212,10 @@ def test_attention_correspondence_on_known_attention():
 
 def test_attention_loss_teaches_the_bank_where_to_look():
     """A few steps on the auxiliary loss alone move a random net's attention toward same-part reference tokens."""
-    from trainer.train_standardizer import attention_correspondence
+    from trainer.train_standardize import attention_correspondence
 
     c = tiny_stage1_components(0)
-    net = StandardizerNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"])
+    net = StandardizeNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"])
     g = torch.Generator().manual_seed(0)
     latents, ref = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 4, 12, 8, generator=g)
     embeds = torch.randn(2, 1, 32, generator=g)

@@ -8,7 +8,7 @@ from components import tiny_sd_unet, tiny_stage1_components
 from engine.models.stage1 import (
     PoseGuider,
     ReferenceConditioner,
-    StandardizerNet,
+    StandardizeNet,
     pose_residual,
     self_attention_layers,
     set_reference_processors,
@@ -31,7 +31,7 @@ def inputs(seed=0, batch=1):
 
 def make_net(with_conditioner=True, seed=0):
     c = tiny_stage1_components(seed, with_conditioner)
-    return StandardizerNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"])
+    return StandardizeNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"])
 
 
 @torch.no_grad()
@@ -174,5 +174,5 @@ def test_processors_keep_unet_state_dict_keys():
     keys = set(unet.state_dict())
     set_reference_processors(copy.deepcopy(unet), "read")
     c = tiny_stage1_components()
-    net = StandardizerNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], None)
+    net = StandardizeNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], None)
     assert set(net.denoising_unet.state_dict()) == keys

@@ -48,14 +48,14 @@ def test_bank_is_cleared_after_each_call(pipe, sample, monkeypatch):
     from engine.models import stage1
 
     banks = []
-    original = stage1.StandardizerNet.encode_reference
+    original = stage1.StandardizeNet.encode_reference
 
     def spy(self, *args, **kwargs):
         bank = original(self, *args, **kwargs)
         banks.append(bank)
         return bank
 
-    monkeypatch.setattr(stage1.StandardizerNet, "encode_reference", spy)
+    monkeypatch.setattr(stage1.StandardizeNet, "encode_reference", spy)
     pipe(sample.image, seed=1, **SIZE)
     pipe(sample.image, seed=1, **SIZE)
     assert len(banks) == 2 and banks[0] is not banks[1]

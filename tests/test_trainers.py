@@ -26,8 +26,8 @@ def write_config(path, config):
 
 
 @pytest.fixture(scope="module")
-def standardizer_run(tmp_path_factory):
-    from trainer import train_standardizer
+def standardize_run(tmp_path_factory):
+    from trainer import train_standardize
 
     root = tmp_path_factory.mktemp("std_train")
     config = {
@@ -39,13 +39,13 @@ def standardizer_run(tmp_path_factory):
         "model": {"unet": TINY_UNET, "pose_guider": {"block_out_channels": [8, 8, 16, 16]},
                   "conditioner": {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}},
     }
-    cfg = write_config(root / "standardizer.yaml", config)
-    final = train_standardizer.main(train_standardizer.parse_args(["--config", cfg]))
+    cfg = write_config(root / "standardize.yaml", config)
+    final = train_standardize.main(train_standardize.parse_args(["--config", cfg]))
     return root, cfg, final
 
 
-def test_standardizer_trains_checkpoints_and_validates(standardizer_run):
-    root, _, final = standardizer_run
+def test_standardize_trains_checkpoints_and_validates(standardize_run):
+    root, _, final = standardize_run
     run = root / "run"
     logs = [json.loads(line) for line in (run / "logs.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logs if "loss" in r] == [1, 2] and np.isfinite([r["loss"] for r in logs if "loss" in r]).all()
@@ -89,36 +89,36 @@ def test_diffusion_target_inverts_to_the_clean_latents(kind):
         diffusion_target(scheduler, x0, noise, t)
 
 
-def test_standardizer_resumes_from_the_latest_checkpoint(standardizer_run):
-    from trainer import train_standardizer
+def test_standardize_resumes_from_the_latest_checkpoint(standardize_run):
+    from trainer import train_standardize
 
-    root, cfg, _ = standardizer_run
-    train_standardizer.main(train_standardizer.parse_args(["--config", cfg, "--max_train_steps", "3"]))
+    root, cfg, _ = standardize_run
+    train_standardize.main(train_standardize.parse_args(["--config", cfg, "--max_train_steps", "3"]))
     steps = [json.loads(line)["step"] for line in (root / "run" / "logs.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == [1, 2, 3]  # continued at 3, did not start over
     assert (root / "run" / "checkpoint-3").is_dir()
 
 
-def test_saved_standardizer_loads_through_the_engine_and_generates(standardizer_run):
+def test_saved_standardize_loads_through_the_engine_and_generates(standardize_run):
     from engine import load_engine
     from trainer.synthetic import render_sample
 
-    _, _, final = standardizer_run
+    _, _, final = standardize_run
     engine = load_engine("demo", overrides={"standardize": str(final)}, device="cpu", stages=("standardize",))
     out = engine.standardize_reference(render_sample(5, 5, (64, 96)).image, height=96, width=64,
                                        num_inference_steps=2, seed=0)
     assert out.sheet.size == (64, 96) and np.asarray(out.sheet).std() > 0
 
 
-def test_standardizer_trains_on_the_reference_the_pipeline_sees(standardizer_run):
+def test_standardize_trains_on_the_reference_the_pipeline_sees(standardize_run):
     """The training reference is the pipeline's canvas (image, mask, keypoints, pose map), not the raw scene."""
     from engine.pipelines.standardize import StandardizePipeline
     from engine.preprocess.pose import draw_pose_map
     from trainer.synthetic import render_sample
-    from trainer.train_standardizer import reference_on_canvas
+    from trainer.train_standardize import reference_on_canvas
 
-    pipe = StandardizePipeline.from_pretrained(str(standardizer_run[2]))
+    pipe = StandardizePipeline.from_pretrained(str(standardize_run[2]))
     for scene in range(4):
         sample = render_sample(3, scene, (64, 96))
         trained = reference_on_canvas(sample)
@@ -134,18 +134,18 @@ def test_standardizer_trains_on_the_reference_the_pipeline_sees(standardizer_run
 
 
 def test_fbdm_rpim_switches(tmp_path):
-    from trainer import train_standardizer
+    from trainer import train_standardize
 
     config = {"vae": TINY_VAE, "image_encoder": TINY_CLIP,
               "model": {"unet": TINY_UNET, "use_fbdm": False, "use_rpim": False,
                         "pose_guider": {"block_out_channels": [8, 8, 16, 16]}}}
-    args = train_standardizer.parse_args(["--config", write_config(tmp_path / "c.yaml", config)])
-    models = train_standardizer.build_models(train_standardizer.load_config(args, train_standardizer.DEFAULTS))
+    args = train_standardize.parse_args(["--config", write_config(tmp_path / "c.yaml", config)])
+    models = train_standardize.build_models(train_standardize.load_config(args, train_standardize.DEFAULTS))
     assert models["net"].conditioner is None
-    args = train_standardizer.parse_args(["--config", str(tmp_path / "c.yaml"), "--set", "model.use_fbdm=true"])
-    cfg = train_standardizer.load_config(args, train_standardizer.DEFAULTS)
+    args = train_standardize.parse_args(["--config", str(tmp_path / "c.yaml"), "--set", "model.use_fbdm=true"])
+    cfg = train_standardize.load_config(args, train_standardize.DEFAULTS)
     cfg["model"]["conditioner"] = {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}
-    net = train_standardizer.build_models(cfg)["net"]
+    net = train_standardize.build_models(cfg)["net"]
     assert net.conditioner.config.use_fbdm and not net.conditioner.config.use_rpim
 
 
@@ -165,14 +165,14 @@ def tiny_base(tmp_path_factory):
     return root
 
 
-def test_build_pairs_with_the_trained_standardizer(standardizer_run, tmp_path):
+def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
     from trainer import build_pairs
     from trainer.synthetic.__main__ import main as synthetic_main
 
-    _, _, final = standardizer_run
+    _, _, final = standardize_run
     synthetic_main(["export", "--split", "train", "--n", "3", "--size", "64x96", "--out", str(tmp_path / "images")])
     out = build_pairs.main(build_pairs.parse_args(
-        ["--standardizer", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "pairs"),
+        ["--standardize", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "pairs"),
          "--size", "64x96", "--steps", "2", "--ground-truth"]))
     records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2] and all(r["caption"] for r in records)
@@ -255,9 +255,9 @@ def test_personalizer_on_built_pairs(tiny_base, tmp_path):
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("precision", ["no", "bf16", "fp16"])
 def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
-    """clip -> vae -> base -> standardizer -> pairs -> personalizer, then the engine loads the lot like the demo;
+    """clip -> vae -> base -> standardize -> pairs -> personalizer, then the engine loads the lot like the demo;
     every trainer also under bf16 and fp16 mixed precision (what GPU runs use), validation included."""
-    from trainer import (build_pairs, train_clip, train_personalizer, train_standardizer, train_text_to_image,
+    from trainer import (build_pairs, train_clip, train_personalizer, train_standardize, train_text_to_image,
                          train_vae)
     from trainer.synthetic.__main__ import main as synthetic_main
 
@@ -293,13 +293,13 @@ def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 1],
                  "addition_time_embed_dim": 8, "norm_num_groups": 8, "use_linear_projection": True}})]))
-    std = train_standardizer.main(train_standardizer.parse_args(["--config", write_config(tmp_path / "std.yaml", {
+    std = train_standardize.main(train_standardize.parse_args(["--config", write_config(tmp_path / "std.yaml", {
         **common, "output_dir": str(tmp_path / "std"), "resolution": [64, 96], "vae": str(vae),
         "image_encoder": str(clip / "image_encoder"),
         "model": {"unet": TINY_UNET, "pose_guider": {"block_out_channels": [8, 8, 16, 16]},
                   "conditioner": {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}}})]))
     synthetic_main(["export", "--split", "train", "--n", "2", "--size", "64x96", "--out", str(tmp_path / "images")])
-    pairs = build_pairs.main(build_pairs.parse_args(["--standardizer", str(std), "--images", str(tmp_path / "images"),
+    pairs = build_pairs.main(build_pairs.parse_args(["--standardize", str(std), "--images", str(tmp_path / "images"),
                                                      "--out", str(tmp_path / "pairs"), "--size", "64x96",
                                                      "--steps", "2", "--ground-truth"]))
     adapter = train_personalizer.main(train_personalizer.parse_args(["--config", write_config(
@@ -319,11 +319,11 @@ def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
     assert sheet.size == (64, 96) and [p.size for p in panels.images] == [(64, 96), (64, 96)]
 
 
-def test_stage1_evaluation_reports_model_and_baseline(standardizer_run):
+def test_stage1_evaluation_reports_model_and_baseline(standardize_run):
     from engine import StandardizePipeline
     from trainer.evaluate import mean_standard, standardization_quality
 
-    _, _, final = standardizer_run
+    _, _, final = standardize_run
     pipe = StandardizePipeline.from_pretrained(final)
     pipe.set_progress_bar_config(disable=True)
     result, shown = standardization_quality(pipe, n=2, size=(64, 96), steps=2, examples=1)
@@ -435,7 +435,7 @@ def test_cpu_profile_overrides_reach_every_trainer_config():
             for part in key.split("."):
                 node = node[part]
             assert node == value, (stage, key)
-    baseline = make_demo.TRAINERS["standardizer_baseline"][2]
+    baseline = make_demo.TRAINERS["standardize_baseline"][2]
     assert baseline["model"] == {"use_fbdm": False, "use_rpim": False} and "ablation" in baseline["output_dir"]
     gpu = train_vae.load_config(train_vae.parse_args(make_demo._config_args("vae", 1.0, "gpu")), train_vae.DEFAULTS)
     assert gpu["random_crop"] is None and gpu["vae"]["block_out_channels"] == [32, 64, 64, 64]
@@ -464,7 +464,7 @@ def test_model_card_says_where_stage1_stands():
     assert "**Below the targets** (PSNR (dB) 21 < 22.0)" in gpu  # a GPU run is held to the GPU targets
 
 
-def test_continue_from_shipped_or_from_the_latest_checkpoint(standardizer_run, tmp_path, monkeypatch):
+def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tmp_path, monkeypatch):
     """make_demo --continue-steps: without a surviving run, a stage starts from the shipped model (seeded into runs/,
     with its budget recorded for the model card); with a checkpoint, it resumes there for N more steps. Always a
     flat learning rate after the warm-up."""
@@ -473,35 +473,35 @@ def test_continue_from_shipped_or_from_the_latest_checkpoint(standardizer_run, t
     from trainer import make_demo
 
     shipped = tmp_path / "shipped"
-    shutil.copytree(standardizer_run[2], shipped / "standardize")
+    shutil.copytree(standardize_run[2], shipped / "standardize")
     (shipped / "model_card.json").write_text(json.dumps(
-        {"budgets": {"standardizer": {"steps": 1400, "batch": 16, "samples": 22400}}, "timings": {"standardizer": 9.0}}))
+        {"budgets": {"standardize": {"steps": 1400, "batch": 16, "samples": 22400}}, "timings": {"standardize": 9.0}}))
     runs = tmp_path / "runs" / "demo"
     monkeypatch.setattr(make_demo, "SHIPPED", shipped)
     monkeypatch.setattr(make_demo, "RUNS", runs)
-    monkeypatch.setitem(make_demo.OUTPUTS, "standardizer", runs / "standardizer" / "pipeline")
-    config = {"output_dir": str(runs / "standardizer"), "lr_warmup_steps": 500}
-    fresh = make_demo.continue_overrides("standardizer", config, 300)
-    assert fresh == {"lr_schedule": "constant", "init": str(runs / "standardizer" / "pipeline"),
+    monkeypatch.setitem(make_demo.OUTPUTS, "standardize", runs / "standardize" / "pipeline")
+    config = {"output_dir": str(runs / "standardize"), "lr_warmup_steps": 500}
+    fresh = make_demo.continue_overrides("standardize", config, 300)
+    assert fresh == {"lr_schedule": "constant", "init": str(runs / "standardize" / "pipeline"),
                      "max_train_steps": 300, "lr_warmup_steps": 50}
-    assert (runs / "standardizer" / "pipeline" / "model_index.json").is_file()
-    assert json.loads((runs / "standardizer" / "lineage.json").read_text())["budget"]["steps"] == 1400
-    (runs / "standardizer" / "checkpoint-120").mkdir()
-    assert make_demo.continue_overrides("standardizer", config, 300) == {"lr_schedule": "constant",
+    assert (runs / "standardize" / "pipeline" / "model_index.json").is_file()
+    assert json.loads((runs / "standardize" / "lineage.json").read_text())["budget"]["steps"] == 1400
+    (runs / "standardize" / "checkpoint-120").mkdir()
+    assert make_demo.continue_overrides("standardize", config, 300) == {"lr_schedule": "constant",
                                                                           "max_train_steps": 420}
 
 
-def test_standardizer_init_starts_from_the_given_pipeline(standardizer_run, tmp_path):
+def test_standardize_init_starts_from_the_given_pipeline(standardize_run, tmp_path):
     """With ``init`` and a zero learning rate, the trained pipeline is exactly the one it started from."""
     from safetensors.torch import load_file
 
-    from trainer import train_standardizer
+    from trainer import train_standardize
 
-    root, cfg, final = standardizer_run
+    root, cfg, final = standardize_run
     config = yaml.safe_load(open(cfg))
     config.update(output_dir=str(tmp_path / "run"), init=str(final), learning_rate=0.0, adam_weight_decay=0.0,
                   max_train_steps=1, checkpointing_steps=1, validation_steps=100, lr_schedule="constant")
-    again = train_standardizer.main(train_standardizer.parse_args(["--config", write_config(tmp_path / "c.yaml",
+    again = train_standardize.main(train_standardize.parse_args(["--config", write_config(tmp_path / "c.yaml",
                                                                                             config)]))
     for part in ("denoising_unet", "reference_unet", "pose_guider", "reference_conditioner"):
         before = load_file(next((final / part).glob("*.safetensors")))
@@ -516,12 +516,12 @@ def test_a_mixed_precision_stage1_step_leaves_autocast_off():
     from accelerate.state import AcceleratorState
     from components import tiny_stage1_components
 
-    from engine.models.stage1 import StandardizerNet
+    from engine.models.stage1 import StandardizeNet
 
     c = tiny_stage1_components(0)
     AcceleratorState._reset_state()
     net = Accelerator(mixed_precision="bf16").prepare(
-        StandardizerNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"]))
+        StandardizeNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"]))
     latents, embeds = torch.randn(2, 4, 12, 8), torch.randn(2, 1, 32)
     pred, bank = net(latents, torch.tensor([1, 2]), embeds, None,
                      reference={"reference_latents": torch.randn(2, 4, 12, 8), "image_embeds": embeds})
@@ -534,7 +534,7 @@ def test_curriculum_swaps_references_for_the_standard_render():
     mask, pose map and labels together); share 0 leaves the batch as it is."""
     from trainer.synthetic import reference_on_canvas, render_sample
     from trainer.synthetic.dataset import sample_to_dict
-    from trainer.train_standardizer import copy_task_references
+    from trainer.train_standardize import copy_task_references
 
     items = [sample_to_dict(reference_on_canvas(render_sample(i, i, (64, 96)))) for i in range(8)]
     batch = torch.utils.data.default_collate([{k: v for k, v in i.items() if torch.is_tensor(v)} for i in items])
@@ -552,14 +552,14 @@ def test_curriculum_swaps_references_for_the_standard_render():
 
 
 def test_identical_init_starts_the_denoiser_as_a_copy_of_the_reference_net():
-    from trainer import train_standardizer
+    from trainer import train_standardize
 
-    config = {**train_standardizer.DEFAULTS, "vae": TINY_VAE, "image_encoder": TINY_CLIP,
+    config = {**train_standardize.DEFAULTS, "vae": TINY_VAE, "image_encoder": TINY_CLIP,
               "model": {"unet": TINY_UNET, "use_fbdm": True, "use_rpim": True,
                         "pose_guider": {"block_out_channels": [8, 8, 16, 16]},
                         "conditioner": {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}}}
-    apart = train_standardizer.build_models(config)["net"]
-    same = train_standardizer.build_models({**config, "identical_init": True})["net"]
+    apart = train_standardize.build_models(config)["net"]
+    same = train_standardize.build_models({**config, "identical_init": True})["net"]
     reference, denoiser = same.reference_unet.state_dict(), same.denoising_unet.state_dict()
     assert all(torch.equal(reference[k], denoiser[k]) for k in reference)
     assert same.reference_unet is not same.denoising_unet  # two modules that then train apart

@@ -1,6 +1,6 @@
 """Build Stage II training pairs: standardize a folder of images with a Stage I model (paper section 3.4).
 
-    python -m trainer.build_pairs --standardizer runs/standardizer/pipeline --images data/train --out data/pairs
+    python -m trainer.build_pairs --standardize runs/standardize/pipeline --images data/train --out data/pairs
     accelerate launch -m trainer.build_pairs ...   # the images are split across processes
 
 ``--images`` is a folder written by ``python -m trainer.synthetic export`` (its ``metadata.jsonl`` gives captions,
@@ -23,10 +23,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--standardizer", required=True, help="a saved StandardizePipeline folder")
+    parser.add_argument("--standardize", required=True, help="a saved StandardizePipeline folder")
     parser.add_argument("--images", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--size", default="128x192", help="WxH of sheet and target (the standardizer's training size)")
+    parser.add_argument("--size", default="128x192", help="WxH of sheet and target (Stage I's training size)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--seed", type=int, default=0)
@@ -71,7 +71,7 @@ def main(args) -> Path:
     items = list_items(folder, args.ground_truth)[: args.limit]
     if not items:
         raise ValueError(f"no images found in {folder}")
-    pipe = StandardizePipeline.from_pretrained(args.standardizer).to(args.device or state.device)
+    pipe = StandardizePipeline.from_pretrained(args.standardize).to(args.device or state.device)
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.lower().split("x"))
     out.mkdir(parents=True, exist_ok=True)

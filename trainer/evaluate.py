@@ -1,6 +1,6 @@
 """Measuring the models on held-out synthetic characters (ground truth known exactly).
 
-    python -m trainer.evaluate stage1 --standardizer runs/demo/standardizer/pipeline [--n 40] [--size 128x192] [--probe DIR]
+    python -m trainer.evaluate stage1 --standardize runs/demo/standardize/pipeline [--n 40] [--size 128x192] [--probe DIR]
         [--reading 64]
     python -m trainer.evaluate encoder --image-encoder assets/models/demo/image_encoder [--n-train 1500 --n-test 500]
     python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
@@ -128,7 +128,7 @@ def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed:
     from .common import diffusion_target
     from .synthetic import reference_on_canvas
     from .synthetic.dataset import sample_to_dict
-    from .train_standardizer import ClipPreprocess, attention_correspondence, denoise, stage1_inputs
+    from .train_standardize import ClipPreprocess, attention_correspondence, denoise, stage1_inputs
 
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     net = net if net is not None else pipe.net
@@ -443,7 +443,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.evaluate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     st = sub.add_parser("stage1")
-    st.add_argument("--standardizer", required=True, help="a saved StandardizePipeline folder")
+    st.add_argument("--standardize", required=True, help="a saved StandardizePipeline folder")
     st.add_argument("--n", type=int, default=40)
     st.add_argument("--size", default="128x192")
     st.add_argument("--steps", type=int, default=20)
@@ -479,7 +479,7 @@ def main(argv=None) -> int:
         return _encoder(args)
     from engine.pipelines.standardize import StandardizePipeline
 
-    pipe = StandardizePipeline.from_pretrained(args.standardizer)
+    pipe = StandardizePipeline.from_pretrained(args.standardize)
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.split("x"))
     probe = None
@@ -525,8 +525,8 @@ def _run(args) -> int:
             path, _, mode = rest.partition(":")
             specs.append((name, path or None, mode != "raw", mode if mode not in ("", "raw") else None))
     variants = []
-    for name, adapter, standardize, standardizer in specs:
-        extra = {**({"adapter": adapter} if adapter else {}), **({"standardize": standardizer} if standardizer else {})}
+    for name, adapter, standardize, standardize in specs:
+        extra = {**({"adapter": adapter} if adapter else {}), **({"standardize": standardize} if standardize else {})}
         engine = load_engine(args.preset, overrides={**overrides, **extra}, device=args.device)
         variants.append({"name": name, "engine": engine, "standardize": standardize})
     clip = ClipScorer.from_pretrained(args.clip) if args.clip else None

@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PART_BYTES = 15 * 2**20
 MAX_FILES = 8
 PACK_NAME = "demo-models.tar"
-TRAIN_STAGES = "clip,base,standardizer,pairs,personalizer,package"
+TRAIN_STAGES = "clip,base,standardize,pairs,personalizer,package"
 # The full-size rows of docs/benchmarks.md (random weights, 512x768, bf16, next to stock diffusers), low-VRAM row.
 BENCH_COMMANDS = [
     ["benchmarks/bench_standardize.py", "--model", "random-full", "--device", "cuda", "--dtype", "bfloat16"],

@@ -3,10 +3,10 @@
     python -m trainer.make_demo                      # GPU: the configs in trainer/configs/*_demo.yaml
     python -m trainer.make_demo --profile cpu        # a 2-core CPU run (trainer/configs/cpu_profile.yaml)
     python -m trainer.make_demo --stages package     # only (re)package and re-measure what is trained
-    python -m trainer.make_demo --profile cpu --from-shipped --continue-steps 2000 --stages standardizer,package
+    python -m trainer.make_demo --profile cpu --from-shipped --continue-steps 2000 --stages standardize,package
                                                      # train on: from runs/ where it survived, else the shipped weights
 
-Stages: clip -> vae -> base -> standardizer -> pairs (our Stage I standardizes synthetic images) -> personalizer
+Stages: clip -> vae -> base -> standardize -> pairs (our Stage I standardizes synthetic images) -> personalizer
 -> package (fp16 copies in assets/models/demo, Stage I PSNR/SSIM on held-out characters vs the mean-standard
 baseline, an example grid, and the model card). A finished stage is skipped; a killed one resumes.
 """
@@ -31,30 +31,30 @@ CONFIGS = ROOT / "trainer" / "configs"
 RUNS = Path(os.environ.get("SERIALGEN_RUNS") or ROOT / "runs" / "demo")
 DEMO = Path(os.environ.get("SERIALGEN_DEMO_DIR") or ROOT / "assets" / "models" / "demo")
 EVALUATION = Path(os.environ.get("SERIALGEN_EVALUATION_DIR") or ROOT / "assets" / "evaluation")
-STAGES = ("clip", "vae", "base", "standardizer", "pairs", "personalizer", "pose_detector", "mask_detector",
+STAGES = ("clip", "vae", "base", "standardize", "pairs", "personalizer", "pose_detector", "mask_detector",
           "package")
 # The evaluation recipe (issue: the paper's Table 2-4 analogues), same profile and budgets as the models they ablate:
-# python -m trainer.make_demo --stages probe,standardizer_baseline,personalizer_unpaired,personalizer_raw,evaluate
-EVAL_STAGES = ("probe", "standardizer_baseline", "personalizer_unpaired", "personalizer_raw", "evaluate")
+# python -m trainer.make_demo --stages probe,standardize_baseline,personalizer_unpaired,personalizer_raw,evaluate
+EVAL_STAGES = ("probe", "standardize_baseline", "personalizer_unpaired", "personalizer_raw", "evaluate")
 ABLATIONS = RUNS / "ablation"
 OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae", "base": RUNS / "base" / "sdxl",
-           "standardizer": RUNS / "standardizer" / "pipeline", "pairs": RUNS / "pairs" / "metadata.jsonl",
+           "standardize": RUNS / "standardize" / "pipeline", "pairs": RUNS / "pairs" / "metadata.jsonl",
            "personalizer": RUNS / "personalizer" / "adapter" / "ip-adapter.safetensors",
            "pose_detector": RUNS / "pose_detector" / "pose.onnx", "mask_detector": RUNS / "mask_detector" / "mask.onnx",
            "probe": RUNS / "probe" / "probe",
-           "standardizer_baseline": ABLATIONS / "standardizer-baseline" / "pipeline",
+           "standardize_baseline": ABLATIONS / "standardize-baseline" / "pipeline",
            "personalizer_unpaired": ABLATIONS / "personalizer-unpaired" / "adapter" / "ip-adapter.safetensors",
            "personalizer_raw": ABLATIONS / "personalizer-raw" / "adapter" / "ip-adapter.safetensors",
            "evaluate": EVALUATION / "results.json"}
 # stage -> (trainer module, config name, overrides over config + profile). Ablations keep the ablated model's budget.
 TRAINERS = {
     "clip": ("train_clip", "clip", {}), "vae": ("train_vae", "vae", {}), "base": ("train_text_to_image", "base", {}),
-    "standardizer": ("train_standardizer", "standardizer", {}),
+    "standardize": ("train_standardize", "standardize", {}),
     "personalizer": ("train_personalizer", "personalizer", {}),
     "pose_detector": ("train_detectors", "pose_detector", {}), "mask_detector": ("train_detectors", "mask_detector", {}),
     "probe": ("train_probes", "probe", {}),
-    "standardizer_baseline": ("train_standardizer", "standardizer", {
-        "output_dir": str(ABLATIONS / "standardizer-baseline"), "model": {"use_fbdm": False, "use_rpim": False}}),
+    "standardize_baseline": ("train_standardize", "standardize", {
+        "output_dir": str(ABLATIONS / "standardize-baseline"), "model": {"use_fbdm": False, "use_rpim": False}}),
     # one-stage ablations draw from as many training characters as the two-stage pairs were built from
     "personalizer_unpaired": ("train_personalizer", "personalizer", {
         "output_dir": str(ABLATIONS / "personalizer-unpaired"), "pairs": "synthetic-unpaired"}),
@@ -65,7 +65,7 @@ TRAINERS = {
 
 PROFILES = {"gpu": None, "cpu": CONFIGS / "cpu_profile.yaml", "h200": CONFIGS / "h200_profile.yaml"}
 SHIPPED = ROOT / "assets" / "models" / "demo"  # what continued training starts from (not moved with DEMO)
-CONTINUABLE = ("clip", "base", "standardizer", "personalizer", "standardizer_baseline", "personalizer_unpaired",
+CONTINUABLE = ("clip", "base", "standardize", "personalizer", "standardize_baseline", "personalizer_unpaired",
                "personalizer_raw")
 LINEAGE = "lineage.json"  # in a stage's run folder: what it started from when that was the shipped model
 
@@ -127,7 +127,7 @@ def trainer_invocation(stage: str, args, continuing: bool = False):
 
 # How a trained stage starts from a given model: stage -> (config key, value for a model at ``path``).
 def _init_value(stage: str, path: Path):
-    if stage.startswith("standardizer"):
+    if stage.startswith("standardize"):
         return "init", str(path)
     if stage.startswith("personalizer"):
         return "init_adapter", str(path)
@@ -161,7 +161,7 @@ def continue_overrides(stage: str, config: dict, steps: int) -> dict:
 
 def _shipped_output(stage: str) -> Path | None:
     """The shipped demo model of a stage, in the form its recipe output takes (seeded into runs/ where needed)."""
-    if stage in ("standardizer", "personalizer", "clip", "base"):
+    if stage in ("standardize", "personalizer", "clip", "base"):
         seed_from_shipped(stage)
         return OUTPUTS[stage] if OUTPUTS[stage].exists() else None
     return None
@@ -194,7 +194,7 @@ def seed_from_shipped(stage: str) -> bool:
                                         "tokenizer": SHIPPED / "personalize" / "tokenizer"})
         model.save_pretrained(out.parent / "clip")
         export(model, tokenizer, out.parent)
-    elif stage == "standardizer":
+    elif stage == "standardize":
         from engine.pipelines import StandardizePipeline
 
         StandardizePipeline.from_pretrained(SHIPPED / "standardize", dtype=torch.float32).save_pretrained(out)
@@ -233,7 +233,7 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
             synthetic_main(["export", "--split", "train", "--n", str(_pairs(args)), "--size", "128x192", "--out",
                             str(images), "--workers", workers, "--scenes-per-character", "2"])
         shutil.rmtree(RUNS / "pairs", ignore_errors=True)  # pairs of an earlier Stage I
-        build_pairs.main(build_pairs.parse_args(["--standardizer", str(OUTPUTS["standardizer"]), "--images",
+        build_pairs.main(build_pairs.parse_args(["--standardize", str(OUTPUTS["standardize"]), "--images",
                                                  str(images), "--out", str(RUNS / "pairs"), "--size", "128x192",
                                                  "--ground-truth", "--limit", str(_pairs(args))]))
 
@@ -265,7 +265,7 @@ def package(args, timings: dict) -> Path:
 
     demo = DEMO
     demo.mkdir(parents=True, exist_ok=True)
-    std = StandardizePipeline.from_pretrained(OUTPUTS["standardizer"])
+    std = StandardizePipeline.from_pretrained(OUTPUTS["standardize"])
     std.to(torch.float16).save_pretrained(demo / "standardize")
     base = PersonalizePipeline.from_pretrained(OUTPUTS["base"])
     base.to(torch.float16).save_pretrained(demo / "personalize")
@@ -309,7 +309,7 @@ def package(args, timings: dict) -> Path:
     image_grid(rows, (128, 192)).save(demo / "figures" / "examples.png")
     image_grid([list(t) for t in shown], (128, 192)).save(demo / "figures" / "stage1.png")
     bundled = bundled_examples(engine, prompts, demo / "figures" / "bundled.png")
-    curve = learning_curve(RUNS / "standardizer", demo / "figures" / "stage1_curve.png")
+    curve = learning_curve(RUNS / "standardize", demo / "figures" / "stage1_curve.png")
     from .evaluate import embedding_probe, reference_reading
 
     encoder_probe = embedding_probe(engine.standardize.image_encoder, n_train=args.eval_n * 25, n_test=args.eval_n * 10)
@@ -412,7 +412,7 @@ PROTOCOL_VARIANTS = {
     "our adapter fed the raw reference (no Stage I at inference)": ({}, False),
     "one-stage paired (raw reference)": ({"adapter": OUTPUTS["personalizer_raw"]}, False),
     "one-stage unpaired (reference = target)": ({"adapter": OUTPUTS["personalizer_unpaired"]}, False),
-    "two-stage, Stage I without FBDM/RPIM": ({"standardize": OUTPUTS["standardizer_baseline"]}, True),
+    "two-stage, Stage I without FBDM/RPIM": ({"standardize": OUTPUTS["standardize_baseline"]}, True),
 }
 
 
@@ -431,7 +431,7 @@ def evaluate_all(args) -> Path:
     settings = {"characters": 10, "seeds": 4, "stage1_n": 40, **load_profile(args.profile).get("evaluate", {})}
     stage1, shown, missing = {}, {}, []
     probe = AttributeProbe.from_pretrained(OUTPUTS["probe"]).eval()
-    for name, stage in (("with FBDM + RPIM (ours)", "standardizer"), ("without FBDM and RPIM", "standardizer_baseline")):
+    for name, stage in (("with FBDM + RPIM (ours)", "standardize"), ("without FBDM and RPIM", "standardize_baseline")):
         if not OUTPUTS[stage].exists():
             missing.append(f"Stage I {name}: {OUTPUTS[stage]}")
             continue

@@ -4,7 +4,7 @@ from .stage1 import (
     ReferenceAttnProcessor,
     ReferenceBank,
     ReferenceConditioner,
-    StandardizerNet,
+    StandardizeNet,
     pose_residual,
     set_reference_processors,
 )
@@ -16,7 +16,7 @@ __all__ = [
     "ReferenceAttnProcessor",
     "ReferenceBank",
     "ReferenceConditioner",
-    "StandardizerNet",
+    "StandardizeNet",
     "pose_residual",
     "read_adapter_file",
     "set_reference_processors",

@@ -337,7 +337,7 @@ def pose_residual(features: torch.Tensor | None):
         _POSE_RESIDUAL.reset(token)
 
 
-class StandardizerNet(nn.Module):
+class StandardizeNet(nn.Module):
     """The Stage I network, shared by the pipeline and the trainer: ReferenceNet + denoiser + pose guider (+ FBDM/RPIM).
 
     ``encode_reference`` runs the reference UNet once (t = 0) and returns the filled bank; ``forward`` predicts noise

@@ -18,7 +18,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
-from ..models.stage1 import PoseGuider, ReferenceConditioner, StandardizerNet
+from ..models.stage1 import PoseGuider, ReferenceConditioner, StandardizeNet
 from ..preprocess.canvas import MIN_SIDE, fit_to_canvas
 from ..preprocess.image import clip_processor, load_image
 from ..preprocess.pose import draw_pose_map
@@ -95,8 +95,8 @@ class StandardizePipeline(DiffusionPipeline):
         self.pose_detector, self.mask_detector = pose, mask
 
     @property
-    def net(self) -> StandardizerNet:
-        return StandardizerNet(self.reference_unet, self.denoising_unet, self.pose_guider, self.reference_conditioner)
+    def net(self) -> StandardizeNet:
+        return StandardizeNet(self.reference_unet, self.denoising_unet, self.pose_guider, self.reference_conditioner)
 
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, height, width, num_inference_steps, guidance_scale, seed, mask, reference_pose):

@@ -1,7 +1,7 @@
 """Train SerialGen's Stage I (standardization) on synthetic (reference, standard) pairs.
 
-    python -m trainer.train_standardizer --config trainer/configs/standardizer_demo.yaml
-    accelerate launch -m trainer.train_standardizer --config ... [--set model.use_fbdm=false --set model.use_rpim=false]
+    python -m trainer.train_standardize --config trainer/configs/standardize_demo.yaml
+    accelerate launch -m trainer.train_standardize --config ... [--set model.use_fbdm=false --set model.use_rpim=false]
 
 Trained: reference UNet, denoising UNet, pose guider, FBDM + RPIM. Frozen: VAE and CLIP image encoder. Pairs are
 rendered on the fly (composited over procedural backgrounds); each reference is placed on the Stage I canvas exactly
@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from engine.metrics import psnr, ssim
-from engine.models.stage1 import PoseGuider, ReferenceConditioner, StandardizerNet, token_grid
+from engine.models.stage1 import PoseGuider, ReferenceConditioner, StandardizeNet, token_grid
 from engine.pipelines.standardize import StandardizePipeline
 from engine.preprocess.image import clip_processor
 
@@ -144,7 +144,7 @@ def build_models(config: dict) -> dict:
         "vae": vae.requires_grad_(False).eval(),
         "image_encoder": encoder.requires_grad_(False).eval(),
         "feature_extractor": clip_processor(size),
-        "net": StandardizerNet(reference_unet, denoising_unet, pose_guider, conditioner),
+        "net": StandardizeNet(reference_unet, denoising_unet, pose_guider, conditioner),
     }
 
 
@@ -267,7 +267,7 @@ def attention_correspondence(bank, reference_labels: torch.Tensor, target_labels
             "same_part_uniform": mean(uniform), "reference_share": mean(ref_share).detach()}
 
 
-def make_pipeline(models: dict, net: StandardizerNet, scheduler_config, foreground_embedding: bool = False
+def make_pipeline(models: dict, net: StandardizeNet, scheduler_config, foreground_embedding: bool = False
                   ) -> StandardizePipeline:
     return StandardizePipeline(
         vae=models["vae"], image_encoder=models["image_encoder"], reference_unet=net.reference_unet,
@@ -374,7 +374,7 @@ def main(args) -> Path:
     return final
 
 
-def _averaged(net: StandardizerNet, ema: EMA | None) -> StandardizerNet:
+def _averaged(net: StandardizeNet, ema: EMA | None) -> StandardizeNet:
     """The EMA weights in a copy of the net (the training weights stay as they are)."""
     if ema is None:
         return net
