@@ -95,3 +95,25 @@ def test_demo_stage1_tells_the_bundled_characters_apart(demo):
     card = json.loads(CARD.read_text())
     assert min(card["bundled"]["sheet_differences"].values()) >= 6
     assert card["quality_stage1"]["retrieval"] > 2 * card["quality_stage1"]["retrieval_chance"]
+
+
+def test_demo_refuses_pictures_without_a_person(demo):
+    """The demo pose detector learned "no person" from negatives (scenes, animals, things, textures): held-out
+    pictures without people are refused with the engine's message, the bundled characters are not."""
+    from PIL import Image
+
+    from trainer.synthetic import render_sample, without_person
+    from trainer.synthetic.character import character_ids
+
+    refused = 0
+    for i, cid in enumerate(character_ids("test", 20)):
+        try:
+            demo.standardize_reference(without_person(render_sample(cid, 50_000 + i, (128, 192))).image,
+                                       num_inference_steps=1)
+        except ValueError as exc:
+            assert "no person found" in str(exc)
+            refused += 1
+    assert refused >= 18
+    for name in ("kai", "leo", "mia"):
+        demo.standardize_reference(Image.open(DEMO_MODELS_DIR.parent.parent / "examples" / f"{name}.png"),
+                                   num_inference_steps=1)

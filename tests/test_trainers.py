@@ -367,6 +367,10 @@ def test_no_person_negatives_are_scenes_without_a_figure():
     diff = np.abs(np.asarray(empty.image, int) - np.asarray(sample.image, int)).sum(-1) > 30
     figure = np.asarray(sample.mask) > 0
     assert diff[figure].mean() > 0.5 and diff[~figure].mean() < 0.05
+    for kind in ("close-up", "texture", "photo"):
+        other = without_person(sample, kind=kind)
+        assert other.image.size == (64, 96) and not other.keypoints.any() and not np.asarray(other.mask).any()
+        assert np.abs(np.asarray(other.image, int) - np.asarray(empty.image, int)).mean() > 5  # another picture
     swapped = [NoPersonNegatives(0.5)(render_sample(i, i, (64, 96))) for i in range(40)]
     share = np.mean([not s.keypoints.any() for s in swapped])
     assert 0.3 < share < 0.7 and NoPersonNegatives(0.5)(sample).image.tobytes() == \

@@ -366,20 +366,65 @@ def _texture(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
+# Real photographs without people that ship with scikit-image (public domain or CC0/BY): random crops of them are
+# "photo" negatives. Its cat (chelsea / cat) and its two pictures of people (astronaut, camera) are never used here:
+# they are the held-out test of a detector trained with these.
+PHOTO_NEGATIVES = ("brick", "cell", "clock", "coffee", "coins", "grass", "gravel", "hubble_deep_field",
+                   "immunohistochemistry", "moon", "page", "retina", "rocket", "text", "colorwheel", "logo", "horse",
+                   "microaneurysms", "checkerboard", "binary_blobs")
+
+
+@lru_cache(maxsize=1)
+def _photos() -> tuple[np.ndarray, ...]:
+    from skimage import data
+
+    photos = []
+    for name in PHOTO_NEGATIVES:
+        image = np.asarray(getattr(data, name)())
+        if image.dtype == bool:
+            image = image.astype(np.uint8) * 255
+        image = np.asarray(image, np.uint8)
+        photos.append(np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3])
+    return tuple(photos)
+
+
+def _photo_crop(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A random crop of a real photograph without people, at a random scale, flipped and colour-jittered."""
+    photo = _photos()[int(rng.integers(len(PHOTO_NEGATIVES)))]
+    h, w = photo.shape[:2]
+    aspect = size[0] / size[1]
+    ch = int(rng.uniform(0.35, 1.0) * min(h, w / aspect))
+    cw = max(8, int(ch * aspect))
+    y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    crop = Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw]).resize(size, Image.Resampling.BILINEAR)
+    arr = np.asarray(crop, np.float32)
+    if rng.random() < 0.5:
+        arr = arr[:, ::-1]
+    if rng.random() < 0.5:  # tint grey pictures, shift the colours of others
+        arr = arr * rng.uniform(0.6, 1.2, 3)[None, None] + rng.uniform(-30, 30, 3)[None, None]
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
 def without_person(sample: Sample, things: int | None = None, kind: str | None = None) -> Sample:
     """A picture with no person in it, from the sample's scene: its background (tinted as the scene is) with 0-3
     objects that are not people (an animal, a ball, a box, ...), or a close-up of one such object filling the frame,
-    or a photo-like texture; no keypoints, an empty mask and labels. A detector's negatives: it learns to say
-    "no person" (``kind``: "scene", "close-up" or "texture"; by default chosen, deterministic in the scene seed)."""
+    a photo-like texture, or a crop of a real photograph without people; no keypoints, an empty mask and labels. A
+    detector's negatives: it learns to say "no person" (``kind``: "scene", "close-up", "texture" or "photo"; by
+    default chosen, deterministic in the scene seed)."""
     import dataclasses
 
     from PIL import ImageDraw
 
     spec = sample_scene(sample.character_id, sample.scene_seed)
     rng = np.random.default_rng([spec.seed, 7])
-    kind = kind or ("scene", "scene", "close-up", "texture")[int(rng.integers(4))]
+    kind = kind or ("scene", "scene", "close-up", "texture", "photo", "photo")[int(rng.integers(6))]
     w, h = sample.image.size
-    image = _texture(rng, (w, h)) if kind == "texture" else render_background(spec, (w, h))
+    if kind == "texture":
+        image = _texture(rng, (w, h))
+    elif kind == "photo":
+        image = _photo_crop(rng, (w, h))
+    else:
+        image = render_background(spec, (w, h))
     draw = ImageDraw.Draw(image)
     if kind == "close-up":  # the object drawn large on a double-size canvas, then cropped to the frame
         big = render_background(spec, (2 * w, 2 * h)).crop((w // 2, h // 2, w // 2 + w, h // 2 + h))
