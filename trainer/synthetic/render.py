@@ -417,7 +417,9 @@ def without_person(sample: Sample, things: int | None = None, kind: str | None =
 
     spec = sample_scene(sample.character_id, sample.scene_seed)
     rng = np.random.default_rng([spec.seed, 7])
-    kind = kind or ("scene", "scene", "close-up", "texture", "photo", "photo")[int(rng.integers(6))]
+    # photo crops are not in the default mix: 600 more steps with them did not get scikit-image's cat refused (3
+    # points still seen) and cost head-only references (found 0.80 against 0.98 at threshold 0.3; 2026-12-01)
+    kind = kind or ("scene", "scene", "close-up", "texture")[int(rng.integers(4))]
     w, h = sample.image.size
     if kind == "texture":
         image = _texture(rng, (w, h))
