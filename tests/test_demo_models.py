@@ -106,14 +106,14 @@ def test_demo_refuses_pictures_without_a_person(demo):
     from trainer.synthetic.character import character_ids
 
     refused = 0
-    for i, cid in enumerate(character_ids("test", 20)):
+    for i, cid in enumerate(character_ids("test", 30)):
         try:
             demo.standardize_reference(without_person(render_sample(cid, 50_000 + i, (128, 192))).image,
                                        num_inference_steps=1)
         except ValueError as exc:
             assert "no person found" in str(exc)
             refused += 1
-    assert refused >= 18
+    assert refused >= 26  # 0.96 on 150 held-out negatives (docs/training.md)
     for name in ("kai", "leo", "mia"):
         demo.standardize_reference(Image.open(DEMO_MODELS_DIR.parent.parent / "examples" / f"{name}.png"),
                                    num_inference_steps=1)
