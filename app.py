@@ -19,7 +19,9 @@ def main(argv=None):
     parser.add_argument("--server-name", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"))
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # the studio's own log at INFO (one line per refused request, tracebacks for faults); libraries at WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("serialgen").setLevel(logging.INFO)
     from engine import load_engine
     from studio import LAUNCH_OPTIONS, build_demo
 
