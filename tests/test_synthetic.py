@@ -250,3 +250,35 @@ def test_export_and_preview_cli(tmp_path):
     assert img.size[0] == 4 * 64 and img.size[1] > 4 * 96
     with pytest.raises(SystemExit):
         main(["export", "--n", "2", "--size", "12", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.parametrize("ids", [[3, 40], [5, 60, 700]])
+def test_group_scenes_give_each_character_its_own_visible_mask_in_its_slot(ids):
+    from trainer.synthetic import render_group
+
+    size = (192, 128)
+    group = render_group(ids, 7, size)
+    again = render_group(ids, 7, size)
+    assert group.image.tobytes() == again.image.tobytes()  # deterministic
+    assert group.layout == (["left", "right"] if len(ids) == 2 else ["left", "centre", "right"])
+    masks = [np.asarray(m) > 0 for m in group.masks]
+    assert all(m.sum() > 100 for m in masks)
+    overlap = sum(m.astype(int) for m in masks)
+    assert overlap.max() == 1  # a pixel belongs to at most one character
+    slot = size[0] / len(ids)
+    for i, m in enumerate(masks):  # each figure stands in its own part of the picture
+        cx = np.nonzero(m)[1].mean()
+        assert i * slot <= cx < (i + 1) * slot
+    # the masks cover the figures: away from them the picture is the scene alone
+    from PIL import ImageFilter
+
+    from trainer.synthetic.render import render_background, sample_scene, tint
+
+    spec = sample_scene(ids[0], 7)
+    scene = np.rint(tint(np.asarray(render_background(spec, size), np.float32), spec.lighting))
+    near = np.asarray(Image.fromarray((sum(masks) > 0).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(7))) > 0
+    diff = np.abs(np.asarray(group.image, int) - scene.astype(int)).max(-1)
+    assert diff[~near].max() <= 1 and diff[np.logical_or.reduce(masks)].mean() > 10
+    alone = render_group(ids[:1], 7, size)
+    assert alone.caption.startswith("a person") and group.caption.startswith(("two", "three"))
+    assert len(group.standards) == len(ids) and group.standards[0].size == size

@@ -13,9 +13,11 @@ from .character import (
 from .figure import BODY_LABELS, EXPRESSIONS, LABELS
 from .render import (
     FRAMINGS,
+    GroupSample,
     Sample,
     SceneSpec,
     reference_on_canvas,
+    render_group,
     render_sample,
     render_standard,
     sample_scene,
@@ -25,7 +27,7 @@ from .scenes import SCENES
 from .skeleton import POSE_FAMILIES, VIEWS
 
 __all__ = [
-    "BODY_LABELS", "EXPRESSIONS", "FRAMINGS", "LABELS", "POSE_FAMILIES", "SCENES", "VIEWS", "Character", "Sample",
-    "SceneSpec", "appearance_combinations", "reference_on_canvas", "character_ids", "make_character", "render_sample", "render_standard",
+    "BODY_LABELS", "EXPRESSIONS", "FRAMINGS", "LABELS", "POSE_FAMILIES", "SCENES", "VIEWS", "Character", "GroupSample", "Sample",
+    "SceneSpec", "appearance_combinations", "reference_on_canvas", "character_ids", "make_character", "render_group", "render_sample", "render_standard",
     "sample_scene", "split_of", "without_person",
 ]
