@@ -32,12 +32,18 @@ def _free_port() -> int:
 def launch(module: str, config: dict, tmp_path: Path, name: str) -> Path:
     out = tmp_path / name
     cfg = write_config(tmp_path / f"{name}.yaml", {**COMMON, **config, "output_dir": str(out)})
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+    # a clean launch: nothing an earlier in-process run (accelerate, torch.distributed) left in the environment
+    inherited = {k: v for k, v in os.environ.items()
+                 if not k.startswith(("ACCELERATE_", "MASTER_", "TORCHELASTIC_")) and k not in
+                 ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
+    env = {**inherited, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets: gloo on the CPU
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--master_port", str(_free_port()), "-m", module, "--config", cfg],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    if run.returncode != 0:  # show each rank's own error (the last lines are only the launcher's summary)
+        ranks = [line for line in run.stderr.splitlines() if "rank1]" in line or "Error" in line]
+        pytest.fail("\n".join(ranks[-40:]) + "\n" + run.stderr[-1500:])
     ranks = [(out / f"batches-rank{r}.txt").read_text().split() for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) == 2 and not set(ranks[0]) & set(ranks[1]), ranks  # different samples
     logs = [json.loads(line) for line in (out / "logs.jsonl").read_text().splitlines() if '"loss"' in line]
