@@ -34,7 +34,7 @@ def main(argv=None):
         status = f"The studio could not load its models:\n{exc}"
         print(status)
     demo = build_demo(engine, status)
-    # quiet: Gradio's own banner suggests share=True although --share exists; we say what is true instead
+    # quiet: Gradio's own banner suggests a launch argument for sharing although --share exists; we say what is true
     demo.launch(server_name=args.server_name, server_port=args.port, share=args.share, prevent_thread_lock=True,
                 **LAUNCH_OPTIONS)
     print(f"SerialGen Studio is running at {demo.local_url}" + (f" and {demo.share_url}" if demo.share_url else ""))

@@ -142,16 +142,15 @@ def run_panels(args) -> dict:
 
 def run_info(args) -> int:
     """Prints each component, where it would load from and whether it is there; names every missing one at once."""
-    from .sources import plan_sources
     from .presets import get_preset
+    from .sources import plan_sources
 
     presets = ["full", "demo"] if args.preset == "auto" else [args.preset]
     missing = []
     for name in presets:
         preset = get_preset(name).with_overrides(dict(args.override))
         print(f"preset {preset.name}: {preset.description}")
-        for component, where, problem in plan_sources(preset):
-            state = "MISSING" if problem else ("download" if "(not cached" in where else "ok")
+        for component, where, state, problem in plan_sources(preset):
             print(f"  {component:22s} {state:8s} {where}")
             if problem:
                 missing.append(problem)

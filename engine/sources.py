@@ -38,18 +38,22 @@ def _missing_message(name: str, spec: ComponentSource, detail: str) -> str:
     return message + f", or pass --override {name}=/local/path"
 
 
+def _local_problem(preset: Preset, name: str) -> str | None:
+    """What keeps component ``name`` from loading that can be seen without the hub: not in the preset, no source
+    set, or a local path that does not exist (None when none of these)."""
+    spec = preset.components.get(name)
+    if spec is None:
+        return f"preset {preset.name!r} has no component {name!r}"
+    if not spec.is_set:
+        return _missing_message(name, spec, "no source is set")
+    if spec.is_local and not spec.local_path().exists():
+        return _missing_message(name, spec, f"{spec.local_path()} does not exist")
+    return None
+
+
 def check_sources(preset: Preset, names: list[str]) -> None:
     """Fails fast, naming every local component that is missing, before anything heavy is loaded."""
-    problems = []
-    for name in names:
-        if name not in preset.components:
-            problems.append(f"preset {preset.name!r} has no component {name!r}")
-            continue
-        spec = preset.components[name]
-        if not spec.is_set:
-            problems.append(_missing_message(name, spec, "no source is set"))
-        elif spec.is_local and not spec.local_path().exists():
-            problems.append(_missing_message(name, spec, f"{spec.local_path()} does not exist"))
+    problems = [p for p in (_local_problem(preset, name) for name in names) if p]
     if problems:
         raise EngineLoadError("\n".join(problems))
 
@@ -64,25 +68,23 @@ def _in_hub_cache(spec: ComponentSource) -> bool:
                for name in names)
 
 
-def plan_sources(preset: Preset, stages=("personalize", "standardize")) -> list[tuple[str, str, str | None]]:
-    """Every component ``load_engine`` would need for ``stages``: (name, where it would load from, None when it is
-    there, else what is wrong and how to get it). Loads no weights; works on any machine."""
+def plan_sources(preset: Preset, stages=("personalize", "standardize")) -> list[tuple[str, str, str, str | None]]:
+    """Every component ``load_engine`` would need for ``stages``: (name, where it would load from, state "ok" /
+    "download" / "MISSING", and for a missing one what is wrong and how to get it). Loads no weights; works on any
+    machine."""
     rows = []
     for name in _required(preset, stages) + [n for n in ("pose_detector", "mask_detector")
                                               if n in preset.components]:
         spec = preset.components.get(name)
-        if spec is None:
-            rows.append((name, "-", f"preset {preset.name!r} has no component {name!r}"))
-        elif not spec.is_set:
-            rows.append((name, "-", _missing_message(name, spec, "no source is set")))
-        elif spec.is_local:
-            ok = spec.local_path().exists()
-            rows.append((name, spec.describe(), None if ok else _missing_message(
-                name, spec, f"{spec.local_path()} does not exist")))
-        else:
-            ok = _in_hub_cache(spec)
-            problem = None if ok or not _offline() else _missing_message(name, spec, "not in the local HF cache")
-            rows.append((name, spec.describe() + ("" if ok else " (not cached: downloads on first load)"), problem))
+        where = spec.describe() if spec is not None and spec.is_set else "-"
+        problem = _local_problem(preset, name)
+        state = "ok"
+        if problem is None and not spec.is_local and not _in_hub_cache(spec):
+            where += " (not cached: downloads on first load)"
+            state = "download"
+            if _offline():
+                problem = _missing_message(name, spec, "not in the local HF cache")
+        rows.append((name, where, "MISSING" if problem else state, problem))
     return rows
 
 

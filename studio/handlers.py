@@ -264,8 +264,8 @@ class Api:
         r = self.work.standardize(image, seed, steps, guidance)
         return r["sheet"], r["review"], r["target_pose"], {"seed": r["seed"], "note": r["note"]}
 
-    def _story(self, sheets, names, script, options) -> Story:
-        options = service.panel_options(options)
+    def _story(self, sheets, names, script, options: dict) -> Story:
+        """A story of accepted sheets and a parsed script (``options``: checked by ``service.panel_options``)."""
         names = [n.strip() for n in (names or "").split(",") if n.strip()]
         files = sheets or []
         if len(files) > service.MAX_SHEETS_PER_REQUEST:
@@ -283,8 +283,8 @@ class Api:
     def panels(self, sheets, names, script, seed=None, options=None):
         """Panels for a script: (panels, info {panels: [{prompt, seed, character}]}). options: {steps, strength,
         style, negative_prompt}; seed -1 or empty: random."""
-        story = self._story(sheets, names, script, options)
         options = service.panel_options(options)
+        story = self._story(sheets, names, script, options)
         list(service.draw_panels(None, story, list(range(len(story.panels))), seed, options["steps"],
                                  options["strength"], render=self.work.render))
         return gallery(story), {"panels": [{"prompt": p.text, "seed": p.seed, "character": p.spec.character}

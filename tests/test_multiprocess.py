@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_trainers import TINY_CLIP, TINY_UNET, TINY_VAE, write_config
+from test_trainers import TINY_CLIP, TINY_UNET, TINY_VAE, save_tiny_base, write_config, write_pair_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
@@ -86,24 +86,8 @@ def test_standardize_with_reference_dropout(tmp_path):
 
 
 def test_personalizer_shards_a_pair_folder(tmp_path):
-    from components import tiny_sdxl_components
-    from PIL import Image
-
-    from engine.pipelines import PersonalizePipeline
-
-    c = tiny_sdxl_components()
-    encoder = c.pop("image_encoder")
-    c.pop("feature_extractor")
-    PersonalizePipeline(**c).save_pretrained(tmp_path / "sdxl")
-    encoder.save_pretrained(tmp_path / "image_encoder")
-    pairs = tmp_path / "pairs"
-    pairs.mkdir()
-    lines = []
-    for i in range(8):
-        Image.new("RGB", (64, 64), (200, 25 * i, 30)).save(pairs / f"{i}_sheet.png")
-        Image.new("RGB", (64, 64), (30, 25 * i, 200)).save(pairs / f"{i}_target.png")
-        lines.append(json.dumps({"sheet": f"{i}_sheet.png", "target": f"{i}_target.png", "caption": f"pose {i}"}))
-    (pairs / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    save_tiny_base(tmp_path)
+    pairs = write_pair_folder(tmp_path / "pairs", 8, 25)
     launch("trainer.train_personalizer", {
         "base": str(tmp_path / "sdxl"), "image_encoder": str(tmp_path / "image_encoder"), "resolution": [64, 64],
         "pairs": str(pairs), "text_dropout": 0.3, "image_dropout": 0.3, "both_dropout": 0.3}, tmp_path, "pers")

@@ -149,20 +149,37 @@ def test_fbdm_rpim_switches(tmp_path):
     assert net.conditioner.config.use_fbdm and not net.conditioner.config.use_rpim
 
 
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory):
-    """A tiny SDXL-shaped base (saved like the demo's) and its image encoder config."""
+def save_tiny_base(root):
+    """A tiny SDXL-shaped base (saved like the demo's, in root/sdxl) and its image encoder (root/image_encoder)."""
     from components import tiny_sdxl_components
 
     from engine.pipelines import PersonalizePipeline
 
-    root = tmp_path_factory.mktemp("base")
     c = tiny_sdxl_components()
     encoder = c.pop("image_encoder")
     c.pop("feature_extractor")
     PersonalizePipeline(**c).save_pretrained(root / "sdxl")
     encoder.save_pretrained(root / "image_encoder")
     return root
+
+
+def write_pair_folder(pairs, n: int, step: int):
+    """A trainer.build_pairs-style folder of ``n`` flat-colour (sheet, target, caption) pairs."""
+    from PIL import Image
+
+    pairs.mkdir()
+    lines = []
+    for i in range(n):
+        Image.new("RGB", (64, 64), (200, step * i, 30)).save(pairs / f"{i}_sheet.png")
+        Image.new("RGB", (64, 64), (30, step * i, 200)).save(pairs / f"{i}_target.png")
+        lines.append(json.dumps({"sheet": f"{i}_sheet.png", "target": f"{i}_target.png", "caption": f"pose {i}"}))
+    (pairs / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return pairs
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    return save_tiny_base(tmp_path_factory.mktemp("base"))
 
 
 def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
@@ -212,18 +229,9 @@ def test_personalizer_trains_resumes_and_its_adapter_loads_through_the_engine(ti
 
 
 def test_personalizer_on_built_pairs(tiny_base, tmp_path):
-    from PIL import Image
-
     from trainer import train_personalizer
 
-    pairs = tmp_path / "pairs"
-    pairs.mkdir()
-    lines = []
-    for i in range(3):
-        Image.new("RGB", (64, 64), (200, 30 * i, 30)).save(pairs / f"{i}_sheet.png")
-        Image.new("RGB", (64, 64), (30, 30 * i, 200)).save(pairs / f"{i}_target.png")
-        lines.append(json.dumps({"sheet": f"{i}_sheet.png", "target": f"{i}_target.png", "caption": f"pose {i}"}))
-    (pairs / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    pairs = write_pair_folder(tmp_path / "pairs", 3, 30)
     adapter = train_personalizer.main(train_personalizer.parse_args(
         ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs))]))
     assert adapter.is_file()
@@ -257,8 +265,7 @@ def test_personalizer_on_built_pairs(tiny_base, tmp_path):
 def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
     """clip -> vae -> base -> standardize -> pairs -> personalizer, then the engine loads the lot like the demo;
     every trainer also under bf16 and fp16 mixed precision (what GPU runs use), validation included."""
-    from trainer import (build_pairs, train_clip, train_personalizer, train_standardize, train_text_to_image,
-                         train_vae)
+    from trainer import build_pairs, train_clip, train_personalizer, train_standardize, train_text_to_image, train_vae
     from trainer.synthetic.__main__ import main as synthetic_main
 
     common = {"train_batch_size": 2, "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 2,

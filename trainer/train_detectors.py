@@ -116,12 +116,13 @@ def held_out_accuracy(kind: str, onnx_path: Path, n: int, size) -> dict:
     from engine.preprocess.detectors import OnnxKeypointDetector, OnnxMattingDetector
 
     det = OnnxKeypointDetector(onnx_path) if kind == "pose" else OnnxMattingDetector(onnx_path, reference_size=max(size))
-    errors, vis_hits, ious = [], [], []
+    errors, vis_hits, ious, found = [], [], [], []
     for i, cid in enumerate(character_ids("val", n)):
         s = render_sample(cid, 20_000 + i, size)
         if kind == "pose":
             kp = det(s.image)
             truth = s.keypoints
+            found.append(kp is not None)
             if kp is None:
                 vis_hits += [False] * 18
                 continue
@@ -132,8 +133,6 @@ def held_out_accuracy(kind: str, onnx_path: Path, n: int, size) -> dict:
             pred, truth = det(s.image) > 0.5, np.asarray(s.mask) > 127
             ious.append((pred & truth).sum() / max(1, (pred | truth).sum()))
     if kind == "pose":
-        found = [det(render_sample(cid, 20_000 + i, size).image) is not None for i, cid in
-                 enumerate(character_ids("val", n))]
         kinds = ("scene", "close-up", "texture")  # held-out synthetic pictures without a person
         refused = [det(without_person(render_sample(cid, 30_000 + i, size), kind=kinds[i % 3]).image) is None
                    for i, cid in enumerate(character_ids("val", n))]

@@ -425,16 +425,14 @@ def without_person(sample: Sample, things: int | None = None, kind: str | None =
         image = _texture(rng, (w, h))
     elif kind == "photo":
         image = _photo_crop(rng, (w, h))
+    elif kind == "close-up":  # the object drawn large on a double-size canvas, then cropped to the frame
+        centre = (w // 2, h // 2, w // 2 + w, h // 2 + h)
+        big = render_background(spec, (2 * w, 2 * h)).crop(centre).resize((2 * w, 2 * h))
+        _draw_thing(ImageDraw.Draw(big), THINGS[int(rng.integers(len(THINGS)))], rng, 2 * w, 2 * h)
+        image = big.crop(centre)
     else:
         image = render_background(spec, (w, h))
     draw = ImageDraw.Draw(image)
-    if kind == "close-up":  # the object drawn large on a double-size canvas, then cropped to the frame
-        big = render_background(spec, (2 * w, 2 * h)).crop((w // 2, h // 2, w // 2 + w, h // 2 + h))
-        image = Image.new("RGB", (2 * w, 2 * h))
-        image.paste(big.resize((2 * w, 2 * h)))
-        _draw_thing(ImageDraw.Draw(image), THINGS[int(rng.integers(len(THINGS)))], rng, 2 * w, 2 * h)
-        image = image.crop((w // 2, h // 2, w // 2 + w, h // 2 + h))
-        draw = ImageDraw.Draw(image)
     count = (int(rng.integers(0, 4)) if kind == "scene" else 0) if things is None else things
     for _ in range(count):
         _draw_thing(draw, THINGS[int(rng.integers(len(THINGS)))], rng, *image.size)
@@ -468,6 +466,8 @@ def render_group(character_ids, scene_seed: int, size: tuple[int, int] = DEFAULT
     """2 or 3 characters side by side in the first one's scene (its background, time and lighting; each character
     its own pose, expression and view), each in its own third or half of the picture, drawn left to right so a
     figure may overlap the one before it; deterministic in (ids, scene seed, size)."""
+    import dataclasses
+
     ids = [int(c) for c in character_ids]
     if not 1 <= len(ids) <= 3:
         raise ValueError(f"{len(ids)} characters: a group has 1 to 3")
@@ -476,14 +476,12 @@ def render_group(character_ids, scene_seed: int, size: tuple[int, int] = DEFAULT
     framing = "half body" if base.framing == "head only" else base.framing
     layout = list(SLOTS[len(ids)])
     slot_w = w / len(ids)
-    background = np.asarray(render_background(base, (w, h)), np.float32)
-    composite, covered = background.copy(), np.zeros((h, w), np.float32)
+    composite = np.asarray(render_background(base, (w, h)), np.float32)
     alphas, keypoints, parts = [], [], []
     for i, cid in enumerate(ids):
         own = sample_scene(cid, scene_seed)
-        spec = SceneSpec(**{**own.__dict__, "framing": framing, "background": base.background, "time": base.time,
-                            "lighting": base.lighting, "rotation": 0.0, "position": 0.5,
-                            "fill": min(own.fill, 0.85)})
+        spec = dataclasses.replace(own, framing=framing, background=base.background, time=base.time,
+                                   lighting=base.lighting, rotation=0.0, position=0.5, fill=min(own.fill, 0.85))
         local = _scene_placement(spec, (int(round(slot_w)), h))
 
         def placement(drawer, local=local, x0=i * slot_w):
