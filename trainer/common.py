@@ -346,6 +346,7 @@ def training_loop(*, accelerator, config: dict, model, optimizer, lr_scheduler, 
         model.train()
         batch = next(batches)
         if step - start_step < config.get("record_batches", 0):
+            out.mkdir(parents=True, exist_ok=True)  # every rank: the main process may not have made it yet
             with open(out / f"batches-rank{accelerator.process_index}.txt", "a") as f:
                 f.write(batch_digest(batch) + "\n")
         with accelerator.accumulate(model):
