@@ -2,6 +2,7 @@
 
     python -m engine standardize REF.png --out SHEET.png [--seed N] [--preset ...] [--intermediates DIR]
     python -m engine panels --sheet SHEET.png --prompt "running in the rain" --prompt "waving" --seed 7 --out DIR
+    python -m engine panels --sheet Mia=mia.png --sheet Kai=kai.png --prompt "[Mia][Kai] talking on a bench" --out DIR
     python -m engine info --preset full
 
 Errors (bad input, missing weights) print one line saying what is wrong and what to do, and exit with status 2.
@@ -52,10 +53,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     std.add_argument("--mask", default=None, help="a foreground mask image of the reference (else the detector's)")
     std.add_argument("--intermediates", default=None, help="also write canvas, mask and pose maps to this folder")
 
-    panels = sub.add_parser("panels", help="generate panels of one character from a sheet and prompts")
+    panels = sub.add_parser("panels", help="generate panels of characters from their sheets and prompts")
     _engine_args(panels)
-    panels.add_argument("--sheet", help="the accepted character sheet (image file); omit for panels without one")
-    panels.add_argument("--prompt", action="append", required=True, help="a panel prompt (repeat for more panels)")
+    panels.add_argument("--sheet", action="append", default=[], metavar="[NAME=]SHEET.png",
+                        help="a character sheet (image file). One unnamed sheet is every panel's character; named "
+                             "sheets (repeat: --sheet Mia=mia.png --sheet Kai=kai.png) are picked per prompt by its "
+                             "tags, as in the studio's script: [Mia][Kai:right] ... or [NC]. Omit for no character")
+    panels.add_argument("--prompt", action="append", required=True,
+                        help="a panel prompt (repeat for more panels); with named sheets it starts with tags")
     panels.add_argument("--negative-prompt", default=None)
     panels.add_argument("--seed", type=int, default=None, help="seed of the first panel; panel i uses seed + i")
     panels.add_argument("--steps", type=int, default=None, dest="num_inference_steps")
@@ -104,10 +109,43 @@ def run_standardize(args) -> dict:
             "device": str(engine.device)}
 
 
-def run_panels(args) -> dict:
+def panel_requests(sheet_args: list[str], prompts: list[str]):
+    """(prompts, sheets, regions, character names per prompt) for the pipeline from ``--sheet`` and ``--prompt`` arguments: one unnamed sheet for
+    every panel, or named sheets chosen per prompt by its script tags (ValueError saying what is wrong)."""
     from .preprocess import load_image
+    from .regions import describe_group
 
-    sheet = load_image(args.sheet, name="--sheet") if args.sheet else None
+    named = [s.partition("=") for s in sheet_args]
+    if not any(sep for _, sep, _ in named):
+        if len(sheet_args) > 1:
+            raise ValueError(f"{len(sheet_args)} unnamed --sheet files: name them (--sheet Mia=mia.png) and tag the "
+                             "prompts ([Mia][Kai] ...), or give one sheet for every panel")
+        sheet = load_image(sheet_args[0], name="--sheet") if sheet_args else None
+        return list(prompts), sheet, None, [[] if sheet is None else ["sheet"]] * len(prompts)
+    if not all(name and sep and path for name, sep, path in named):
+        raise ValueError("give every --sheet a name once one has one: --sheet Mia=mia.png --sheet Kai=kai.png")
+    sheets = {}
+    for name, _, path in named:
+        if name.casefold() in {n.casefold() for n in sheets}:
+            raise ValueError(f"--sheet {name} is given twice")
+        sheets[name] = load_image(path, name=f"--sheet {name}")
+    from studio.script import parse_script  # the script's tag syntax, one parser for the studio and the CLI
+
+    texts, panel_sheets, regions, names = [], [], [], []
+    for i, prompt in enumerate(prompts):
+        try:
+            (spec,) = parse_script(prompt, list(sheets))
+        except ValueError as exc:
+            raise ValueError(f"--prompt {i + 1}: {str(exc).splitlines()[-1]}") from None
+        texts.append(describe_group(spec.prompt, len(spec.characters)))
+        panel_sheets.append([sheets[c] for c in spec.characters] or None)
+        regions.append(spec.positions if len(spec.characters) > 1 else None)
+        names.append(spec.characters)
+    return texts, panel_sheets, regions, names
+
+
+def run_panels(args) -> dict:
+    prompts, sheet, regions, characters = panel_requests(args.sheet, args.prompt)
     engine = _load(args, stages=("personalize",))
     start = time.perf_counter()
     options = engine.generation_options(
@@ -115,7 +153,7 @@ def run_panels(args) -> dict:
         guidance_scale=args.guidance_scale, adapter_scale=args.adapter_scale,
     )
     output = engine.personalize(
-        prompt=args.prompt, sheet=sheet, negative_prompt=args.negative_prompt, seeds=args.seed,
+        prompt=prompts, sheet=sheet, regions=regions, negative_prompt=args.negative_prompt, seeds=args.seed,
         num_images_per_prompt=args.num_images_per_prompt, max_batch_size=args.max_batch_size, **options,
     )
     seconds = time.perf_counter() - start
@@ -126,13 +164,14 @@ def run_panels(args) -> dict:
     for index, image in enumerate(output.images):
         name = f"panel_{index // k:03d}" + (f"_{index % k}" if k > 1 else "") + ".png"
         image.save(out / name)
-        records.append({"file": name, "prompt": output.prompts[index // k], "seed": output.seeds[index]})
+        records.append({"file": name, "prompt": output.prompts[index // k], "seed": output.seeds[index],
+                        "characters": characters[index // k]})
     manifest = {
         "preset": engine.preset.name,
         "device": str(engine.device),
         "components": [vars(c) for c in engine.components],
         "options": options,
-        "sheet": args.sheet,
+        "sheets": args.sheet,
         "seconds": round(seconds, 3),
         "panels": records,
     }

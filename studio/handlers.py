@@ -34,13 +34,13 @@ class ModelWork:
             return service.standardize(self.need(), image, seed, steps, guidance, progress or service._noop, cancel)
 
         @gpu(duration=lambda prompts, *a, **k: int(min(120, 20 + 2 * len(prompts))))
-        def render(prompts, sheets, seeds, negative, steps, strength, progress=None, cancel=None):
-            return service.render_panels(self.need(), prompts, sheets, seeds, negative, steps, strength,
+        def render(prompts, sheets, regions, seeds, negative, steps, strength, progress=None, cancel=None):
+            return service.render_panels(self.need(), prompts, sheets, regions, seeds, negative, steps, strength,
                                          progress or service._noop, cancel)
 
         if on_zero_gpu():  # callbacks cannot cross into the GPU process: no step progress or cancel there
             self.standardize = lambda *args: standardize(*args[:4])
-            self.render = lambda *args: render(*args[:6])
+            self.render = lambda *args: render(*args[:7])
         else:
             self.standardize, self.render = standardize, render
 
@@ -78,22 +78,30 @@ def characters_table(story: Story) -> list[list]:
             for c in story.characters.values()]
 
 
+def tags(spec) -> str:
+    """A panel's characters as the script writes them: [Mia][Kai:right], or [NC]."""
+    return "".join(f"[{name}{':' + where if where else ''}]" for name, where in zip(spec.characters, spec.positions)) \
+        or "[NC]"
+
+
 def gallery(story: Story) -> list[tuple]:
     out = []
     for i, p in enumerate(story.panels):
-        label = f"{i + 1}. [{p.spec.character or 'NC'}] {p.text}" + (f" (seed {p.seed}{', locked' if p.locked else ''})"
-                                                                    if p.seed is not None else "")
+        label = f"{i + 1}. {tags(p.spec)} {p.text}" + (f" (seed {p.seed}{', locked' if p.locked else ''})"
+                                                      if p.seed is not None else "")
         if story.is_stale(p):
             label += " | drawn from an older sheet: Draw panels redraws it"
-        elif p.consistency is not None:
-            label += f" | looks like the sheet: {p.consistency:.2f}" + (" - drifted, redraw?" if p.drifted else "")
+        elif p.scores:
+            label += " | looks like the sheet: " + ", ".join(f"{name} {score:.2f}" for name, score in p.scores.items()) \
+                + (" - drifted, redraw?" if p.drifted else "")
         out.append((p.image if p.image is not None else Image.new("RGB", (128, 192), PLACEHOLDER), label))
     return out
 
 
 def panel_table(story: Story) -> list[list]:
-    return [[p.spec.index + 1, p.spec.character or "NC", p.text, " / ".join(p.spec.speech), p.spec.caption or ""]
-            for p in story.panels]
+    return [[p.spec.index + 1, tags(p.spec), p.text,
+             " / ".join(f"{who}: {said}" if who else said for who, said in zip(p.spec.speakers, p.spec.speech)),
+             p.spec.caption or ""] for p in story.panels]
 
 
 class Handlers:
@@ -281,14 +289,15 @@ class Api:
 
     @friendly
     def panels(self, sheets, names, script, seed=None, options=None):
-        """Panels for a script: (panels, info {panels: [{prompt, seed, character}]}). options: {steps, strength,
-        style, negative_prompt}; seed -1 or empty: random."""
+        """Panels for a script: (panels, info {panels: [{prompt, seed, characters, scores}]}). options: {steps,
+        strength, style, negative_prompt}; seed -1 or empty: random. A script line may name up to three
+        characters ([Mia][Kai] ...)."""
         options = service.panel_options(options)
         story = self._story(sheets, names, script, options)
         list(service.draw_panels(None, story, list(range(len(story.panels))), seed, options["steps"],
                                  options["strength"], render=self.work.render))
-        return gallery(story), {"panels": [{"prompt": p.text, "seed": p.seed, "character": p.spec.character}
-                                           for p in story.panels]}
+        return gallery(story), {"panels": [{"prompt": p.text, "seed": p.seed, "characters": p.spec.characters,
+                                            "scores": p.scores} for p in story.panels]}
 
     @friendly
     def page(self, panels, script, layout, page_size, gutter, border):
@@ -301,7 +310,7 @@ class Api:
         specs = parse_script(script, None) if script and script.strip() else []
         story = Story()
         for i, image in enumerate(images):
-            spec = specs[i] if i < len(specs) else service.PanelSpec(index=i, line=0, character=None, prompt="")
+            spec = specs[i] if i < len(specs) else service.PanelSpec(index=i, line=0, characters=[], prompt="")
             story.panels.append(Panel(spec=spec, image=image, mask=self.work.figure_mask(image)))
         pages = service.make_pages(story, *settings)
         return [(p, f"page {i + 1}") for i, p in enumerate(pages)]
@@ -326,7 +335,7 @@ class Api:
             return self.files.write("story.cbz", pages_to_cbz(images, title))
         if fmt == "png":
             return self.files.write("pages-png.zip", pages_to_png_zip(images))
-        story = Story(title=title, panels=[Panel(spec=service.PanelSpec(index=i, line=0, character=None,
+        story = Story(title=title, panels=[Panel(spec=service.PanelSpec(index=i, line=0, characters=[],
                                                                          prompt=f"page {i + 1}"), image=image)
                                            for i, image in enumerate(images)])
         return self.files.write("story.serialgen.zip", save_archive(story))

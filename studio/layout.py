@@ -38,6 +38,7 @@ class PanelArt:
     mask: np.ndarray | None = None  # (H, W) figure mask of ``image`` in [0, 1], where known
     speech: list[str] = field(default_factory=list)
     caption: str | None = None
+    speakers: list[np.ndarray | None] = field(default_factory=list)  # per speech line: the speaker's figure mask
 
 
 @dataclass
@@ -168,10 +169,7 @@ def render_page(panels: list[PanelArt], layout: str = "4-panel grid", page_size=
         pw, ph = x1 - x0, y1 - y0
         tile, (s, ox, oy) = _cover(art.image.convert("RGB"), (pw, ph))
         page.paste(tile, (x0, y0))
-        mask = None
-        if art.mask is not None:
-            m = Image.fromarray((np.clip(art.mask, 0, 1) * 255).astype(np.uint8))
-            mask = np.asarray(_cover(m, (pw, ph))[0], np.float32) / 255.0
+        mask = _cover_mask(art.mask, (pw, ph)) if art.mask is not None else None
         geometry.panels.append(rect)
         occupied = []
         text_size = max(14, int(min(size) / 48))
@@ -186,8 +184,10 @@ def render_page(panels: list[PanelArt], layout: str = "4-panel grid", page_size=
             geometry.captions.append(box)
             geometry.texts.append((text_box, box))
             occupied.append(box)
-        for said in art.speech:
-            placed = _place_bubble(draw, said, rect, mask, occupied, text_size, border)
+        speakers = [_cover_mask(m, (pw, ph)) if m is not None else None for m in art.speakers]
+        for k, said in enumerate(art.speech):
+            speaker = speakers[k] if k < len(speakers) and speakers[k] is not None else mask
+            placed = _place_bubble(draw, said, rect, mask, occupied, text_size, border, speaker)
             if placed is None:
                 continue
             box, text_box, covered, tail = placed
@@ -201,6 +201,12 @@ def render_page(panels: list[PanelArt], layout: str = "4-panel grid", page_size=
     return page, geometry
 
 
+def _cover_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A mask cropped and scaled as its panel's picture is."""
+    m = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8))
+    return np.asarray(_cover(m, size)[0], np.float32) / 255.0
+
+
 def _head(mask: np.ndarray | None, pw: int, ph: int) -> tuple[float, float]:
     """Where the tail points: the top of the figure (its head), or the panel centre without a mask."""
     if mask is None or mask.max() < 0.5:
@@ -211,7 +217,9 @@ def _head(mask: np.ndarray | None, pw: int, ph: int) -> tuple[float, float]:
     return float(band.mean()), float(top + (ys.max() - top) * 0.06)
 
 
-def _place_bubble(draw, text, rect, mask, occupied, text_size, border):
+def _place_bubble(draw, text, rect, mask, occupied, text_size, border, speaker=None):
+    """A bubble where it hides little of the figures (``mask``), its tail aimed at the speaker's head (``speaker``,
+    the speaker's own figure; the figures' head without one)."""
     x0, y0, x1, y1 = rect
     pw, ph = x1 - x0, y1 - y0
     pad = max(8, text_size // 2)
@@ -221,7 +229,7 @@ def _place_bubble(draw, text, rect, mask, occupied, text_size, border):
     inset = border + 6
     if bw > pw - 2 * inset or bh > ph - 2 * inset:
         return None
-    hx, hy = _head(mask, pw, ph)
+    hx, hy = _head(speaker if speaker is not None else mask, pw, ph)
     best = None
     for fx in np.linspace(0, 1, 5):
         for fy in np.linspace(0, 1, 5):

@@ -1,11 +1,15 @@
 """The story script: one line per panel.
 
     [Mia] running through the rain, laughing "Wait for me!" # The storm broke at noon.
+    [Mia][Kai:right] talking on a bench Mia: "Hi!" Kai: "Hello." # Noon
     [NC] an empty street at night, neon signs # caption "Meanwhile..."
 
 * ``[Name]`` starts a panel with that (accepted) character; ``[NC]`` is a panel with no character.
+* Up to three tags, ``[Mia][Kai]``, put several characters in one panel, left to right in the order written;
+  ``[Kai:right]`` (``left``, ``centre``/``center``, ``right``) places one explicitly.
 * Text in double quotes ("..." or “...”) is speech: it becomes a speech bubble and is left out of the prompt.
-  ``\\"`` is a literal quote inside speech.
+  ``Name:`` just before the quote gives it to that speaker (its bubble points at them); in a panel with one
+  character the speech is theirs. ``\\"`` is a literal quote inside speech.
 * Text after ``#`` (outside quotes) is the caption; a leading ``caption`` word and surrounding quotes are optional.
 * Blank lines and lines starting with ``//`` are ignored.
 
@@ -44,14 +48,32 @@ class ScriptErrors(ValueError):
         super().__init__(f"the script has {len(errors)} problem{'s' * (len(errors) != 1)}:\n{shown}{more}")
 
 
+MAX_CHARACTERS_PER_PANEL = 3
+# Where a character stands in a group panel; "centre" is the canonical spelling.
+POSITIONS = {"left": "left", "centre": "centre", "center": "centre", "middle": "centre", "right": "right"}
+
+
 @dataclass
 class PanelSpec:
     index: int  # 0-based panel number
     line: int  # 1-based script line
-    character: str | None  # the character's name as defined in the story, None for [NC]
+    characters: list[str]  # names as defined in the story, left to right as written; empty for [NC]
     prompt: str
     speech: list[str] = field(default_factory=list)
     caption: str | None = None
+    positions: list[str | None] = field(default_factory=list)  # per character: left/centre/right or None (auto)
+    speakers: list[str | None] = field(default_factory=list)  # per speech line: who says it (None: not said)
+
+    def __post_init__(self):
+        self.positions = list(self.positions) or [None] * len(self.characters)
+        if not self.speakers:
+            # in a one-character panel every line is theirs; otherwise unattributed until a speaker is written
+            self.speakers = [self.characters[0] if len(self.characters) == 1 else None] * len(self.speech)
+
+    @property
+    def character(self) -> str | None:
+        """The panel's first character (None for [NC])."""
+        return self.characters[0] if self.characters else None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,33 +90,85 @@ def _clean_caption(text: str) -> str:
     return text.strip()
 
 
+def _parse_tags(text: str, start: int, line_no: int, names, errors: list[ScriptError]):
+    """The [..] tags at the start of a panel: (characters, positions, end index), or None after an error."""
+    characters, positions, i = [], [], start
+    while i < len(text) and text[i] == "[":
+        close = text.find("]", i)
+        if close < 0:
+            errors.append(ScriptError(line_no, i + 1, "unclosed [: expected ] after the character name"))
+            return None
+        tag, _, where = (part.strip() for part in text[i + 1:close].partition(":"))
+        column = i + 2
+        if not tag:
+            errors.append(ScriptError(line_no, column, "empty [ ]: expected a character name or NC"))
+            return None
+        if "," in tag:
+            errors.append(ScriptError(line_no, column, "one character per tag: write [Mia][Leo] for two characters"))
+            return None
+        if tag.upper() == NO_CHARACTER:
+            if characters or text[close + 1:].lstrip().startswith("["):
+                errors.append(ScriptError(line_no, column, "[NC] is a panel without characters: it takes no other tag"))
+                return None
+            return [], [], close + 1
+        character = tag if names is None else names.get(tag.casefold())
+        if character is None:
+            known = ", ".join(sorted(names.values()) + [NO_CHARACTER])
+            errors.append(ScriptError(line_no, column, f'unknown character "{tag}": expected one of {known} '
+                                      "(add and accept the character first)"))
+            return None
+        if character in characters:
+            errors.append(ScriptError(line_no, column, f"{character} is tagged twice in this panel"))
+            return None
+        if len(characters) == MAX_CHARACTERS_PER_PANEL:
+            errors.append(ScriptError(line_no, i + 1, f"at most {MAX_CHARACTERS_PER_PANEL} characters per panel"))
+            return None
+        position = POSITIONS.get(where.casefold()) if where else None
+        if where and position is None:
+            errors.append(ScriptError(line_no, i + 2 + text[i + 1:close].index(":"),
+                                      f'unknown position "{where}": expected left, centre or right'))
+            return None
+        if position is not None and position in positions:
+            errors.append(ScriptError(line_no, column, f"two characters cannot both stand {position}"))
+            return None
+        characters.append(character)
+        positions.append(position)
+        i = close + 1
+        while i < len(text) and text[i] in " \t" and text[i + 1:i + 2] == "[":
+            i += 1
+    return characters, positions, i
+
+
+def _speaker(before: list[str], characters: list[str], names) -> tuple[str | None, int, str | None]:
+    """The ``Name:`` right before a quote: (speaker, characters to drop from the prompt, name of a story character
+    who is not in the panel)."""
+    text = "".join(before).rstrip()
+    if not text.endswith(":"):
+        return None, 0, None
+    head = text[:-1].rstrip()
+    candidates = list(characters) + [n for n in (names or {}).values() if n not in characters]
+    for name in sorted(candidates, key=len, reverse=True):
+        if head.casefold().endswith(name.casefold()):
+            cut = len(head) - len(name)
+            if cut == 0 or not (head[cut - 1].isalnum() or head[cut - 1] == "_"):
+                if name not in characters:
+                    return None, 0, name
+                return name, len("".join(before)) - cut, None
+    return None, 0, None
+
+
 def _parse_line(text: str, line_no: int, names: dict[str, str], errors: list[ScriptError], index: int):
     start = len(text) - len(text.lstrip())
     if not text[start:].startswith("["):
         errors.append(ScriptError(line_no, start + 1,
                                   "expected a [Character] tag or [NC] at the start of the panel"))
         return None
-    close = text.find("]", start)
-    if close < 0:
-        errors.append(ScriptError(line_no, start + 1, "unclosed [: expected ] after the character name"))
+    tags = _parse_tags(text, start, line_no, names, errors)
+    if tags is None:
         return None
-    tag = text[start + 1:close].strip()
-    if not tag:
-        errors.append(ScriptError(line_no, start + 2, "empty [ ]: expected a character name or NC"))
-        return None
-    if "," in tag:
-        errors.append(ScriptError(line_no, start + 2, "one character per panel: split the panel into two lines"))
-        return None
-    character = None
-    if tag.upper() != NO_CHARACTER:
-        character = tag if names is None else names.get(tag.casefold())
-        if character is None:
-            known = ", ".join(sorted(names.values()) + [NO_CHARACTER])
-            errors.append(ScriptError(line_no, start + 2, f'unknown character "{tag}": expected one of {known} '
-                                      "(add and accept the character first)"))
-            return None
-    prompt, speech, caption = [], [], None
-    i = close + 1
+    characters, positions, body = tags
+    prompt, speech, speakers, caption = [], [], [], None
+    i = body
     while i < len(text):
         ch = text[i]
         if ch in OPEN_QUOTES:
@@ -106,9 +180,17 @@ def _parse_line(text: str, line_no: int, names: dict[str, str], errors: list[Scr
             if j >= len(text):
                 errors.append(ScriptError(line_no, i + 1, f"unclosed quote: add a closing {end_quote}"))
                 return None
+            speaker, drop, absent = _speaker(prompt, characters, names)
+            if absent is not None:
+                errors.append(ScriptError(line_no, i + 1, f"{absent} speaks but is not in this panel: add "
+                                          f"[{absent}] to its tags"))
+                return None
+            if drop:
+                del prompt[len(prompt) - drop:]
             said = "".join(buf).replace('\\"', '"').strip()
             if said:
                 speech.append(said)
+                speakers.append(speaker or (characters[0] if len(characters) == 1 else None))
             i = j + 1
             continue
         if ch == "#":
@@ -118,10 +200,11 @@ def _parse_line(text: str, line_no: int, names: dict[str, str], errors: list[Scr
         i += 1
     prompt_text = " ".join("".join(prompt).split()).strip(" ,")
     if not prompt_text:
-        errors.append(ScriptError(line_no, close + 2, f"empty panel: write what the panel shows after [{tag}]"))
+        tag_text = text[start:body].strip()
+        errors.append(ScriptError(line_no, body + 1, f"empty panel: write what the panel shows after {tag_text}"))
         return None
-    return PanelSpec(index=index, line=line_no, character=character, prompt=prompt_text, speech=speech,
-                     caption=caption)
+    return PanelSpec(index=index, line=line_no, characters=characters, prompt=prompt_text, speech=speech,
+                     caption=caption, positions=positions, speakers=speakers)
 
 
 def parse_script(text: str, characters) -> list[PanelSpec]:

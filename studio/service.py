@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from engine.preprocess.image import MAX_PIXELS, load_image
+from engine.regions import character_regions, describe_group
 
 from .layout import BORDER_RANGE, GUTTER_RANGE, LAYOUTS, PAGE_SIZES, PanelArt, paginate, render_page
 from .script import PanelSpec, parse_script
@@ -218,10 +219,13 @@ def parse(story: Story, script: str) -> list[PanelSpec]:
 
 def sync_panels(story: Story, specs: list[PanelSpec]) -> None:
     """Keeps drawn panels whose line did not change; new or changed lines get new panels."""
-    old = {(p.spec.character, p.spec.prompt): p for p in story.panels}
+    def key(spec):  # who stands where, and what happens
+        return tuple(spec.characters), tuple(spec.positions), spec.prompt
+
+    old = {key(p.spec): p for p in story.panels}
     panels = []
     for spec in specs:
-        kept = old.pop((spec.character, spec.prompt), None)
+        kept = old.pop(key(spec), None)
         if kept is not None:
             kept.spec = spec
             panels.append(kept)
@@ -235,19 +239,31 @@ def styled(prompt: str, style: str) -> str:
     return f"{prompt}, {suffix}" if suffix else prompt
 
 
-def render_panels(engine, prompts: list[str], sheets: list, seeds: list[int], negative_prompt=None, steps=None,
-                  strength=None, progress: Progress = _noop, cancel: Callable[[], bool] | None = None) -> dict:
+def character_masks(mask: np.ndarray | None, positions: list) -> list[np.ndarray | None]:
+    """Each character's part of a panel's figure mask: the figures inside that character's region (the columns the
+    engine conditioned them in); the whole mask for a panel with one character."""
+    if mask is None or len(positions) <= 1:
+        return [mask] * len(positions)
+    return [mask * region for region in character_regions(list(positions), *mask.shape)]
+
+
+def render_panels(engine, prompts: list[str], sheets: list, regions: list, seeds: list[int], negative_prompt=None,
+                  steps=None, strength=None, progress: Progress = _noop,
+                  cancel: Callable[[], bool] | None = None) -> dict:
     """The model work of one batch of panels, pure (inputs in; images, figure masks and appearance scores out), so it
-    can run as a ZeroGPU function in another process: it touches no story."""
+    can run as a ZeroGPU function in another process: it touches no story. ``sheets[i]`` is a list of the panel's
+    character sheets (empty: no character), ``regions[i]`` their positions; ``scores[i]`` one score per sheet."""
     def fraction(pipe, step):
         return (pipe.current_run * pipe.num_timesteps + step + 1) / max(1, pipe.num_runs * pipe.num_timesteps)
 
-    output = engine.generate_panels(prompts, sheet=sheets, seeds=seeds, negative_prompt=negative_prompt,
-                                    num_inference_steps=steps, adapter_scale=strength,
+    output = engine.generate_panels(prompts, sheet=[list(s) or None for s in sheets],
+                                    regions=[list(r) if len(r) > 1 else None for r in regions], seeds=seeds,
+                                    negative_prompt=negative_prompt, num_inference_steps=steps, adapter_scale=strength,
                                     callback_on_step_end=step_callback(progress, fraction, "drawing panels", cancel))
     masks = [engine.figure_mask(image) for image in output.images]
-    scores = [None if sheet is None else engine.appearance_scores(sheet, [image], [mask])[0]
-              for sheet, image, mask in zip(sheets, output.images, masks)]
+    scores = [[engine.appearance_scores(sheet, [image], [part])[0]
+               for sheet, part in zip(group, character_masks(mask, positions))]
+              for group, positions, image, mask in zip(sheets, regions, output.images, masks)]
     return {"images": output.images, "masks": masks, "scores": scores}
 
 
@@ -266,9 +282,9 @@ def draw_panels(engine, story: Story, indices: list[int] | None = None, seed: in
     seed = seed_value(seed)
     accepted = story.accepted()
     for i in todo:
-        name = story.panels[i].spec.character
-        if name is not None and name not in accepted:
-            raise ValueError(f"panel {i + 1} needs {name}, who has no accepted sheet: accept the sheet first")
+        for name in story.panels[i].spec.characters:
+            if name not in accepted:
+                raise ValueError(f"panel {i + 1} needs {name}, who has no accepted sheet: accept the sheet first")
         if len(story.panels[i].text) > MAX_PROMPT_CHARS:
             raise ValueError(f"panel {i + 1}: the prompt is over {MAX_PROMPT_CHARS} characters")
     if render is None:
@@ -283,15 +299,17 @@ def draw_panels(engine, story: Story, indices: list[int] | None = None, seed: in
         for i, p in zip(chunk, panels):
             if not (p.locked and p.seed is not None):
                 p.seed = int(seed) + i if seed is not None else int(rng.integers(0, 2**31 - 1))
-        characters = [accepted[p.spec.character] if p.spec.character else None for p in panels]
-        out = render([styled(p.text, story.style) for p in panels], [c.sheet if c else None for c in characters],
+        characters = [[accepted[name] for name in p.spec.characters] for p in panels]
+        out = render([styled(describe_group(p.text, len(p.spec.characters)), story.style) for p in panels],
+                     [[c.sheet for c in group] for group in characters], [p.spec.positions for p in panels],
                      [p.seed for p in panels], negative, steps, strength,
                      lambda f, t, done=done, size=len(chunk): progress(
                          (done + f * size) / len(todo), f"drawing panels {done + 1}-{done + size} of {len(todo)}"),
                      cancel)
-        for p, c, image, mask, score in zip(panels, characters, out["images"], out["masks"], out["scores"]):
-            p.image, p.mask, p.consistency = image, mask, score
-            p.sheet_revision = None if c is None else c.revision
+        for p, group, image, mask, scores in zip(panels, characters, out["images"], out["masks"], out["scores"]):
+            p.image, p.mask = image, mask
+            p.scores = {c.name: float(score) for c, score in zip(group, scores)}
+            p.sheet_revisions = {c.name: c.revision for c in group}
         flag_drift(story)
         done += len(chunk)
         yield chunk
@@ -301,15 +319,24 @@ DRIFT_RATIO = 0.85
 
 
 def flag_drift(story: Story) -> None:
-    """Marks panels whose appearance score is well below their character's median (below 85% of it)."""
-    by_character: dict[str, list[Panel]] = {}
+    """Marks panels where a character's appearance score is well below that character's median over the story's
+    panels (below 85% of it)."""
+    by_character: dict[str, list[float]] = {}
     for p in story.panels:
-        if p.consistency is not None and p.spec.character is not None:
-            by_character.setdefault(p.spec.character, []).append(p)
-    for panels in by_character.values():
-        median = float(np.median([p.consistency for p in panels]))
-        for p in panels:
-            p.drifted = len(panels) >= 3 and p.consistency < DRIFT_RATIO * median
+        for name, score in p.scores.items():
+            by_character.setdefault(name, []).append(score)
+    medians = {name: float(np.median(scores)) for name, scores in by_character.items() if len(scores) >= 3}
+    for p in story.panels:
+        p.drifted = any(name in medians and score < DRIFT_RATIO * medians[name] for name, score in p.scores.items())
+
+
+def panel_art(panel: Panel) -> PanelArt:
+    """What a page draws of a panel: its picture, figures, captions and bubbles, each bubble's tail aimed at its
+    speaker's figure (the figure inside the speaker's region)."""
+    spec = panel.spec
+    parts = dict(zip(spec.characters, character_masks(panel.mask, spec.positions)))
+    return PanelArt(image=panel.image, mask=panel.mask, speech=spec.speech, caption=spec.caption,
+                    speakers=[parts.get(name) if name is not None else None for name in spec.speakers])
 
 
 def make_pages(story: Story, layout=None, page_size=None, gutter=None, border=None) -> list[Image.Image]:
@@ -322,8 +349,7 @@ def make_pages(story: Story, layout=None, page_size=None, gutter=None, border=No
         raise ValueError("No panels are drawn yet: draw the panels first.")
     pages = []
     for page in paginate(len(drawn), layout):
-        arts = [PanelArt(image=drawn[i].image, mask=drawn[i].mask, speech=drawn[i].spec.speech,
-                         caption=drawn[i].spec.caption) for i in page]
+        arts = [panel_art(drawn[i]) for i in page]
         image, _ = render_page(arts, layout, page_size, gutter=gutter, border=border)
         pages.append(image)
     return pages

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from .layout import BORDER_RANGE, GUTTER_RANGE, LAYOUTS, PAGE_SIZES
-from .script import MAX_LINE_CHARS, MAX_PANELS, PanelSpec, parse_script
+from .script import MAX_CHARACTERS_PER_PANEL, MAX_LINE_CHARS, MAX_PANELS, POSITIONS, PanelSpec, parse_script
 
 ARCHIVE_VERSION = 1
 MAX_ARCHIVE_ENTRIES = 2000
@@ -67,14 +67,19 @@ class Panel:
     locked: bool = False
     prompt: str | None = None  # an edit of spec.prompt
     image: Image.Image | None = None
-    mask: np.ndarray | None = None
-    consistency: float | None = None  # appearance score against the character's sheet
-    drifted: bool = False  # well below the character's other panels: worth a redraw
-    sheet_revision: int | None = None  # the character's revision this panel was drawn from
+    mask: np.ndarray | None = None  # the figures (all characters) in the panel
+    scores: dict[str, float] = field(default_factory=dict)  # per character: appearance against their sheet
+    drifted: bool = False  # a character well below their other panels: worth a redraw
+    sheet_revisions: dict[str, int] = field(default_factory=dict)  # per character: the revision it was drawn from
 
     @property
     def text(self) -> str:
         return self.prompt if self.prompt else self.spec.prompt
+
+    @property
+    def consistency(self) -> float | None:
+        """The panel's weakest character score (None without characters or before drawing)."""
+        return min(self.scores.values()) if self.scores else None
 
 
 @dataclass
@@ -94,10 +99,15 @@ class Story:
         return {n: c for n, c in self.characters.items() if c.accepted and c.sheet is not None}
 
     def is_stale(self, panel: Panel) -> bool:
-        """A drawn panel whose character has accepted another sheet since it was drawn."""
-        character = self.characters.get(panel.spec.character) if panel.spec.character else None
-        return (panel.image is not None and character is not None and character.accepted
-                and panel.sheet_revision is not None and panel.sheet_revision != character.revision)
+        """A drawn panel one of whose characters has accepted another sheet since it was drawn."""
+        if panel.image is None:
+            return False
+        for name in panel.spec.characters:
+            character, drawn_from = self.characters.get(name), panel.sheet_revisions.get(name)
+            if character is not None and character.accepted and drawn_from is not None \
+                    and drawn_from != character.revision:
+                return True
+        return False
 
     def to_draw(self) -> list[int]:
         """The panels "Draw panels" draws: not drawn yet, or stale."""
@@ -127,7 +137,7 @@ def save_archive(story: Story) -> bytes:
     panels = []
     for i, p in enumerate(story.panels):
         entry = {"spec": p.spec.to_dict(), "seed": p.seed, "locked": p.locked, "prompt": p.prompt,
-                 "consistency": p.consistency, "drifted": p.drifted, "sheet_revision": p.sheet_revision, "files": {}}
+                 "scores": p.scores, "drifted": p.drifted, "sheet_revisions": p.sheet_revisions, "files": {}}
         if p.image is not None:
             files[f"panels/{i}/image.png"] = _png(p.image)
             entry["files"]["image"] = f"panels/{i}/image.png"
@@ -184,6 +194,19 @@ def _optional(value, kind, what):
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ArchiveError(f"story.json: {message}")
+
+
+def _per_character(entry: dict, key: str, legacy_key: str, names: list[str], kind) -> dict:
+    """A panel's per-character values (``{name: value}``); archives before group panels kept one value."""
+    if key in entry:
+        values = _expect(entry[key], dict, f"a panel's {key}")
+        _check(all(k in names and isinstance(v, kind) and not isinstance(v, bool) for k, v in values.items()),
+               f"a panel's {key} are malformed")
+        return values
+    legacy = entry.get(legacy_key)
+    if legacy is None or not names:
+        return {}
+    return {names[0]: _expect(legacy, kind, f"a panel's {legacy_key}")}
 
 
 def load_archive(data: bytes) -> Story:
@@ -258,28 +281,43 @@ def load_archive(data: bytes) -> Story:
         _check(len(panel_entries) <= MAX_PANELS, f"{len(panel_entries)} panels; a story has at most {MAX_PANELS}")
         for entry in panel_entries:
             entry = _expect(entry, dict, "a panel")
-            spec = _expect(entry.get("spec"), dict, "panel spec")
+            spec = dict(_expect(entry.get("spec"), dict, "panel spec"))
+            if "character" in spec:  # archives before group panels: one character per panel
+                legacy = spec.pop("character")
+                spec["characters"] = [] if legacy is None else [legacy]
             try:
                 panel_spec = PanelSpec(**spec)
             except TypeError as exc:
                 raise ArchiveError(f"story.json: a panel spec is malformed ({exc})") from None
             _check(isinstance(panel_spec.prompt, str) and 0 < len(panel_spec.prompt) <= MAX_LINE_CHARS,
                    "a panel's prompt is empty or too long")
-            _check(panel_spec.character is None or panel_spec.character in story.characters,
-                   f"a panel names {panel_spec.character!r}, who is not one of the project's characters")
+            names = _expect(panel_spec.characters, list, "a panel's characters")
+            _check(len(names) <= MAX_CHARACTERS_PER_PANEL and all(isinstance(n, str) for n in names)
+                   and len(set(names)) == len(names),
+                   f"a panel names {names!r}: at most {MAX_CHARACTERS_PER_PANEL} different characters")
+            for name in names:
+                _check(name in story.characters, f"a panel names {name!r}, who is not one of the project's characters")
+            _check(isinstance(panel_spec.positions, list) and len(panel_spec.positions) == len(names)
+                   and all(p is None or p in POSITIONS.values() for p in panel_spec.positions),
+                   "a panel's positions are malformed")
+            speech = _expect(panel_spec.speech, list, "a panel's speech")
+            _check(all(isinstance(x, str) and len(x) <= MAX_LINE_CHARS for x in speech), "a panel's speech is malformed")
+            _check(isinstance(panel_spec.speakers, list) and len(panel_spec.speakers) == len(speech)
+                   and all(x is None or x in names for x in panel_spec.speakers),
+                   "a panel's speakers are not its characters")
             prompt = _optional(entry.get("prompt"), str, "a panel prompt")
             _check(prompt is None or len(prompt) <= MAX_LINE_CHARS, "a panel's edited prompt is too long")
             files = _expect(entry.get("files", {}), dict, "panel files")
             mask = None
             if "mask" in files:
                 mask = np.asarray(_read_image(z, files["mask"], "L"), np.float32) / 255.0
-            score = entry.get("consistency")
-            drawn_from = _optional(entry.get("sheet_revision"), int, "a panel's sheet revision")
-            if "sheet_revision" not in entry and panel_spec.character is not None:  # older archives: current sheet
-                drawn_from = story.characters[panel_spec.character].revision
+            scores = _per_character(entry, "scores", "consistency", names, (int, float))
+            revisions = _per_character(entry, "sheet_revisions", "sheet_revision", names, int)
+            if "sheet_revisions" not in entry and "sheet_revision" not in entry:  # older archives: current sheets
+                revisions = {name: story.characters[name].revision for name in names}
             story.panels.append(Panel(spec=panel_spec, seed=_optional(entry.get("seed"), int, "a panel seed"),
-                                      locked=bool(entry.get("locked")), sheet_revision=drawn_from,
+                                      locked=bool(entry.get("locked")), sheet_revisions=revisions,
                                       prompt=prompt, mask=mask, drifted=bool(entry.get("drifted")),
-                                      consistency=float(score) if isinstance(score, (int, float)) else None,
+                                      scores={k: float(v) for k, v in scores.items()},
                                       image=_read_image(z, files["image"]) if "image" in files else None))
     return story

@@ -23,7 +23,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "assets" / "examples"
 EXAMPLE_SCRIPT = """[Mia] walking down a city street, smiling "What a day!" # Monday morning.
 [Mia] running through the rain, surprised "Wait for me!"
 [NC] an empty street at night # Later that night...
-[Mia] sitting in a room, laughing"""
+[Mia] sitting in a room, laughing
+// two or three characters in one panel (accept Kai first): [Mia][Kai:right] on a bench Mia: "Hi!" Kai: "Hello." """
 
 
 def _examples() -> list[list]:
@@ -101,14 +102,14 @@ def build_demo(engine, status: str = "", files: TempFiles | None = None) -> gr.B
                 with gr.Column(scale=2):
                     script = gr.Textbox(label="One line per panel", lines=10, value=EXAMPLE_SCRIPT, max_length=100_000,
                                         elem_id="script",
-                                        info='[Name] what happens "speech" # caption   |   [NC] a panel without a '
-                                             "character")
+                                        info='[Name] what happens "speech" # caption   |   [Mia][Kai:right] together '
+                                             'Mia: "Hi!" (up to three)   |   [NC] no character')
                 with gr.Column(scale=1):
                     style = gr.Dropdown(list(STYLES), value="comic", label="Style")
                     negative = gr.Textbox(label="Negative prompt", placeholder="blurry, extra limbs", max_length=500)
                     btn_check = gr.Button("Check script", elem_id="btn-check")
             script_status = gr.Markdown(elem_id="script-status")
-            panel_table = gr.Dataframe(headers=["#", "character", "prompt", "speech", "caption"], interactive=False,
+            panel_table = gr.Dataframe(headers=["#", "characters", "prompt", "speech", "caption"], interactive=False,
                                        value=[])
 
         with gr.Tab("3. Panels"):

@@ -117,6 +117,38 @@ def test_cli_panels_writes_images_and_manifest(tmp_path, tiny_overrides, capsys)
     np.testing.assert_array_equal(np.asarray(Image.open(out2 / "panel_000.png")), first)
 
 
+def test_cli_named_sheets_draw_group_panels_from_script_tags(tmp_path, tiny_overrides, capsys):
+    from PIL import Image
+
+    mia, kai = tmp_path / "mia.png", tmp_path / "kai.png"
+    make_sheet((200, 40, 40)).save(mia)
+    make_sheet((40, 40, 200), seed=1).save(kai)
+    out = tmp_path / "out"
+    code = cli_main(["panels", "--sheet", f"Mia={mia}", "--sheet", f"Kai={kai}", "--prompt",
+                     '[Mia][Kai] talking on a bench Mia: "Hi!"', "--prompt", "[Kai] waving", "--prompt", "[NC] a street",
+                     "--seed", "7", "--out", str(out), *_cli_args(tiny_overrides)])
+    assert code == 0
+    manifest = json.loads((out / "panels.json").read_text())
+    assert [p["characters"] for p in manifest["panels"]] == [["Mia", "Kai"], ["Kai"], []]
+    assert [p["prompt"] for p in manifest["panels"]] == ["two people, talking on a bench", "waving", "a street"]
+    group = np.asarray(Image.open(out / "panel_000.png"))
+    # the same panel with the characters swapped is another picture: each sheet acts in its own region
+    cli_main(["panels", "--sheet", f"Mia={mia}", "--sheet", f"Kai={kai}", "--prompt", "[Kai][Mia] talking on a bench",
+              "--seed", "7", "--out", str(tmp_path / "swapped"), *_cli_args(tiny_overrides)])
+    swapped = np.asarray(Image.open(tmp_path / "swapped" / "panel_000.png"))
+    assert np.abs(group.astype(int) - swapped).max() > 0
+    for sheets, prompt, message in (
+        ([f"Mia={mia}", str(kai)], "[Mia] x", "give every --sheet a name"),
+        ([str(mia), str(kai)], "x", "2 unnamed --sheet files"),
+        ([f"Mia={mia}"], "[Kai] x", '--prompt 1: line 1, column 2: unknown character "Kai"'),
+        ([f"Mia={mia}"], "waving", "--prompt 1: line 1, column 1: expected a [Character] tag"),
+    ):
+        args = [x for s in sheets for x in ("--sheet", s)]
+        code = cli_main(["panels", *args, "--prompt", prompt, "--out", str(tmp_path / "bad"), *_cli_args(tiny_overrides)])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_cli_errors_are_one_clear_line(tmp_path, tiny_overrides, capsys):
     code = cli_main(["panels", "--sheet", str(tmp_path / "missing.png"), "--prompt", "x", "--out", str(tmp_path),
                      *_cli_args(tiny_overrides)])

@@ -230,6 +230,6 @@ def test_engine_appearance_scores_and_studio_drift_flag(tiny_full_engine):
     assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] < scores[0]
     story = Story()
     for i, score in enumerate([0.9, 0.92, 0.88, 0.5]):
-        story.panels.append(Panel(PanelSpec(i, i + 1, "Mia", "x"), consistency=score))
+        story.panels.append(Panel(PanelSpec(i, i + 1, ["Mia"], "x"), scores={"Mia": score}))
     flag_drift(story)
     assert [p.drifted for p in story.panels] == [False, False, False, True]

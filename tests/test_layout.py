@@ -72,3 +72,23 @@ def test_bubble_avoids_the_character_and_its_tail_points_at_the_head():
 def test_too_many_panels_for_a_layout():
     with pytest.raises(ValueError, match="do not fit"):
         render_page([panel()] * 4, "3-row strip")
+
+
+def test_each_bubble_tail_points_at_its_speakers_figure():
+    from studio.script import parse_script
+    from studio.service import panel_art
+    from studio.story import Panel
+
+    img = Image.new("RGB", (192, 128), (120, 160, 200))
+    mask = np.zeros((128, 192), np.float32)
+    mask[40:128, 15:60] = 1  # Mia on the left, her head at y=40
+    mask[20:128, 130:175] = 1  # Kai on the right, taller
+    (spec,) = parse_script('[Mia][Kai] on a bench Kai: "Hello." Mia: "Hi!" "(unsaid)"', ["Mia", "Kai"])
+    art = panel_art(Panel(spec, image=img, mask=mask))
+    _, geo = render_page([art], "single", "square")
+    rect = geo.panels[0]
+    middle = (rect[0] + rect[2]) / 2
+    (_, kai_head), (_, mia_head), (_, both) = geo.tails
+    assert kai_head[0] > middle and mia_head[0] < middle  # Kai's line points right, Mia's left
+    assert kai_head[1] < mia_head[1]  # at each one's own head: Kai's is higher
+    assert both == kai_head  # an unattributed line points at the top of all the figures (Kai is the taller)

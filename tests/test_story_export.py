@@ -84,3 +84,40 @@ def test_pdf_and_cbz():
     assert b"Rain &amp; Sun" in cbz.read("ComicInfo.xml")
     with pytest.raises(ValueError, match="no pages"):
         pages_to_pdf([])
+
+
+def test_archives_from_before_group_panels_still_open():
+    story = make_story()
+    data = save_archive(story)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(entries["story.json"])
+    for panel in meta["panels"]:  # the single-character layout of archive version 1 as first written
+        spec = panel["spec"]
+        spec["character"] = spec.pop("characters")[0] if spec["characters"] else None
+        del spec["positions"], spec["speakers"]
+        panel["consistency"] = panel.pop("scores").get("Mia", 0.7 if spec["character"] else None)
+        panel["sheet_revision"] = panel.pop("sheet_revisions").get("Mia")
+    entries["story.json"] = json.dumps(meta)
+    old = load_archive(_zip(entries))
+    assert old.panels[0].spec.characters == ["Mia"] and old.panels[0].spec.speakers == ["Mia"]
+    assert old.panels[0].scores == {"Mia": 0.7} and old.panels[1].spec.characters == []
+    assert old.panels[1].scores == {} and save_archive(old) != data
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda spec: spec.update(characters=["Mia", "Mia"]), "at most 3 different characters"),
+    (lambda spec: spec.update(characters=["Ghost"]), "'Ghost', who is not one of the project's characters"),
+    (lambda spec: spec.update(positions=["top"]), "positions are malformed"),
+    (lambda spec: spec.update(speakers=["Leo"]), "speakers are not its characters"),
+    (lambda spec: spec.update(characters=[["Mia"]]), "at most 3 different characters"),
+])
+def test_group_fields_of_an_archive_are_checked(change, message):
+    data = save_archive(make_story())
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    meta = json.loads(entries["story.json"])
+    change(meta["panels"][0]["spec"])
+    entries["story.json"] = json.dumps(meta)
+    with pytest.raises(ArchiveError, match=message):
+        load_archive(_zip(entries))

@@ -35,7 +35,7 @@ def test_named_api_standardize_panels_page_export(client, tmp_path):
     script = '[Mia] running "Wait for me!" # Noon\n[NC] an empty street'
     gallery, info = client.predict([handle_file(sheet)], "Mia", script, 10, {"steps": 2}, api_name="/panels")
     assert len(gallery) == 2 and [p["seed"] for p in info["panels"]] == [10, 11]
-    assert [p["character"] for p in info["panels"]] == ["Mia", None]
+    assert [p["characters"] for p in info["panels"]] == [["Mia"], []] and set(info["panels"][0]["scores"]) == {"Mia"}
 
     panel_files = [handle_file(item["image"]) for item in gallery]
     pages = client.predict(panel_files, script, "4-panel grid", "square", 20, 4, api_name="/page")

@@ -105,7 +105,7 @@ def test_cancel_stops_sampling_at_the_next_step(tiny_full_engine):
     from studio.script import PanelSpec
     from studio.story import Panel, Story
 
-    story = Story(panels=[Panel(spec=PanelSpec(index=i, line=i + 1, character=None, prompt=f"a street {i}"))
+    story = Story(panels=[Panel(spec=PanelSpec(index=i, line=i + 1, characters=[], prompt=f"a street {i}"))
                           for i in range(2)])
     steps = []
 
@@ -141,7 +141,53 @@ def test_on_zero_gpu_the_model_work_gets_only_picklable_inputs(monkeypatch, tiny
     monkeypatch.setitem(sys.modules, "spaces", fake)
     monkeypatch.setenv("SPACES_ZERO_GPU", "1")
     work = ModelWork(tiny_full_engine)
-    out = work.render(["a street"], [None], [3], None, 2, None, lambda f, t: None, lambda: False)
-    assert len(out["images"]) == 1 and received == [6]
+    out = work.render(["a street"], [[]], [[]], [3], None, 2, None, lambda f, t: None, lambda: False)
+    assert len(out["images"]) == 1 and received == [7]
     sheet = work.standardize("assets/examples/mia.png", 1, 2, 3.5, lambda f, t: None, lambda: False)["sheet"]
-    assert sheet.size == (64, 96) and received == [6, 4]
+    assert sheet.size == (64, 96) and received == [7, 4]
+
+
+def test_group_panels_are_drawn_scored_per_character_and_go_stale_per_character(tiny_full_engine):
+    from components import make_sheet
+
+    from studio.story import Character, Story, load_archive, save_archive
+
+    story = Story(style="none")
+    for name, color in (("Mia", (200, 40, 40)), ("Kai", (40, 40, 200))):
+        sheet = make_sheet(color)
+        story.characters[name] = Character(name, sheet, sheet=sheet, accepted=True)
+    script = '[Mia][Kai:left] on a bench Mia: "Hi!"\n[Kai] waving\n[NC] a street'
+    service.sync_panels(story, service.parse(story, script))
+    seen = []
+
+    def render(prompts, sheets, regions, *rest):
+        seen.append((prompts, [len(s) for s in sheets], regions))
+        return service.render_panels(tiny_full_engine, prompts, sheets, regions, *rest)
+
+    list(service.draw_panels(tiny_full_engine, story, seed=5, steps=2, render=render))
+    assert seen == [(["two people, on a bench", "waving", "a street"], [2, 1, 0], [[None, "left"], [None], []])]
+    group, single, empty = story.panels
+    assert set(group.scores) == {"Mia", "Kai"} and set(single.scores) == {"Kai"} and empty.scores == {}
+    assert all(-1 <= v <= 1 for v in group.scores.values()) and group.consistency == min(group.scores.values())
+    assert group.sheet_revisions == {"Mia": 0, "Kai": 0}
+    # a new accepted sheet for Kai makes both of Kai's panels stale, not the empty street
+    story.characters["Kai"].revision += 1
+    assert story.to_draw() == [0, 1]
+    # the archive keeps who stands where, who says what, and the per-character scores
+    loaded = load_archive(save_archive(story))
+    assert loaded.panels[0].spec == group.spec and loaded.panels[0].scores == group.scores
+    assert loaded.panels[0].spec.speakers == ["Mia"] and loaded.to_draw() == [0, 1]
+    # the same script keeps the drawn panels; moving Kai redraws that panel only
+    service.sync_panels(loaded, service.parse(loaded, script.replace("[Kai:left]", "[Kai]")))
+    assert loaded.panels[0].image is None and loaded.panels[1].image is not None
+
+
+def test_flag_drift_per_character_in_group_panels():
+    from studio.script import PanelSpec
+    from studio.story import Panel, Story
+
+    story = Story()
+    for i, (mia, kai) in enumerate([(0.9, 0.8), (0.91, 0.82), (0.89, 0.4), (0.5, 0.81)]):
+        story.panels.append(Panel(PanelSpec(i, i + 1, ["Mia", "Kai"], "x"), scores={"Mia": mia, "Kai": kai}))
+    service.flag_drift(story)
+    assert [p.drifted for p in story.panels] == [False, False, True, True]

@@ -5,6 +5,8 @@ Each panel is SDXL(prompt) + adapter(sheet). Differences from a stock ``StableDi
 * many panels per call, one UNet batch (chunked by ``max_batch_size``), each with its own seed, prompt and sheet;
 * the sheet is encoded once per character: embeddings are cached by image content and reused across calls;
 * panels without a character (``sheet=None`` entries) run in the same call with the adapter switched off;
+* a panel may hold several characters (a list of sheets): each character's adapter tokens act only inside its
+  region (diffusers' ``ip_adapter_masks``; columns from ``engine.regions`` or masks given by the caller);
 * defaults follow the paper (DDIM, 20 steps, 512x768).
 """
 
@@ -31,6 +33,7 @@ from transformers import (
 )
 
 from ..preprocess.image import load_image, pad_to_square
+from ..regions import MAX_CHARACTERS, character_regions
 
 MAX_PROMPT_CHARS = 2000
 
@@ -181,7 +184,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
     # ------------------------------------------------------------------ inputs
     def check_panel_inputs(
         self, prompt, sheet, negative_prompt, seeds, num_inference_steps, height, width, guidance_scale,
-        adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs,
+        adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs, regions=None,
     ) -> list[str]:
         """Validates the call and returns the prompt list; every problem raises ``ValueError`` naming the value."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -221,6 +224,11 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             raise ValueError(f"seeds={seeds!r} must be a non-negative integer or a list of them")
         if isinstance(sheet, (list, tuple)) and len(sheet) != n:
             raise ValueError(f"{len(sheet)} sheets for {n} prompts: give one sheet, or one (or None) per prompt")
+        for i, entry in enumerate(sheet if isinstance(sheet, (list, tuple)) else [sheet]):
+            if isinstance(entry, (list, tuple)) and not 1 <= len(entry) <= MAX_CHARACTERS:
+                raise ValueError(f"sheet[{i}] holds {len(entry)} characters; a panel holds 1 to {MAX_CHARACTERS}")
+        if regions is not None and (not isinstance(regions, (list, tuple)) or len(regions) != n):
+            raise ValueError(f"regions must be None or a list with one entry (None, positions or masks) per prompt ({n})")
         if not isinstance(adapter_scale, (int, float, dict, list)) or isinstance(adapter_scale, bool):
             raise ValueError(f"adapter_scale={adapter_scale!r} must be a number or a per-block dict")
         bad_inputs = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
@@ -234,6 +242,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         self,
         prompt: str | list[str],
         sheet=None,
+        regions: list | None = None,
         negative_prompt: str | list[str] | None = None,
         seeds: int | list[int] | None = None,
         num_inference_steps: int = 20,
@@ -253,7 +262,12 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         Args:
             prompt: one panel prompt or a list (a batch of panels).
             sheet: the character sheet (PIL/np/path, any mode) or its ``SheetEmbeds``; one for all panels, or a
-                list with one entry per prompt where ``None`` means a panel without a character.
+                list with one entry per prompt where ``None`` means a panel without a character and a list of up to
+                three sheets a panel with several characters.
+            regions: for panels with several characters, one entry per prompt: ``None`` (columns left to right in
+                the order of the sheets), a list of positions (``"left"``, ``"centre"``, ``"right"`` or ``None``),
+                or an array ``[characters, H, W]`` of masks in [0, 1] (any resolution). Each character's adapter
+                tokens act only where its mask is non-zero.
             negative_prompt: one for all panels or one per prompt.
             seeds: per prompt or per image; an int ``s`` means ``s, s+1, ...``; ``None`` draws random seeds (returned
                 in the output so a panel can be redrawn exactly). With per-prompt seeds, image ``j`` of prompt ``i``
@@ -267,7 +281,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         # 1. Check inputs
         prompts = self.check_panel_inputs(
             prompt, sheet, negative_prompt, seeds, num_inference_steps, height, width, guidance_scale,
-            adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs,
+            adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs, regions,
         )
         n, k = len(prompts), num_images_per_prompt
         self._guidance_scale = guidance_scale
@@ -284,8 +298,12 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         sample_negatives = [neg for neg in negatives for _ in range(k)]
         sample_seeds = self._expand_seeds(seeds, n, k)
         sheets = list(sheet) if isinstance(sheet, (list, tuple)) else [sheet] * n
-        embeds = [self.encode_sheet(s) if s is not None else None for s in sheets]
+        embeds = [self._encode_panel_sheets(s) for s in sheets]
         sample_embeds = [e for e in embeds for _ in range(k)]
+        latent_size = (height // self.vae_scale_factor, width // self.vae_scale_factor)
+        masks = [self._group_masks(e, None if regions is None else regions[i], latent_size, i)
+                 for i, e in enumerate(embeds)]
+        sample_masks = [m for m in masks for _ in range(k)]
 
         # 3. Encode prompts once for all images
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
@@ -317,6 +335,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         for run_index, indices in enumerate(runs):
             self.current_run = run_index
             with_sheet = sample_embeds[indices[0]] is not None
+            group = isinstance(sample_embeds[indices[0]], tuple)
             idx = torch.tensor(indices, device=prompt_embeds.device)
             latents = self._denoise(
                 indices=indices,
@@ -326,6 +345,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                 negative_pooled=negative_pooled[idx] if negative_pooled is not None else None,
                 time_ids=time_ids,
                 image_embeds=[sample_embeds[i] for i in indices] if with_sheet else None,
+                masks=torch.stack([sample_masks[i] for i in indices]) if group else None,
                 adapter_scale=adapter_scale,
                 seeds=[sample_seeds[i] for i in indices],
                 height=height,
@@ -358,17 +378,51 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             return [int(s) for s in seeds]
         return [int(s) + j for s in seeds for j in range(k)]
 
+    def _encode_panel_sheets(self, entry):
+        """One panel's sheets: None, one ``SheetEmbeds``, or a tuple of them for several characters."""
+        if entry is None:
+            return None
+        if isinstance(entry, (list, tuple)):
+            group = tuple(self.encode_sheet(s) for s in entry)
+            return group[0] if len(group) == 1 else group
+        return self.encode_sheet(entry)
+
+    @staticmethod
+    def _group_masks(embeds, region, latent_size: tuple[int, int], index: int) -> torch.Tensor | None:
+        """``[characters, h, w]`` masks at latent resolution for a panel with several characters (else None)."""
+        if not isinstance(embeds, tuple):
+            return None
+        count = len(embeds)
+        if region is None or (isinstance(region, (list, tuple)) and all(r is None or isinstance(r, str) for r in region)):
+            positions = [None] * count if region is None else list(region)
+            if len(positions) != count:
+                raise ValueError(f"regions[{index}] gives {len(positions)} positions for {count} characters")
+            return torch.from_numpy(character_regions(positions, *latent_size))
+        masks = torch.as_tensor(np.asarray(region, dtype=np.float32))
+        if masks.ndim != 3 or masks.shape[0] != count:
+            raise ValueError(f"regions[{index}] must be {count} masks shaped [{count}, H, W]; got {tuple(masks.shape)}")
+        if not torch.isfinite(masks).all() or masks.min() < 0 or masks.max() > 1:
+            raise ValueError(f"regions[{index}]: mask values must lie in [0, 1]")
+        return torch.nn.functional.interpolate(masks[None], size=latent_size, mode="bilinear", align_corners=False)[0]
+
     def _plan_runs(self, sample_embeds: list, max_batch_size: int | None) -> list[list[int]]:
-        groups = [
-            [i for i, e in enumerate(sample_embeds) if e is not None],
-            [i for i, e in enumerate(sample_embeds) if e is None],
-        ]
+        # one kind of panel per UNet batch: no character, one, two or three (the adapter inputs differ in shape)
+        def count(e):
+            return 0 if e is None else len(e) if isinstance(e, tuple) else 1
+
+        groups = [[i for i, e in enumerate(sample_embeds) if count(e) == c] for c in (1, 2, 3, 0)]
         size = max_batch_size or len(sample_embeds)
         return [g[s : s + size] for g in groups for s in range(0, len(g), size) if g]
 
-    def _image_embeds_for_run(self, embeds: list[SheetEmbeds] | None, batch: int) -> list[torch.Tensor] | None:
+    def _image_embeds_for_run(self, embeds: list | None, batch: int) -> list[torch.Tensor] | None:
         if not self.has_adapter:
             return None
+        if embeds is not None and isinstance(embeds[0], tuple):
+            # several characters: [batch, characters, tokens, dim], one image per character for the masked path
+            cond = torch.stack([torch.cat([e.cond for e in group]) for group in embeds])
+            uncond_b = torch.stack([torch.cat([e.uncond for e in group]) for group in embeds])
+            stacked = torch.cat([uncond_b, cond]) if self.do_classifier_free_guidance else cond
+            return [stacked.to(device=self._execution_device, dtype=self.unet.dtype)]
         if embeds is None:
             # A panel without a character: the adapter is switched off (scale 0), any embeddings of the right shape do.
             uncond = self._uncond_embeds()
@@ -384,7 +438,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
     def _denoise(
         self, indices, prompt_embeds, negative_embeds, pooled, negative_pooled, time_ids, image_embeds,
         adapter_scale, seeds, height, width, num_inference_steps, callback_on_step_end,
-        callback_on_step_end_tensor_inputs,
+        callback_on_step_end_tensor_inputs, masks=None,
     ) -> torch.Tensor:
         device = self._execution_device
         batch = len(indices)
@@ -414,6 +468,10 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         if ip_embeds is not None:
             added_cond_kwargs["image_embeds"] = ip_embeds
             self.set_ip_adapter_scale(adapter_scale if image_embeds is not None else 0.0)
+        attention_kwargs = None
+        if masks is not None and ip_embeds is not None:
+            masks = torch.cat([masks, masks]) if self.do_classifier_free_guidance else masks
+            attention_kwargs = {"ip_adapter_masks": [masks.to(device=device, dtype=dtype)]}
 
         # 8. Denoising loop
         with self.progress_bar(total=len(timesteps)) as progress_bar:
@@ -427,6 +485,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                     t,
                     encoder_hidden_states=prompt_embeds,
                     added_cond_kwargs=added_cond_kwargs,
+                    cross_attention_kwargs=attention_kwargs,
                     return_dict=False,
                 )[0]
                 if self.do_classifier_free_guidance:
