@@ -202,8 +202,15 @@ def test_probe_pools_a_grid_so_it_can_tell_where_a_colour_is():
     assert grid < 0.5 and grid < mean
 
 
-def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny_std_dir, tmp_path, capsys):
+def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny_std_dir, tmp_path, capsys,
+                                                monkeypatch):
+    from engine.engine import Engine
     from trainer.evaluate import main
+
+    standardized = []
+    real = Engine.standardize_reference
+    monkeypatch.setattr(Engine, "standardize_reference",
+                        lambda self, *a, **k: standardized.append(1) or real(self, *a, **k))
 
     overrides = {**tiny_overrides, "standardize": str(tiny_std_dir)}
     args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "1", "--seeds", "1", "--steps", "1",
@@ -218,6 +225,49 @@ def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny
         assert r["prompts"] == 20
     assert (tmp_path / "results.md").read_text().startswith("| variant |")
     assert len(list(tmp_path.glob("examples-*.png"))) == 2
+    assert len(standardized) == 1  # the two-stage variant standardizes its reference, the one-stage one does not
+
+
+def test_colour_leakage_and_signature_colours_on_the_worlds_group_renders():
+    from engine.regions import character_regions
+    from trainer.evaluate import colour_leakage, signature_colours
+    from trainer.synthetic import render_group
+    from trainer.synthetic.character import make_character
+
+    regions = character_regions(2, 96, 64)
+    red, blue = np.array([[200, 40, 46]], float), np.array([[44, 86, 186]], float)
+    split = Image.new("RGB", (64, 96), (200, 40, 46))
+    split.paste((44, 86, 186), (32, 0, 64, 96))
+    assert colour_leakage(split, regions, [red, blue]) == [0.0, 0.0]
+    everywhere = Image.new("RGB", (64, 96), (200, 40, 46))
+    assert colour_leakage(everywhere, regions, [red, blue])[0] == 0.5
+    assert np.isnan(colour_leakage(everywhere, regions, [red, np.zeros((0, 3))])[1])
+    # signature colours leave out what the other character also wears
+    a = {"top_color": "red", "bottom_color": "navy", "hair_color": "blonde", "skin": "light"}
+    b = {"top_color": "red", "bottom_color": "yellow", "hair_color": "blonde", "skin": "light"}
+    sig = signature_colours([a, b])
+    assert sig[0].tolist() == [[30, 40, 90]] and sig[1].tolist() == [[240, 204, 48]]
+    # the instrument on the world's own renders: each figure's colours stay in its own column, swapped they do not
+    ids = [12, 345]
+    chars = [make_character(c).attributes() for c in ids]
+    kept = colour_leakage(render_group(ids, 7, (64, 96)).image, regions, signature_colours(chars))
+    swapped = colour_leakage(render_group(ids[::-1], 7, (64, 96)).image, regions, signature_colours(chars))
+    assert np.nanmax(kept) < 0.35 and np.nanmin(swapped) > 0.65
+
+
+def test_group_protocol_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tmp_path):
+    from trainer.evaluate import main
+
+    args = ["groups", "--preset", "demo", "--probe", str(tiny_probe), "--groups", "1", "--scenes", "1",
+            "--steps", "1", "--size", "64x96", "--device", "cpu", "--out", str(tmp_path)]
+    for name, path in tiny_overrides.items():
+        args += ["--override", f"{name}={path}"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "groups-2.json").read_text())
+    assert set(summary) == {"ground truth", "regional masks", "no masks"}
+    for r in summary.values():
+        assert 0 <= r["own_appearance"] <= 1 and 0 <= r["other_appearance"] <= 1
+    assert (tmp_path / "groups-2.png").is_file() and "| regional masks |" in (tmp_path / "groups-2.md").read_text()
 
 
 def test_engine_appearance_scores_and_studio_drift_flag(tiny_full_engine):

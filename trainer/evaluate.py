@@ -5,6 +5,7 @@
     python -m trainer.evaluate encoder --image-encoder assets/models/demo/image_encoder [--n-train 1500 --n-test 500]
     python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
         [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--clip PATH]
+    python -m trainer.evaluate groups --preset demo --probe runs/demo/probe/probe --out eval/groups [--groups 8]
 
 Stage I: PSNR and SSIM of the sheet against the ground-truth standard render, next to a trivial baseline that
 ignores the reference (the mean standard image of training characters); own-character retrieval among 8 (is a sheet
@@ -19,6 +20,13 @@ The protocol (``run``, the paper's scaled to the demo): held-out test characters
 appearance accuracy of the probes against the character (CLIP-I analogue), text accuracy against the prompt
 (CLIP-T analogue), probe-feature cosine across a character's panels (AP-CLIP-I analogue), and with ``--clip`` the
 paper's CLIP-I (background removed where a mask detector exists), CLIP-T and AP-CLIP-I themselves.
+
+Several characters per panel (``groups``): held-out pairs (or trios) of characters in the world's group scenes,
+each drawn from its ground-truth standard render as sheet, with regional masks (each character's adapter in its
+own column) and without (every character's adapter over the whole panel). Per character: the probe's appearance
+accuracy inside its own column against another character's attributes read there (own vs other), and colour
+leakage (of the pixels in a character's own garment colours, the share that lies in the other characters' columns;
+colours near any other character's are left out). The world's own group render is measured alike as the ceiling.
 """
 
 from __future__ import annotations
@@ -287,6 +295,113 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
     return results
 
 
+# ---------------------------------------------------------------------------------------- several characters
+def signature_colours(characters: list[dict], tolerance: float = 60.0) -> list[np.ndarray]:
+    """Per character, its top and bottom colours (RGB) that no other character of the group wears or has as hair
+    or skin within ``tolerance``: the colours whose place in a panel says which character they came from."""
+    from .synthetic.character import CLOTH_COLORS, HAIR_COLORS, SKIN_TONES
+
+    def colours(c):
+        return [CLOTH_COLORS[c["top_color"]], CLOTH_COLORS[c["bottom_color"]]]
+
+    out = []
+    for i, character in enumerate(characters):
+        others = [np.array(x, float) for j, c in enumerate(characters) if j != i
+                  for x in (*colours(c), HAIR_COLORS[c["hair_color"]], SKIN_TONES[c["skin"]])]
+        own = [np.array(x, float) for x in colours(character)]
+        out.append(np.array([x for x in own if all(np.linalg.norm(x - o) > tolerance for o in others)]).reshape(-1, 3))
+    return out
+
+
+def colour_leakage(image, regions: np.ndarray, signatures: list[np.ndarray], tolerance: float = 40.0) -> list[float]:
+    """Per character: of the pixels within ``tolerance`` of its signature colours, the share outside its own region
+    (``regions`` [n, H, W], hard at 0.5); NaN where it has no signature colour or none of its colours is drawn."""
+    pixels = np.asarray(image.convert("RGB"), float)
+    out = []
+    for region, colours in zip(regions, signatures):
+        if not len(colours):
+            out.append(float("nan"))
+            continue
+        near = (np.linalg.norm(pixels[:, :, None, :] - colours[None, None], axis=-1) < tolerance).any(-1)
+        total = near.sum()
+        out.append(float((near & (region < 0.5)).sum() / total) if total else float("nan"))
+    return out
+
+
+def region_view(image, region: np.ndarray):
+    """A character's column of a panel, centred on a panel-sized canvas of its edge colour (what the probe reads)."""
+    cols = np.nonzero(region.max(0) >= 0.5)[0]
+    crop = image.crop((int(cols.min()), 0, int(cols.max()) + 1, image.height))
+    edge = np.median(np.concatenate([np.asarray(crop)[:, 0], np.asarray(crop)[:, -1]]), axis=0)
+    canvas = Image.new("RGB", image.size, tuple(int(v) for v in edge))
+    canvas.paste(crop, ((image.width - crop.width) // 2, 0))
+    return canvas
+
+
+def score_group(probe, image, characters: list[dict], regions: np.ndarray) -> dict:
+    """Own-region vs other's appearance accuracy (probe) and colour leakage of one group panel."""
+    from engine.models.probe import APPEARANCE_HEADS
+
+    from .train_probes import visible_labels
+
+    views = [region_view(image, r) for r in regions]
+    _, predicted = probe.predict(views)
+    own, other = [], []
+    for i in range(len(characters)):
+        own += _read_right(predicted, i, visible_labels(characters[i], None), APPEARANCE_HEADS)
+        j = (i + 1) % len(characters)
+        other += _read_right(predicted, i, visible_labels(characters[j], None), APPEARANCE_HEADS)
+    leakage = colour_leakage(image, regions, signature_colours(characters))
+    return {"own_appearance": float(np.mean(own)), "other_appearance": float(np.mean(other)),
+            "leakage": float(np.nanmean(leakage)) if not np.isnan(leakage).all() else float("nan")}
+
+
+def group_protocol(engine, probe, n_groups: int = 8, scenes: int = 3, count: int = 2, size=(128, 192),
+                   steps: int = 20, out: Path | None = None) -> dict:
+    """Group panels of held-out characters with and without regional masks (see the module docstring)."""
+    from engine.regions import character_regions
+
+    from .synthetic import render_group
+
+    w, h = size
+    regions = character_regions(count, h, w)
+    ids = character_ids("test", n_groups * count)
+    rows = {"ground truth": [], "regional masks": [], "no masks": []}
+    grid = []
+    for g in range(n_groups):
+        group_ids = [int(c) for c in ids[g * count:(g + 1) * count]]
+        characters = [make_character(c).attributes() for c in group_ids]
+        for s in range(scenes):
+            truth = render_group(group_ids, 70_000 + s, size)
+            drawn = {}
+            for mode, region in (("regional masks", None), ("no masks", np.ones((count, h, w), np.float32))):
+                drawn[mode] = engine.generate_panels([truth.caption], sheet=[truth.standards], regions=[region],
+                                                     seeds=[1000 * g + s], num_inference_steps=steps, height=h,
+                                                     width=w).images[0]
+            drawn["ground truth"] = truth.image
+            for mode, image in drawn.items():
+                rows[mode].append(score_group(probe, image, characters, regions))
+            if s == 0 and len(grid) < 6:
+                grid.append([*truth.standards, truth.image, drawn["regional masks"], drawn["no masks"]])
+    summary = {mode: {key: float(np.nanmean([r[key] for r in scored])) for key in scored[0]}
+               for mode, scored in rows.items()}
+    for mode in summary:
+        summary[mode].update(groups=n_groups, scenes=scenes, characters_per_panel=count)
+    if out is not None:
+        from .common import image_grid
+
+        out.mkdir(parents=True, exist_ok=True)
+        image_grid(grid, size).save(out / f"groups-{count}.png")
+    return summary
+
+
+def group_table(summary: dict) -> str:
+    lines = ["| panels | own appearance | other's appearance | colour leakage |", "|---|---|---|---|"]
+    for mode, r in summary.items():
+        lines.append(f"| {mode} | {r['own_appearance']:.3f} | {r['other_appearance']:.3f} | {r['leakage']:.3f} |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------- the image encoder
 def encoder_inputs(image_encoder, images, view: str):
     """Pixel values exactly as the pipelines make them: ``canvas`` (and ``foreground``, its figure on white) squashed
@@ -472,9 +587,22 @@ def main(argv=None) -> int:
     enc.add_argument("--n-test", type=int, default=500)
     enc.add_argument("--size", default="128x192")
     enc.add_argument("--out", default=None, help="write the numbers as JSON here")
+    grp = sub.add_parser("groups", help="several characters per panel: with and without regional masks")
+    grp.add_argument("--preset", default="demo")
+    grp.add_argument("--override", action="append", default=[], metavar="NAME=PATH")
+    grp.add_argument("--probe", required=True, help="a trained AttributeProbe folder")
+    grp.add_argument("--groups", type=int, default=8)
+    grp.add_argument("--scenes", type=int, default=3)
+    grp.add_argument("--count", type=int, default=2, help="characters per panel (2 or 3)")
+    grp.add_argument("--steps", type=int, default=20)
+    grp.add_argument("--size", default="128x192")
+    grp.add_argument("--device", default=None)
+    grp.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     if args.command == "run":
         return _run(args)
+    if args.command == "groups":
+        return _groups(args)
     if args.command == "encoder":
         return _encoder(args)
     from engine.pipelines.standardize import StandardizePipeline
@@ -510,6 +638,23 @@ def _encoder(args) -> int:
     return 0
 
 
+def _groups(args) -> int:
+    from engine import load_engine
+    from engine.models.probe import AttributeProbe
+
+    engine = load_engine(args.preset, overrides=dict(o.split("=", 1) for o in args.override), device=args.device,
+                         stages=("personalize",))
+    probe = AttributeProbe.from_pretrained(args.probe).eval()
+    w, h = (int(v) for v in args.size.split("x"))
+    out = Path(args.out)
+    summary = group_protocol(engine, probe, args.groups, args.scenes, args.count, (w, h), args.steps, out)
+    (out / f"groups-{args.count}.json").write_text(json.dumps(summary, indent=2))
+    table = group_table(summary)
+    (out / f"groups-{args.count}.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
 def _run(args) -> int:
     from engine import load_engine
     from engine.metrics import ClipScorer
@@ -525,8 +670,9 @@ def _run(args) -> int:
             path, _, mode = rest.partition(":")
             specs.append((name, path or None, mode != "raw", mode if mode not in ("", "raw") else None))
     variants = []
-    for name, adapter, standardize, standardize in specs:
-        extra = {**({"adapter": adapter} if adapter else {}), **({"standardize": standardize} if standardize else {})}
+    for name, adapter, standardize, standardize_dir in specs:
+        extra = {**({"adapter": adapter} if adapter else {}),
+                 **({"standardize": standardize_dir} if standardize_dir else {})}
         engine = load_engine(args.preset, overrides={**overrides, **extra}, device=args.device)
         variants.append({"name": name, "engine": engine, "standardize": standardize})
     clip = ClipScorer.from_pretrained(args.clip) if args.clip else None

@@ -8,6 +8,10 @@ Data: a ``trainer.build_pairs`` folder (the paper's recipe: sheets made by our S
 ``pairs: synthetic-oracle`` (ground-truth standard renders), ``synthetic-raw`` (one-stage paired: another picture of
 the character) or ``synthetic-unpaired`` (one-stage unpaired: the target itself). Condition dropout: text, image, or both. Writes
 ``checkpoint-N/`` (resumable) and ``adapter/ip-adapter.safetensors`` (EMA weights, h94 layout, what the engine loads).
+
+Several characters per panel: with ``group_fraction`` > 0 that share of the batches are synthetic scenes of 2-3
+characters (``render_group``) conditioned as the pipeline conditions a group panel, each character's sheet (its
+standard render) acting only in its own column region (``engine.regions``, diffusers' ``ip_adapter_masks``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 from engine.models.adapter import IPAdapterModules
 from engine.pipelines.personalize import PersonalizePipeline
 from engine.preprocess.image import clip_processor, pad_to_square
+from engine.regions import character_regions
 
 from .common import (
     COMMON_DEFAULTS,
@@ -38,7 +43,7 @@ from .common import (
     setup_accelerator,
     training_loop,
 )
-from .synthetic import render_sample
+from .synthetic import render_group, render_sample
 from .synthetic.character import character_ids
 
 DEFAULTS = {
@@ -58,6 +63,9 @@ DEFAULTS = {
     # sheet tokens after their first encoding (the frozen VAE and image encoder were 46% of a step, measured by
     # benchmarks/bench_training.py). The latents are still sampled afresh from the kept posterior every time.
     "cache_encodings": True,
+    # Several characters per panel: the share of batches that are group scenes, and how many characters they hold.
+    "group_fraction": 0.0,
+    "group_sizes": [2, 3],
 }
 
 
@@ -121,6 +129,22 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
             yield {"sheet": sheet, "target": s.image, "caption": s.caption}
 
 
+class SyntheticGroups(torch.utils.data.IterableDataset):
+    """Endless scenes of ``count`` characters (``render_group``): their standard renders as sheets, the scene as
+    target, the group caption, and the column regions the pipeline conditions each character in."""
+
+    def __init__(self, num_characters: int, size: tuple[int, int], seed: int, count: int):
+        self.ids, self.size, self.seed, self.count = character_ids("train", num_characters), tuple(size), seed, count
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        rng = np.random.default_rng([self.seed, self.count, info.id if info is not None else 0])
+        while True:
+            ids = [int(c) for c in rng.choice(self.ids, size=self.count, replace=False)]
+            g = render_group(ids, int(rng.integers(2**31)), self.size)
+            yield {"sheets": g.standards, "target": g.image, "caption": g.caption}
+
+
 def collate(items):
     return {k: [item[k] for item in items] for k in items[0]}
 
@@ -140,11 +164,12 @@ class AdapterTrainer(torch.nn.Module):
         self.adapter = IPAdapterModules.install(unet, image_embed_dim=image_embed_dim, seed=seed)
         self.adapter.requires_grad_(True)
 
-    def forward(self, noisy, t, prompt_embeds, added_cond_kwargs):
+    def forward(self, noisy, t, prompt_embeds, added_cond_kwargs, ip_adapter_masks=None):
         dtype = self.unet.dtype  # the frozen encoders' outputs may be in another precision (mixed precision)
         added = {k: [e.to(dtype) for e in v] if isinstance(v, list) else v.to(dtype) for k, v in added_cond_kwargs.items()}
+        kwargs = None if ip_adapter_masks is None else {"ip_adapter_masks": [ip_adapter_masks.to(dtype)]}
         return self.unet(noisy.to(dtype), t, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added,
-                         return_dict=False)[0]
+                         cross_attention_kwargs=kwargs, return_dict=False)[0]
 
 
 def build(config: dict):
@@ -234,9 +259,22 @@ def main(args) -> Path:
                                          collate_fn=collate, num_workers=config["dataloader_num_workers"],
                                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
+    group_loaders = {}
+    if config["group_fraction"] > 0:
+        for count in config["group_sizes"]:
+            group_loaders[count] = iter(torch.utils.data.DataLoader(
+                SyntheticGroups(config["num_characters"], (w, h), seed, count), batch_size=config["train_batch_size"],
+                collate_fn=collate, num_workers=max(min(1, config["dataloader_num_workers"]),
+                                                    config["dataloader_num_workers"] // 4)))
+    pick = random.Random(seed + 7)
+
     def batches():
         while True:
-            yield from loader
+            for batch in loader:
+                if group_loaders and pick.random() < config["group_fraction"]:
+                    yield next(group_loaders[pick.choice(sorted(group_loaders))])
+                else:
+                    yield batch
 
     rnd = random.Random(seed)
     sf = pipe.vae.config.scaling_factor
@@ -251,8 +289,18 @@ def main(args) -> Path:
         drop_text = [r < d_t or r >= 1 - d_b for r in draws]
         drop_image = torch.tensor([d_t <= r < d_t + d_i or r >= 1 - d_b for r in draws])
         captions = ["" if dt else c for dt, c in zip(drop_text, batch["caption"])]
+        masks = None
         with torch.no_grad():
-            if cache is not None:
+            if "sheets" in batch:  # a group batch: [b, characters, tokens, dim] and each character's region
+                count = len(batch["sheets"][0])
+                target = to_tensor(batch["target"]).to(accelerator.device, weight_dtype)
+                latents = pipe.vae.encode(target).latent_dist.sample() * sf
+                flat = [sheet for sheets in batch["sheets"] for sheet in sheets]
+                embeds = image_embeddings(pipe, flat, drop_image.repeat_interleave(count))
+                embeds = embeds.view(b, count, *embeds.shape[1:])
+                regions = torch.from_numpy(character_regions(count, *latents.shape[-2:]))
+                masks = regions[None].expand(b, -1, -1, -1).to(accelerator.device)
+            elif cache is not None:
                 latents, embeds = cache.encode(batch, drop_image, accelerator.device, weight_dtype)
             else:
                 target = to_tensor(batch["target"]).to(accelerator.device, weight_dtype)
@@ -266,9 +314,9 @@ def main(args) -> Path:
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=latents.device)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device).repeat(b, 1),
-                 "image_embeds": [embeds.unsqueeze(1).to(weight_dtype)]}
+                 "image_embeds": [(embeds if masks is not None else embeds.unsqueeze(1)).to(weight_dtype)]}
         goal = diffusion_target(noise_scheduler, latents, noise, t)  # the base's parameterization
-        return F.mse_loss(model(noisy, t, prompt_embeds, added).float(), goal.float())
+        return F.mse_loss(model(noisy, t, prompt_embeds, added, masks).float(), goal.float())
 
     def run_validation(step):
         with ema_weights(accelerator.unwrap_model(model).adapter, ema):
