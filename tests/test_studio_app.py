@@ -47,6 +47,19 @@ def test_named_api_standardize_panels_page_export(client, tmp_path):
     assert zipfile.ZipFile(cbz).namelist() == ["001.png", "ComicInfo.xml"]
 
 
+def test_named_api_draws_several_characters_in_one_panel(client):
+    script = '[Mia][Kai:left] on a bench Kai: "Hi!" Mia: "Hello."\n[Kai] waving'
+    sheets = [handle_file(EXAMPLE), handle_file(str(Path(EXAMPLE).with_name("kai.png")))]
+    gallery, info = client.predict(sheets, "Mia, Kai", script, 4, {"steps": 2}, api_name="/panels")
+    assert [p["characters"] for p in info["panels"]] == [["Mia", "Kai"], ["Kai"]]
+    assert set(info["panels"][0]["scores"]) == {"Mia", "Kai"} and "[Mia][Kai:left]" in gallery[0]["caption"]
+    pages = client.predict([handle_file(item["image"]) for item in gallery], script, "single", "square", 20, 4,
+                           api_name="/page")
+    assert len(pages) == 2
+    with pytest.raises(Exception, match="line 1, column 12: Mia is tagged twice in this panel"):
+        client.predict(sheets, "Mia, Kai", "[Mia][Kai][Mia] x", 1, {}, api_name="/panels")
+
+
 def test_api_errors_are_clear_messages(client, tmp_path):
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
