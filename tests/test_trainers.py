@@ -502,6 +502,11 @@ def test_model_card_says_where_stage1_stands():
     assert "All targets met" in good and "Below" not in good
     gpu = model_card({**card, "hardware": "NVIDIA H200", "quality_stage1": {**quality, "psnr": 21.0, "ssim": 0.9}})
     assert "**Below the targets** (PSNR (dB) 21 < 22.0)" in gpu  # a GPU run is held to the GPU targets
+    assert "Several characters" not in text
+    row = {"own_appearance": 0.3, "other_appearance": 0.2, "leakage": 0.25, "groups": 8, "scenes": 3}
+    groups = model_card({**card, "groups": {"ground truth": row, "regional masks": {**row, "leakage": 0.31},
+                                            "no masks": {**row, "leakage": 0.5}}})
+    assert "8 held-out pairs x 3 group scenes" in groups and "| regional masks | 0.300 | 0.200 | 0.310 |" in groups
 
 
 def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tmp_path, monkeypatch):

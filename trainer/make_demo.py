@@ -314,9 +314,16 @@ def package(args, timings: dict) -> Path:
 
     encoder_probe = embedding_probe(engine.standardize.image_encoder, n_train=args.eval_n * 25, n_test=args.eval_n * 10)
     reading = reference_reading(engine.standardize, n=max(16, args.eval_n + args.eval_n // 2))
+    groups = None
+    if probe is not None:  # several characters per panel: with and without regional masks (trainer.evaluate groups)
+        from .evaluate import group_protocol
+
+        groups = group_protocol(engine, probe, n_groups=max(1, args.eval_n // 5), scenes=3, count=2,
+                                out=demo / "figures")
     detectors = {kind: json.loads((OUTPUTS[f"{kind}_detector"].parent / "detector_accuracy.json").read_text())
                  for kind in ("pose", "mask")}
     card = {"quality_stage1": quality, "reading_stage1": reading, "encoder_probe": encoder_probe, "bundled": bundled,
+            "groups": groups,
             "learning_curve": curve, "detectors": detectors, "size_mb": round(size_mb, 2), "timings": timings,
             "budgets": stage_budgets(args),
             "panel_seconds": panel_seconds,
@@ -585,6 +592,23 @@ def _bundled_section(bundled: dict | None) -> list[str]:
             "![bundled](figures/bundled.png)", ""]
 
 
+def _groups_section(groups: dict | None) -> list[str]:
+    if not groups:
+        return []
+    from .evaluate import group_table
+
+    g = next(iter(groups.values()))
+    return ["## Several characters per panel", "",
+            f"{g['groups']} held-out pairs x {g['scenes']} group scenes, each character's ground-truth standard render "
+            "as its sheet (`python -m trainer.evaluate groups`). Own appearance: the probe reads a character's "
+            "attributes inside its own column; other's: another character's attributes read there (what a panel "
+            "that mixes them up scores). Colour leakage: of the pixels in a character's own garment colours, the "
+            "share outside its column (0 is perfect separation, 0.5 no separation for two characters).", "",
+            group_table(groups), "",
+            "Sheets, the world's group render, with regional masks, without:", "", "![groups](figures/groups-2.png)",
+            ""]
+
+
 def model_card(card: dict) -> str:
     q = card["quality_stage1"]
     lines = [
@@ -623,6 +647,7 @@ def model_card(card: dict) -> str:
         *_curve_section(card.get("learning_curve")),
         *_encoder_section(card.get("encoder_probe")),
         *_bundled_section(card.get("bundled")),
+        *_groups_section(card.get("groups")),
         "Detectors on held-out renders: " + json.dumps(card["detectors"]), "",
         "Test characters, reference -> sheet -> four panels:", "", "![examples](figures/examples.png)", "",
     ]
