@@ -8,6 +8,8 @@ masks sum to one everywhere and each is exactly zero beyond its seam. Positions 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 POSITIONS = ("left", "centre", "right")
@@ -51,12 +53,14 @@ def character_regions(positions: list[str | None] | int, height: int, width: int
 
 
 GROUP_WORDS = {2: "two people", 3: "three people"}
+COUNT_WORDS = {2: {"two", "2", "both", "pair", "couple"}, 3: {"three", "3", "trio"}}
 
 
 def describe_group(prompt: str, count: int) -> str:
     """The prompt of a panel with ``count`` characters, led by how many people it shows (as the demo world's
-    captions are, and as SDXL needs to draw more than one figure) unless it already says so."""
+    captions are, and as SDXL needs to draw more than one figure) unless it already says how many."""
     lead = GROUP_WORDS.get(count)
-    if lead is None or prompt.lower().startswith(lead):
+    words = set(re.findall(r"[a-z0-9]+", prompt.lower()))
+    if lead is None or words & COUNT_WORDS[count]:
         return prompt
     return f"{lead}, {prompt}"

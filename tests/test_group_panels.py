@@ -102,3 +102,13 @@ def test_masks_given_as_arrays_equal_the_same_positions(pipe):
 def test_bad_group_inputs_raise_clear_errors(pipe, kwargs, message):
     with pytest.raises(ValueError, match=message):
         run(pipe, "two friends", **kwargs)
+
+
+def test_group_prompts_say_how_many_people_unless_they_do():
+    from engine.regions import describe_group
+
+    assert describe_group("talking on a bench", 2) == "two people, talking on a bench"
+    assert describe_group("three friends at a table", 3) == "three friends at a table"
+    assert describe_group("a couple dancing", 2) == "a couple dancing"
+    assert describe_group("three trees behind them", 2) == "two people, three trees behind them"
+    assert describe_group("waving", 1) == "waving" and describe_group("a street", 0) == "a street"
