@@ -274,3 +274,9 @@ def test_ip_adapter_plus_fallback_runs_through_our_call(tmp_path):
     np.testing.assert_allclose(off, plain, atol=1e-5)  # scale 0: plain SDXL
     embeds = pipe.encode_sheet(make_sheet((220, 30, 30)))  # Plus reads the penultimate hidden states, all tokens
     assert embeds.cond.shape[-1] == pipe.image_encoder.config.hidden_size and embeds.cond.shape[-2] > 1
+    # several characters per panel through the Plus projection (what `full` runs): regional masks, deterministic
+    group = [make_sheet((220, 30, 30)), make_sheet((30, 30, 220), seed=1)]
+    two = run(pipe, "two knights", sheet=[group], seeds=4).images
+    np.testing.assert_array_equal(two, run(pipe, "two knights", sheet=[group], seeds=4).images)
+    swapped = run(pipe, "two knights", sheet=[group[::-1]], seeds=4).images
+    assert np.abs(two - swapped).max() > 1e-3
