@@ -186,7 +186,7 @@ def render_page(panels: list[PanelArt], layout: str = "4-panel grid", page_size=
             occupied.append(box)
         speakers = [_cover_mask(m, (pw, ph)) if m is not None else None for m in art.speakers]
         for k, said in enumerate(art.speech):
-            speaker = speakers[k] if k < len(speakers) and speakers[k] is not None else mask
+            speaker = speakers[k] if k < len(speakers) else None
             placed = _place_bubble(draw, said, rect, mask, occupied, text_size, border, speaker)
             if placed is None:
                 continue

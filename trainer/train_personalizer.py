@@ -291,21 +291,20 @@ def main(args) -> Path:
         captions = ["" if dt else c for dt, c in zip(drop_text, batch["caption"])]
         masks = None
         with torch.no_grad():
-            if "sheets" in batch:  # a group batch: [b, characters, tokens, dim] and each character's region
-                count = len(batch["sheets"][0])
-                target = to_tensor(batch["target"]).to(accelerator.device, weight_dtype)
-                latents = pipe.vae.encode(target).latent_dist.sample() * sf
-                flat = [sheet for sheets in batch["sheets"] for sheet in sheets]
-                embeds = image_embeddings(pipe, flat, drop_image.repeat_interleave(count))
-                embeds = embeds.view(b, count, *embeds.shape[1:])
-                regions = torch.from_numpy(character_regions(count, *latents.shape[-2:]))
-                masks = regions[None].expand(b, -1, -1, -1).to(accelerator.device)
-            elif cache is not None:
+            if cache is not None and "sheets" not in batch:
                 latents, embeds = cache.encode(batch, drop_image, accelerator.device, weight_dtype)
             else:
                 target = to_tensor(batch["target"]).to(accelerator.device, weight_dtype)
                 latents = pipe.vae.encode(target).latent_dist.sample() * sf
-                embeds = image_embeddings(pipe, batch["sheet"], drop_image)
+                if "sheets" in batch:  # a group batch: [b, characters, tokens, dim] and each character's region
+                    count = len(batch["sheets"][0])
+                    flat = [sheet for sheets in batch["sheets"] for sheet in sheets]
+                    embeds = image_embeddings(pipe, flat, drop_image.repeat_interleave(count))
+                    embeds = embeds.view(b, count, *embeds.shape[1:])
+                    regions = torch.from_numpy(character_regions(count, *latents.shape[-2:]))
+                    masks = regions[None].expand(b, -1, -1, -1).to(accelerator.device)
+                else:
+                    embeds = image_embeddings(pipe, batch["sheet"], drop_image)
             prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=accelerator.device,
                                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
         time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=prompt_embeds.dtype,
