@@ -74,6 +74,9 @@ DEFAULTS = {
     # canvas-placed scenes with the background whited out by the mask: what StandardizePipeline encodes with
     # foreground_embedding (the demo's Stage I)
     "foreground_canvas": False,
+    # False: every scene is a canvas-placed reference (none raw). Neither pipeline encodes a raw scene (Stage I
+    # encodes the canvas, Stage II the sheet), so a continued encoder spends its steps on what they read.
+    "raw_scenes": True,
 }
 
 
@@ -157,6 +160,11 @@ def canvas_for_odd_scenes(sample):
     return reference_on_canvas(sample) if sample.scene_seed % 2 else sample
 
 
+def canvas_for_every_scene(sample):
+    """Data-worker transform for ``raw_scenes`` False: every scene becomes a canvas-placed reference."""
+    return reference_on_canvas(sample)
+
+
 def _collate(items):
     return {**{k: torch.stack([i[k] for i in items]) for k in ("image", "standard", "mask")},
             **{k: [i[k] for i in items] for k in ("caption", "appearance", "attributes", "scene_seed")}}
@@ -236,14 +244,17 @@ def main(args) -> Path:
     net, optimizer, lr_scheduler, ema, start = prepare_training(
         accelerator, config, EncoderTraining(model, heads, config["freeze_text"]), {"clip": "clip", "attribute_heads": "heads"},
         ema_target=model)
-    loader = synthetic_batches(accelerator, config, start, collate_fn=_collate, transform=canvas_for_odd_scenes)
+    raw = config["raw_scenes"]
+    loader = synthetic_batches(accelerator, config, start, collate_fn=_collate,
+                               transform=canvas_for_odd_scenes if raw else canvas_for_every_scene)
     rng = np.random.default_rng(config["seed"] + start)
     size = model.config.vision_config.image_size
 
     def loss_fn(batch):
         n = len(batch["caption"])
         use_standard = rng.random(n) < config["standard_fraction"]
-        canvas = torch.from_numpy(~use_standard & (np.asarray(batch["scene_seed"]) % 2 == 1)).view(-1, 1, 1, 1)
+        placed = (np.asarray(batch["scene_seed"]) % 2 == 1) if raw else np.ones(n, bool)
+        canvas = torch.from_numpy(~use_standard & placed).view(-1, 1, 1, 1)
         scenes = batch["image"]
         if config["foreground_canvas"]:
             mask = batch["mask"] * canvas  # raw scenes keep their background
