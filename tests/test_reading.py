@@ -107,6 +107,30 @@ def test_visible_attributes_follow_the_framing():
     assert targets["top_color"].item() == -100 and targets["glasses"].item() == -100 and targets["hat"].item() >= 0
 
 
+def test_encoder_pixels_follow_the_pipelines_views():
+    """Without raw scenes every scene is the canvas figure on white, squashed; the standard render is padded."""
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.render import reference_on_canvas
+    from trainer.train_clip import _collate, encoder_pixels, pixel_values
+
+    to_tensor = lambda im: torch.from_numpy(np.asarray(im, np.float32)).permute(2, 0, 1) / 127.5 - 1  # noqa: E731
+    items = []
+    for seed in (2, 3):  # an even and an odd scene seed
+        s = reference_on_canvas(render_sample(5, seed, (64, 96)))
+        items.append({"image": to_tensor(s.image), "standard": to_tensor(s.standard),
+                      "mask": torch.from_numpy(np.asarray(s.mask, np.float32) / 255)[None], "caption": "",
+                      "appearance": "", "attributes": {}, "scene_seed": seed})
+    batch = _collate(items)
+    figure = batch["image"] * batch["mask"] + (1 - batch["mask"])
+    scenes = encoder_pixels(batch, np.array([False, False]), 16, raw_scenes=False, foreground_canvas=True)
+    torch.testing.assert_close(scenes, pixel_values(figure, 16, pad=False))
+    mixed = encoder_pixels(batch, np.array([True, False]), 16, raw_scenes=True, foreground_canvas=True)
+    torch.testing.assert_close(mixed[0], pixel_values(batch["standard"][:1], 16)[0])  # a sheet, padded
+    torch.testing.assert_close(mixed[1], pixel_values(figure[1:], 16, pad=False)[0])  # odd seed: on the canvas
+    raw = encoder_pixels(batch, np.array([False, False]), 16, raw_scenes=True, foreground_canvas=True)
+    torch.testing.assert_close(raw[0], pixel_values(batch["image"][:1], 16)[0])  # even seed: raw, with its background
+
+
 # ------------------------------------------------------------------------------------------ Stage I's bank
 class CopyOracle(torch.nn.Module):
     """Reads x0 straight from its reference latents (a copy task where the reference is the target) and returns the

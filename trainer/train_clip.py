@@ -170,6 +170,21 @@ def _collate(items):
             **{k: [i[k] for i in items] for k in ("caption", "appearance", "attributes", "scene_seed")}}
 
 
+def encoder_pixels(batch: dict, use_standard: np.ndarray, size: int, raw_scenes: bool = True,
+                   foreground_canvas: bool = False, device="cpu") -> torch.Tensor:
+    """The encoder's input for a collated batch, as the pipelines make it: the standard render where
+    ``use_standard`` (white-padded, a sheet), else the scene: canvas-placed (odd scene seeds, or all without
+    ``raw_scenes``; squashed; with ``foreground_canvas`` its figure on white) or raw (white-padded)."""
+    n = len(use_standard)
+    placed = (np.asarray(batch["scene_seed"]) % 2 == 1) if raw_scenes else np.ones(n, bool)
+    canvas = torch.from_numpy(~use_standard & placed).view(-1, 1, 1, 1)
+    scenes = batch["image"]
+    if foreground_canvas:  # raw scenes keep their background (until 2026-12-01 they were whited out entirely)
+        scenes = torch.where(canvas, scenes * batch["mask"] + (1 - batch["mask"]), scenes)
+    images = torch.where(torch.from_numpy(use_standard).view(-1, 1, 1, 1), batch["standard"], scenes).to(device)
+    return torch.where(canvas.to(device), pixel_values(images, size, pad=False), pixel_values(images, size))
+
+
 def load_towers(init: dict) -> tuple[CLIPModel, CLIPTokenizer]:
     """A CLIPModel assembled from trained split-out towers (image_encoder, text_encoder_2) and their tokenizer.
     The keys of CLIPVisionModelWithProjection / CLIPTextModelWithProjection are the CLIPModel's own."""
@@ -251,18 +266,8 @@ def main(args) -> Path:
     size = model.config.vision_config.image_size
 
     def loss_fn(batch):
-        n = len(batch["caption"])
-        use_standard = rng.random(n) < config["standard_fraction"]
-        placed = (np.asarray(batch["scene_seed"]) % 2 == 1) if raw else np.ones(n, bool)
-        canvas = torch.from_numpy(~use_standard & placed).view(-1, 1, 1, 1)
-        scenes = batch["image"]
-        if config["foreground_canvas"]:
-            mask = batch["mask"] * canvas  # raw scenes keep their background
-            scenes = scenes * mask + (1 - mask)
-        images = torch.where(torch.from_numpy(use_standard).view(-1, 1, 1, 1), batch["standard"], scenes)
-        images = images.to(accelerator.device)
-        pixels = torch.where(canvas.to(accelerator.device), pixel_values(images, size, pad=False),
-                             pixel_values(images, size))
+        use_standard = rng.random(len(batch["caption"])) < config["standard_fraction"]
+        pixels = encoder_pixels(batch, use_standard, size, raw, config["foreground_canvas"], accelerator.device)
         texts = [(a if s else f"{c}. {a}") for s, c, a in zip(use_standard.tolist(), batch["caption"],
                                                                batch["appearance"])]
         tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=77, return_tensors="pt")
