@@ -213,7 +213,7 @@ def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny
                         lambda self, *a, **k: standardized.append(1) or real(self, *a, **k))
 
     overrides = {**tiny_overrides, "standardize": str(tiny_std_dir)}
-    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "1", "--seeds", "1", "--steps", "1",
+    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
             "--size", "64x96", "--device", "cpu", "--out", str(tmp_path)]
     for name, path in overrides.items():
         args += ["--override", f"{name}={path}"]
@@ -222,10 +222,34 @@ def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny
     assert set(results) == {"two-stage (ours)", "one-stage (raw reference)"}
     for r in results.values():
         assert 0 <= r["appearance_acc"] <= 1 and 0 <= r["text_acc"] <= 1 and -1 <= r["ap_feature_cos"] <= 1
-        assert r["prompts"] == 20
+        assert r["prompts"] == 20 and 0 <= r["background_acc"] <= 1 and 0 <= r["consistency_rank_acc"] <= 1
+    assert "consistency_rank_acc" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.md").read_text().startswith("| variant |")
     assert len(list(tmp_path.glob("examples-*.png"))) == 2
-    assert len(standardized) == 1  # the two-stage variant standardizes its reference, the one-stage one does not
+    assert len(standardized) == 2  # the two-stage variant standardizes its references, the one-stage one does not
+
+
+class _ColourScorer:
+    """An engine whose consistency score is closeness of mean colour (what a score that knows colours would say)."""
+
+    def appearance_scores(self, sheet, images, masks=None):
+        mean = lambda im: np.asarray(im, np.float32).mean((0, 1))  # noqa: E731
+        return [-float(np.abs(mean(sheet) - mean(im)).sum()) for im in images]
+
+
+def test_consistency_ranking_counts_own_over_other_pairs():
+    from trainer.evaluate import consistency_ranking
+
+    colour = lambda rgb: Image.new("RGB", (16, 16), rgb)  # noqa: E731
+    sheets = [colour((200, 0, 0)), colour((0, 0, 200)), colour((0, 200, 0))]
+    panels = [[colour((180, 20, 0)), colour((220, 0, 30))], [colour((0, 10, 190))], [colour((10, 190, 10))]]
+    right = consistency_ranking(_ColourScorer(), sheets, panels)
+    assert right["rank_acc"] == 1.0 and right["pairs"] == 4 * 2 and right["own"] > right["other"]
+    swapped = consistency_ranking(_ColourScorer(), [sheets[1], sheets[0], sheets[2]], panels)
+    # with two sheets swapped only the green panel and one red one (against green) still rank their own first
+    assert swapped["rank_acc"] == pytest.approx(3 / 8)
+    with pytest.raises(ValueError, match="at least two"):
+        consistency_ranking(_ColourScorer(), sheets[:1], panels[:1])
 
 
 def test_colour_leakage_and_signature_colours_on_the_worlds_group_renders():

@@ -239,13 +239,35 @@ def score_panels(probe, panels, character: dict, scenes: list[dict]) -> dict:
     from .train_probes import visible_labels
 
     features, predicted = probe.predict(panels)
-    appearance, text = [], []
+    appearance, text, per_head = [], [], {h: [] for h in SCENE_HEADS}
     for j, scene in enumerate(scenes):
         truth = visible_labels(character, scene)
         appearance += _read_right(predicted, j, truth, APPEARANCE_HEADS)
         text += _read_right(predicted, j, truth, SCENE_HEADS)
+        for h in SCENE_HEADS:
+            per_head[h] += _read_right(predicted, j, truth, (h,))
     return {"appearance_acc": float(np.mean(appearance)), "text_acc": float(np.mean(text)),
+            **{f"{h}_acc": float(np.mean(v)) if v else float("nan") for h, v in per_head.items()},
             "ap_feature_cos": average_pairwise(features) if len(panels) > 1 else float("nan")}
+
+
+def consistency_ranking(engine, sheets: list, panels: list[list], masks: list[list] | None = None) -> dict:
+    """Does the studio's consistency score (``appearance_scores``: CLIP cosine of a panel's figure with a sheet)
+    rank a character's own panels above other characters'? For every panel of character i and every other
+    character j: is score(sheet_i, panel) > score(sheet_j, panel)? ``rank_acc`` is the share of such pairs
+    (chance 0.5, a score that knows the character: 1); ``own``/``other`` the mean scores."""
+    if len(sheets) < 2:
+        raise ValueError("consistency_ranking needs panels of at least two characters")
+    masks = masks or [[None] * len(p) for p in panels]
+    flat = [x for group in panels for x in group]
+    flat_masks = [m for group in masks for m in group]
+    owner = np.repeat(np.arange(len(panels)), [len(p) for p in panels])
+    scores = np.array([engine.appearance_scores(sheet, flat, flat_masks) for sheet in sheets])  # (sheets, panels)
+    own = scores[owner, np.arange(len(flat))]
+    wins = [own[k] > scores[j, k] for k in range(len(flat)) for j in range(len(sheets)) if j != owner[k]]
+    others = [scores[j, k] for k in range(len(flat)) for j in range(len(sheets)) if j != owner[k]]
+    return {"rank_acc": float(np.mean(wins)), "own": float(own.mean()), "other": float(np.mean(others)),
+            "pairs": len(wins)}
 
 
 def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int = 4, size=(128, 192),
@@ -257,7 +279,7 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
     results = {}
     for variant in variants:
         engine = variant["engine"]
-        per_char, clip_rows, grid_rows = [], [], []
+        per_char, clip_rows, grid_rows, sheets, drawn, figure_masks = [], [], [], [], [], []
         for k, cid in enumerate(character_ids("test", n_characters)):
             reference_sample = render_sample(cid, 90_000 + k, size)
             reference = reference_sample.image
@@ -272,8 +294,11 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
                 scenes += [attrs for _, attrs, _ in prompts]
             character = reference_sample.attributes["character"]
             per_char.append(score_panels(probe, panels, character, scenes))
+            masks = [engine.figure_mask(p) for p in panels]
+            sheets.append(sheet)
+            drawn.append(panels)
+            figure_masks.append(masks)
             if clip is not None:
-                masks = [engine.figure_mask(p) for p in panels]
                 clean = [remove_background(p, m) if m is not None else p for p, m in zip(panels, masks)]
                 ref_mask = np.asarray(reference_sample.mask, np.float32) / 255.0
                 ref_clean = remove_background(reference, ref_mask)
@@ -285,6 +310,10 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
         summary = {key: float(np.nanmean([r[key] for r in per_char])) for key in per_char[0]}
         if clip_rows:
             summary.update({key: float(np.mean([r[key] for r in clip_rows])) for key in clip_rows[0]})
+        if len(sheets) > 1 and getattr(engine, "personalize", None) is not None:
+            ranking = consistency_ranking(engine, sheets, drawn, figure_masks)
+            summary.update(consistency_rank_acc=ranking["rank_acc"], consistency_own=ranking["own"],
+                           consistency_other=ranking["other"])
         summary.update(characters=n_characters, prompts=len(prompts), seeds=seeds)
         results[variant["name"]] = summary
         if out is not None and grid_rows:
@@ -543,7 +572,8 @@ def embedding_probe_table(result: dict) -> str:
 
 
 def results_table(results: dict, probe_accuracy: dict | None = None) -> str:
-    keys = [k for k in ("appearance_acc", "text_acc", "ap_feature_cos", "clip_i", "clip_t", "ap_clip_i")
+    keys = [k for k in ("appearance_acc", "text_acc", "background_acc", "ap_feature_cos", "consistency_rank_acc",
+                        "clip_i", "clip_t", "ap_clip_i")
             if any(k in r for r in results.values())]
     lines = ["| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in results.items():
