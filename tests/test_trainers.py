@@ -519,8 +519,10 @@ def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tm
 
     shipped = tmp_path / "shipped"
     shutil.copytree(standardize_run[2], shipped / "standardize")
+    curve = [{"samples": 22400, "step": 1400, "retrieval": 0.5}]
     (shipped / "model_card.json").write_text(json.dumps(
-        {"budgets": {"standardize": {"steps": 1400, "batch": 16, "samples": 22400}}, "timings": {"standardize": 9.0}}))
+        {"budgets": {"standardize": {"steps": 1400, "batch": 16, "samples": 22400}}, "timings": {"standardize": 9.0},
+         "learning_curve": curve}))
     runs = tmp_path / "runs" / "demo"
     monkeypatch.setattr(make_demo, "SHIPPED", shipped)
     monkeypatch.setattr(make_demo, "RUNS", runs)
@@ -530,10 +532,31 @@ def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tm
     assert fresh == {"lr_schedule": "constant", "init": str(runs / "standardize" / "pipeline"),
                      "max_train_steps": 300, "lr_warmup_steps": 50}
     assert (runs / "standardize" / "pipeline" / "model_index.json").is_file()
-    assert json.loads((runs / "standardize" / "lineage.json").read_text())["budget"]["steps"] == 1400
+    lineage = json.loads((runs / "standardize" / "lineage.json").read_text())
+    assert lineage["budget"]["steps"] == 1400 and lineage["curve"] == curve
     (runs / "standardize" / "checkpoint-120").mkdir()
     assert make_demo.continue_overrides("standardize", config, 300) == {"lr_schedule": "constant",
                                                                           "max_train_steps": 420}
+
+
+def test_learning_curve_continues_the_shipped_models_curve(tmp_path):
+    """A run continued from the shipped Stage I (runs/ did not survive) plots the shipped model's curve, then its
+    own validation points at the samples and steps they are in the model's life (not the run's)."""
+    from trainer import make_demo
+
+    run = tmp_path / "standardize"
+    run.mkdir()
+    shipped = [{"samples": 1600, "step": 100, "retrieval": 0.2}, {"samples": 3200, "step": 200, "retrieval": 0.3}]
+    (run / "lineage.json").write_text(json.dumps({"from": "shipped", "budget": {"steps": 200, "samples": 3200},
+                                                  "curve": shipped}))
+    (run / "config.json").write_text(json.dumps({"train_batch_size": 8}))
+    (run / "logs.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"step": 50, "loss": 0.1}, {"step": 50, "val_psnr": 18.0, "val_retrieval": 0.4},
+        {"step": 100, "val_psnr": 18.5, "val_retrieval": 0.5}]) + "\n")
+    points = make_demo.learning_curve(run, tmp_path / "curve.png")
+    assert [(p["samples"], p["step"], p["retrieval"]) for p in points] == [
+        (1600, 100, 0.2), (3200, 200, 0.3), (3600, 250, 0.4), (4000, 300, 0.5)]
+    assert (tmp_path / "curve.png").is_file()
 
 
 def test_standardize_init_starts_from_the_given_pipeline(standardize_run, tmp_path):

@@ -210,8 +210,11 @@ def seed_from_shipped(stage: str) -> bool:
         return False
     run = RUNS / stage
     run.mkdir(parents=True, exist_ok=True)
-    (run / LINEAGE).write_text(json.dumps({"from": "shipped", "budget": card.get("budgets", {}).get(stage, {}),
-                                           "wall_s": card.get("timings", {}).get(stage)}, indent=2))
+    lineage = {"from": "shipped", "budget": card.get("budgets", {}).get(stage, {}),
+               "wall_s": card.get("timings", {}).get(stage)}
+    if stage == "standardize":  # the shipped model's learning curve, continued by this run's (learning_curve)
+        lineage["curve"] = card.get("learning_curve", [])
+    (run / LINEAGE).write_text(json.dumps(lineage, indent=2))
     print(f"{stage}: seeded from the shipped demo model ({out})")
     return True
 
@@ -360,20 +363,23 @@ def bundled_examples(engine, prompts: list[str], path: Path) -> dict:
 
 
 def learning_curve(run: Path, path: Path) -> list[dict]:
-    """Stage I's validation numbers against samples seen (from the run's logs, the shipped model's samples added
-    where the run continued it), plotted to ``path``; returns the points."""
+    """Stage I's validation numbers against samples seen (from the run's logs; where the run continued the shipped
+    model, after the shipped model's own curve, with its samples and steps added), plotted to ``path``; returns the
+    points."""
     from .common import line_charts
 
     logs = run / "logs.jsonl"
     if not logs.is_file():
         return []
     lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
-    before = lineage.get("budget", {}).get("samples", 0)
+    before, before_steps = lineage.get("budget", {}).get("samples", 0), lineage.get("budget", {}).get("steps", 0)
     records = [json.loads(line) for line in logs.read_text().splitlines() if line.strip()]
     sizes = {r["step"]: r for r in records if "val_psnr" in r}
     steps_batch = _run_batch(run)
-    points = [{"samples": before + step * steps_batch, "step": step,
+    points = [{"samples": before + step * steps_batch, "step": before_steps + step,
                **{k[4:]: v for k, v in r.items() if k.startswith("val_")}} for step, r in sorted(sizes.items())]
+    # the shipped model's own curve (runs/ did not survive): the points up to where this run took over
+    points = [p for p in lineage.get("curve", []) if p.get("samples", 0) <= before] + points
     keys = ("retrieval", "appearance_acc", "psnr", "ssim", "gap_bank", "attention_same_part_share")
     panels = {k: [(p["samples"], p[k]) for p in points if k in p] for k in keys}
     panels = {k: v for k, v in panels.items() if v}
