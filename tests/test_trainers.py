@@ -547,8 +547,9 @@ def test_learning_curve_continues_the_shipped_models_curve(tmp_path):
     run = tmp_path / "standardize"
     run.mkdir()
     shipped = [{"samples": 1600, "step": 100, "retrieval": 0.2}, {"samples": 3200, "step": 200, "retrieval": 0.3}]
-    (run / "lineage.json").write_text(json.dumps({"from": "shipped", "budget": {"steps": 200, "samples": 3200},
-                                                  "curve": shipped}))
+    # the shipped model had itself continued another: 150 steps of its own after 50
+    (run / "lineage.json").write_text(json.dumps({"from": "shipped", "budget": {
+        "steps": 150, "previous_steps": 50, "samples": 3200}, "curve": shipped}))
     (run / "config.json").write_text(json.dumps({"train_batch_size": 8}))
     (run / "logs.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"step": 50, "loss": 0.1}, {"step": 50, "val_psnr": 18.0, "val_retrieval": 0.4},
@@ -557,6 +558,27 @@ def test_learning_curve_continues_the_shipped_models_curve(tmp_path):
     assert [(p["samples"], p["step"], p["retrieval"]) for p in points] == [
         (1600, 100, 0.2), (3200, 200, 0.3), (3600, 250, 0.4), (4000, 300, 0.5)]
     assert (tmp_path / "curve.png").is_file()
+    assert make_demo.life_steps({"steps": 900, "previous_steps": 5390}) == 6290 == make_demo.life_steps({"steps": 6290})
+
+
+def test_budgets_count_every_continuation(tmp_path, monkeypatch):
+    """A Stage I continued from a shipped model that was itself a continuation: the card's budget keeps this run's
+    steps and, as ``previous_steps``, all the steps before it (so the next continuation counts the model's life)."""
+    from types import SimpleNamespace
+
+    from trainer import make_demo
+
+    runs = tmp_path / "runs" / "demo"
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    run = runs / "standardize"
+    run.mkdir(parents=True)
+    (run / "lineage.json").write_text(json.dumps({"from": "shipped", "budget": {
+        "steps": 900, "previous_steps": 5390, "batch": 16, "samples": 100640}}))
+    (run / "logs.jsonl").write_text(json.dumps({"step": 300, "loss": 0.1}) + "\n")
+    args = SimpleNamespace(steps_scale=1.0, profile="cpu", set=[], pairs=None)
+    budget = make_demo.stage_budgets(args)["standardize"]
+    assert (budget["steps"], budget["previous_steps"], budget["samples"]) == (300, 6290, 100640 + 300 * 16)
+    assert make_demo.life_steps(budget) == 6590
 
 
 def test_standardize_init_starts_from_the_given_pipeline(standardize_run, tmp_path):

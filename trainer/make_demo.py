@@ -372,7 +372,7 @@ def learning_curve(run: Path, path: Path) -> list[dict]:
     if not logs.is_file():
         return []
     lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
-    before, before_steps = lineage.get("budget", {}).get("samples", 0), lineage.get("budget", {}).get("steps", 0)
+    before, before_steps = lineage.get("budget", {}).get("samples", 0), life_steps(lineage.get("budget", {}))
     records = [json.loads(line) for line in logs.read_text().splitlines() if line.strip()]
     sizes = {r["step"]: r for r in records if "val_psnr" in r}
     steps_batch = _run_batch(run)
@@ -502,11 +502,17 @@ def stage_budgets(args) -> dict:
                           "samples": steps * config["train_batch_size"], "resolution": config.get("resolution")}
         if lineage:  # continued from the shipped model
             previous = lineage["budget"]
-            budgets[stage].update(previous_steps=previous.get("steps", 0),
+            budgets[stage].update(previous_steps=life_steps(previous),
                                   samples=budgets[stage]["samples"] + previous.get("samples", 0))
         if "prediction_type" in config:
             budgets[stage]["prediction_type"] = config["prediction_type"]
     return budgets
+
+
+def life_steps(budget: dict) -> int:
+    """All the steps a model has been trained for: a continued run's own ``steps`` after the ``previous_steps`` of
+    the model it continued (``samples`` already count both)."""
+    return budget.get("steps", 0) + budget.get("previous_steps", 0)
 
 
 def _last_logged_step(run: Path) -> int | None:
