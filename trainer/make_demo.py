@@ -372,7 +372,8 @@ def learning_curve(run: Path, path: Path) -> list[dict]:
     if not logs.is_file():
         return []
     lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
-    before, before_steps = lineage.get("budget", {}).get("samples", 0), life_steps(lineage.get("budget", {}))
+    budget = lineage.get("budget", {})  # the shipped model's, where this run continued it
+    before, before_steps = budget.get("samples", 0), life_steps(budget)
     records = [json.loads(line) for line in logs.read_text().splitlines() if line.strip()]
     sizes = {r["step"]: r for r in records if "val_psnr" in r}
     steps_batch = _run_batch(run)
