@@ -229,6 +229,32 @@ def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny
     assert len(standardized) == 2  # the two-stage variant standardizes its references, the one-stage one does not
 
 
+def test_evaluate_oracle_variant_feeds_the_ground_truth_standard_render(tiny_probe, tiny_overrides, tmp_path,
+                                                                        monkeypatch):
+    """``NAME=:oracle``: the preset's adapter is fed each test character's ground-truth standard render (a perfect
+    Stage I), so the gap to the two-stage row is what Stage I costs the panels; nothing is standardized."""
+    from engine.engine import Engine
+    from trainer.evaluate import main
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+
+    sheets, standardized = [], []
+    real = Engine.generate_panels
+    monkeypatch.setattr(Engine, "generate_panels", lambda self, c, sheet=None, **k: sheets.append(sheet) or
+                        real(self, c, sheet=sheet, **k))
+    monkeypatch.setattr(Engine, "standardize_reference", lambda self, *a, **k: standardized.append(1))
+    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
+            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path), "--variant", "perfect sheet=:oracle"]
+    for name, path in tiny_overrides.items():
+        args += ["--override", f"{name}={path}"]
+    assert main(args) == 0
+    assert set(json.loads((tmp_path / "results.json").read_text())["results"]) == {"perfect sheet"}
+    assert not standardized and len(sheets) == 2
+    for k, (sheet, cid) in enumerate(zip(sheets, character_ids("test", 2))):
+        truth = render_sample(cid, 90_000 + k, (64, 96)).standard
+        assert np.array_equal(np.asarray(sheet), np.asarray(truth))
+
+
 class _ColourScorer:
     """An engine whose consistency score is closeness of mean colour (what a score that knows colours would say)."""
 

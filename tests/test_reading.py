@@ -267,3 +267,32 @@ def test_own_character_retrieval():
     assert perfect["retrieval"] == 1 and perfect["sheet_spread"] == pytest.approx(perfect["truth_spread"])
     same = own_character_retrieval([truths[0]] * 16, truths)
     assert same["retrieval"] <= 2 / 8 and same["sheet_spread"] == 0
+
+
+def test_embedding_dropout_zeroes_only_the_denoisers_context():
+    """``embedding_dropout``: a dropped sample's denoiser reads a zero image embedding but still its own bank (the
+    ReferenceNet keeps the embedding); the others are predicted exactly as without it."""
+    from diffusers import DDPMScheduler
+
+    from trainer.train_standardize import denoise
+
+    c = tiny_stage1_components(0)
+    net = StandardizeNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"])
+    g = torch.Generator().manual_seed(0)
+    inputs = {"target": torch.randn(2, 4, 12, 8, generator=g), "reference_latents": torch.randn(2, 4, 12, 8, generator=g),
+              "embeds": torch.randn(2, 1, 32, generator=g), "background": torch.rand(2, 1, 96, 64, generator=g),
+              "reference_pose": torch.rand(2, 3, 96, 64, generator=g), "target_pose": None}
+    noise, t, keep = torch.randn(2, 4, 12, 8, generator=g), torch.tensor([100, 900]), torch.tensor([True, True])
+    scheduler = DDPMScheduler()
+    with torch.no_grad():
+        both, _ = denoise(net, scheduler, inputs, noise, t, keep)
+        dropped, _ = denoise(net, scheduler, inputs, noise, t, keep, keep_embedding=torch.tensor([True, False]))
+        noisy = scheduler.add_noise(inputs["target"], noise, t)
+        bank = net.encode_reference(inputs["reference_latents"], inputs["embeds"], inputs["background"],
+                                    inputs["reference_pose"])
+        context = inputs["embeds"].clone()
+        context[1] = 0
+        expected = net(noisy, t, context, None, bank)
+    torch.testing.assert_close(dropped[0], both[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dropped, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(dropped[1], both[1], atol=1e-4)  # the embedding mattered, and was dropped

@@ -4,7 +4,8 @@
         [--reading 64]
     python -m trainer.evaluate encoder --image-encoder assets/models/demo/image_encoder [--n-train 1500 --n-test 500]
     python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
-        [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--clip PATH]
+        [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--variant "oracle=:oracle"]
+        [--clip PATH]
     python -m trainer.evaluate groups --preset demo --probe runs/demo/probe/probe --out eval/groups [--groups 8]
 
 Stage I: PSNR and SSIM of the sheet against the ground-truth standard render, next to a trivial baseline that
@@ -16,7 +17,8 @@ The image encoder (``encoder``): per appearance attribute, a linear probe on ``i
 references as the pipelines encode them (canvas, canvas figure on white, sheet), and the embedding's effective rank.
 
 The protocol (``run``, the paper's scaled to the demo): held-out test characters x 20 prompts (5 action, 5 background,
-5 view/framing, 5 expression) x seeds. Per variant (an adapter, fed the standardized sheet or the raw reference):
+5 view/framing, 5 expression) x seeds. Per variant (an adapter, fed the standardized sheet, the raw reference, or
+the ground-truth standard render as an oracle sheet):
 appearance accuracy of the probes against the character (CLIP-I analogue), text accuracy against the prompt
 (CLIP-T analogue), probe-feature cosine across a character's panels (AP-CLIP-I analogue), and with ``--clip`` the
 paper's CLIP-I (background removed where a mask detector exists), CLIP-T and AP-CLIP-I themselves.
@@ -272,7 +274,9 @@ def consistency_ranking(engine, sheets: list, panels: list[list], masks: list[li
 
 def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int = 4, size=(128, 192),
                  steps: int = 20, clip=None, out: Path | None = None) -> dict:
-    """Every variant on the same characters, prompts and seeds. A variant: {"name", "engine", "standardize"}."""
+    """Every variant on the same characters, prompts and seeds. A variant: {"name", "engine", "standardize"}, where
+    ``standardize`` is True (the sheet is Stage I's), False (the raw reference) or "oracle" (the ground-truth standard
+    render: Stage I made perfect, so the gap to the two-stage row is Stage I's share of what panels miss)."""
     from engine.metrics import remove_background
 
     prompts = protocol_prompts()
@@ -283,8 +287,12 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
         for k, cid in enumerate(character_ids("test", n_characters)):
             reference_sample = render_sample(cid, 90_000 + k, size)
             reference = reference_sample.image
-            sheet = (engine.standardize_reference(reference, seed=k, num_inference_steps=steps).sheet
-                     if variant["standardize"] else reference)
+            if variant["standardize"] == "oracle":  # a perfect Stage I: what Stage II and the base can do at best
+                sheet = reference_sample.standard
+            elif variant["standardize"]:
+                sheet = engine.standardize_reference(reference, seed=k, num_inference_steps=steps).sheet
+            else:
+                sheet = reference
             captions = [c for _, _, c in prompts]
             panels, scenes = [], []
             for s in range(seeds):
@@ -601,9 +609,10 @@ def main(argv=None) -> int:
     run.add_argument("--preset", default="demo")
     run.add_argument("--override", action="append", default=[], metavar="NAME=PATH")
     run.add_argument("--probe", required=True, help="a trained AttributeProbe folder (python -m trainer.train_probes)")
-    run.add_argument("--variant", action="append", default=[], metavar="NAME=ADAPTER[:raw|:STANDARDIZER]",
-                     help="an adapter to compare; ':raw' feeds it the raw reference (one-stage), ':FOLDER' uses another "
-                          "Stage I (e.g. without FBDM/RPIM). Default: the preset's adapter two-stage and one-stage")
+    run.add_argument("--variant", action="append", default=[], metavar="NAME=ADAPTER[:raw|:oracle|:STANDARDIZER]",
+                     help="an adapter to compare (empty: the preset's); ':raw' feeds it the raw reference (one-stage), "
+                          "':oracle' the ground-truth standard render (a perfect Stage I), ':FOLDER' uses another Stage "
+                          "I (e.g. without FBDM/RPIM). Default: the preset's adapter two-stage and one-stage")
     run.add_argument("--characters", type=int, default=10)
     run.add_argument("--seeds", type=int, default=4)
     run.add_argument("--steps", type=int, default=20)
@@ -695,10 +704,11 @@ def _run(args) -> int:
     specs = [("two-stage (ours)", None, True, None), ("one-stage (raw reference)", None, False, None)]
     if args.variant:
         specs = []
-        for item in args.variant:  # NAME=ADAPTER[:raw | :STANDARDIZER_FOLDER]
+        for item in args.variant:  # NAME=ADAPTER[:raw | :oracle | :STANDARDIZER_FOLDER]
             name, _, rest = item.partition("=")
             path, _, mode = rest.partition(":")
-            specs.append((name, path or None, mode != "raw", mode if mode not in ("", "raw") else None))
+            standardize = {"raw": False, "oracle": "oracle"}.get(mode, True)
+            specs.append((name, path or None, standardize, mode if mode not in ("", "raw", "oracle") else None))
     variants = []
     for name, adapter, standardize, standardize_dir in specs:
         extra = {**({"adapter": adapter} if adapter else {}),

@@ -50,6 +50,11 @@ DEFAULTS = {
     "resolution": [128, 192],
     "num_characters": 5000,
     "reference_dropout": 0.1,
+    # A share of the samples that keep their reference get a zero image embedding in the denoiser's context (the
+    # ReferenceNet still reads it): the one-token embedding carries the character so readily that the denoiser
+    # otherwise never needs the bank (the bank-only gap stays at zero for ~1500 steps); without the embedding it
+    # must read the character from the bank. Training only; the pipeline always passes both. 0 = off.
+    "embedding_dropout": 0.0,
     # True: the reference as StandardizePipeline.prepare_reference places it (head at the standard place and size,
     # white padding). False trains on the raw scene, which the pipeline never shows the model: the demo Stage I up to
     # 2026-11 was trained that way, and read canvases worse than raw scenes (15.8 vs 16.3 dB on 12 test characters).
@@ -203,15 +208,19 @@ def copy_task_references(batch: dict, share: float, rng) -> dict:
 
 
 def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention: bool | int = False,
-            swap: torch.Tensor | None = None, swap_embedding: bool = False):
+            swap: torch.Tensor | None = None, swap_embedding: bool = False, keep_embedding: torch.Tensor | None = None):
     """One denoiser prediction on noised targets, through the net's ``forward`` (the ReferenceNet runs inside it).
 
     ``keep``: samples that see their reference and image embedding (the others neither: CFG's unconditional).
     ``swap``: a permutation; sample i reads the bank of reference ``swap[i]`` (another character's) and, with
-    ``swap_embedding``, its image embedding too. Returns (prediction, bank or None)."""
+    ``swap_embedding``, its image embedding too. ``keep_embedding``: samples whose denoiser context keeps the image
+    embedding (the others read a zero context and, where ``keep``, still the bank: ``embedding_dropout``).
+    Returns (prediction, bank or None)."""
     b = noise.shape[0]
     noisy = noise_scheduler.add_noise(inputs["target"], noise, t)
     embeds = inputs["embeds"] * keep.view(b, 1, 1).to(inputs["embeds"].dtype)
+    if keep_embedding is not None:
+        embeds = embeds * keep_embedding.view(b, 1, 1).to(embeds.dtype)
     if not bool(keep.any()):
         return net(noisy, t, embeds, inputs["target_pose"], None), None
     idx = keep.nonzero().flatten()
@@ -346,8 +355,12 @@ def main(args) -> Path:
             noise = noise + config["noise_offset"] * torch.randn(b, target.shape[1], 1, 1, device=target.device)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=target.device)
         keep = torch.from_numpy(rng.random(b) >= config["reference_dropout"]).to(target.device)
+        keep_embedding = None
+        if config["embedding_dropout"]:
+            keep_embedding = torch.from_numpy(rng.random(b) >= config["embedding_dropout"]).to(target.device)
         record = (config["attention_loss_queries"] or True) if config["attention_loss_weight"] > 0 else False
-        pred, bank = denoise(net, noise_scheduler, inputs, noise, t, keep, record_attention=record)
+        pred, bank = denoise(net, noise_scheduler, inputs, noise, t, keep, record_attention=record,
+                             keep_embedding=keep_embedding)
         loss = F.mse_loss(pred.float(), diffusion_target(noise_scheduler, target, noise, t).float())
         if bank is not None and bank.attention:
             aux = attention_correspondence(bank, inputs["reference_labels"], inputs["target_labels"])["loss"]
