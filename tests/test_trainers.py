@@ -560,6 +560,13 @@ def test_learning_curve_continues_the_shipped_models_curve(tmp_path):
     assert (tmp_path / "curve.png").is_file()
     assert make_demo.life_steps({"steps": 900, "previous_steps": 5390}) == 6290 == make_demo.life_steps({"steps": 6290})
 
+    # the shipped Stage I kept as it is (seeded, not trained this run: no logs): the card keeps the shipped curve
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "lineage.json").write_text((run / "lineage.json").read_text())
+    assert make_demo.learning_curve(kept, tmp_path / "kept.png") == shipped and (tmp_path / "kept.png").is_file()
+    assert make_demo.learning_curve(tmp_path / "none", tmp_path / "none.png") == []
+
 
 def test_budgets_count_every_continuation(tmp_path, monkeypatch):
     """A Stage I continued from a shipped model that was itself a continuation: the card's budget keeps this run's
