@@ -153,6 +153,17 @@ def base(batch, repeats, adapter=False):
     parts["UNet forward"], _ = timed(forward, repeats)
     parts["backward"] = timed_backward(forward, repeats)
     parts["optimizer step"], _ = timed(optimizer.step, repeats)
+    if not adapter:  # the base can draw its latents from a pool of pre-encoded samples instead (trainer/pool.py)
+        import tempfile
+
+        from trainer.pool import SamplePool
+
+        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+            dist = pipe.vae.encode(data["image"]).latent_dist
+            pool = SamplePool(tmp, iter([{"caption": data["caption"]}] * 64), lambda b: {
+                "latent_mean": dist.mean, "latent_std": dist.std}, size=4 * batch, shard_size=batch,
+                batch_size=batch, strings=("caption",))
+            parts["pool draw (replaces render + VAE)"], _ = timed(lambda: next(pool), repeats)
     return parts
 
 
@@ -170,6 +181,7 @@ def main(argv=None):
         parts = {"standardize": lambda: standardize(args.batch, args.repeats),
                  "base": lambda: base(args.batch, args.repeats),
                  "adapter": lambda: base(args.batch, args.repeats, adapter=True)}[stage]()
+        pooled = parts.pop("pool draw (replaces render + VAE)", None)
         serial = sum(v for k, v in parts.items() if "attention loss" not in k)
         math = serial - sum(v for k, v in parts.items() if k in data_keys)
         print(f"\n{stage}: batch {args.batch} at {SIZE[0]}x{SIZE[1]}, {args.threads} thread(s), median of "
@@ -179,6 +191,10 @@ def main(argv=None):
             print(f"| {name} | {value:.3f} | {share} |")
         print(f"| **whole step, serially** | {serial:.3f} | {args.batch / serial:.1f} samples/s |")
         print(f"| **the math alone (data in workers)** | {math:.3f} | {args.batch / math:.1f} samples/s |")
+        if pooled is not None:
+            step = math - sum(v for k, v in parts.items() if k.startswith("VAE encode")) + pooled
+            print(f"| **from the sample pool** (a draw: {pooled:.3f} s; no render, no VAE) | {step:.3f} | "
+                  f"{args.batch / step:.1f} samples/s |")
 
 
 if __name__ == "__main__":

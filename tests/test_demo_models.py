@@ -113,7 +113,20 @@ def test_demo_refuses_pictures_without_a_person(demo):
         except ValueError as exc:
             assert "no person found" in str(exc)
             refused += 1
-    assert refused >= 26  # 0.96 on 150 held-out negatives (docs/training.md)
+    assert refused >= 28  # 0.993 on 300 held-out negatives (docs/training.md)
     for name in ("kai", "leo", "mia"):
         demo.standardize_reference(Image.open(DEMO_MODELS_DIR.parent.parent / "examples" / f"{name}.png"),
                                    num_inference_steps=1)
+
+
+def test_demo_refuses_real_photos_without_a_person_and_finds_real_people(demo):
+    """Real photographs the detector never trained on: the issue's cat, a cheetah cub and a motorcycle get the
+    engine's "no person found"; the two photographs of people get a sheet (the tower, which still passes, is the
+    documented miss in docs/training.md)."""
+    from trainer.train_detectors import held_out_photo
+
+    for name in ("chelsea", "cheetah2.jpg", "stereo_motorcycle"):
+        with pytest.raises(ValueError, match="no person found"):
+            demo.standardize_reference(held_out_photo(name), num_inference_steps=1)
+    for name in ("astronaut", "camera"):
+        demo.standardize_reference(held_out_photo(name), num_inference_steps=1)

@@ -333,3 +333,26 @@ def test_engine_appearance_scores_and_studio_drift_flag(tiny_full_engine):
         story.panels.append(Panel(PanelSpec(i, i + 1, ["Mia"], "x"), scores={"Mia": score}))
     flag_drift(story)
     assert [p.drifted for p in story.panels] == [False, False, False, True]
+
+
+def test_base_loss_is_fixed_and_a_text_blind_base_scores_no_text_gap():
+    from components import tiny_sdxl_components
+
+    from engine.pipelines import PersonalizePipeline
+    from trainer.evaluate import base_loss
+
+    c = tiny_sdxl_components()
+    c.pop("image_encoder"), c.pop("feature_extractor")
+    pipe = PersonalizePipeline(**c)
+    first = base_loss(pipe, n=6, size=(64, 96), batch=3)
+    assert base_loss(pipe, n=6, size=(64, 96), batch=3) == first  # fixed samples, noise and timesteps
+    assert first["loss"] > 0 and first["loss_se"] > 0 and abs(first["gap_text"]) > 0  # a random base reads its text
+    # cut every way the text gets in (cross-attention outputs, the pooled embedding's share of the added embedding)
+    with torch.no_grad():
+        for name, module in pipe.unet.named_modules():
+            if name.endswith("attn2.to_out.0"):
+                module.weight.zero_(), module.bias.zero_()
+        text_dim = pipe.text_encoder_2.config.projection_dim
+        pipe.unet.add_embedding.linear_1.weight[:, :text_dim].zero_()
+    blind = base_loss(pipe, n=6, size=(64, 96), batch=3)
+    assert blind["gap_text"] == 0.0 and blind["loss"] != first["loss"]

@@ -384,7 +384,10 @@ def test_detectors_train_export_onnx_and_load_in_the_engine(kind, precision, tmp
     report = json.loads((tmp_path / "run" / "detector_accuracy.json").read_text())
     image = render_sample(3, 3, (200, 300)).image
     if kind == "pose":
-        assert {"visibility_accuracy", "person_found", "no_person_refused"} <= set(report)
+        assert {"visibility_accuracy", "person_found", "head_only_found", "no_person_refused"} <= set(report)
+        # the held-out real photographs (the issue's cat among them) are judged and drawn with the verdicts
+        assert set(report["held_out_photos"]) == set(train_detectors.HELD_OUT_PHOTOS)
+        assert 0 <= report["held_out_photos_right"] <= 1 and (tmp_path / "run" / "held_out_photos.png").is_file()
         out = OnnxKeypointDetector(path, threshold=0.0)(image)  # untrained: every point "visible"
         assert out.shape == (18, 3) and (0 <= out[:, 0]).all() and (out[:, 0] <= 200).all()
     else:
@@ -411,6 +414,38 @@ def test_no_person_negatives_are_scenes_without_a_figure():
     share = np.mean([not s.keypoints.any() for s in swapped])
     assert 0.3 < share < 0.7 and NoPersonNegatives(0.5)(sample).image.tobytes() == \
         NoPersonNegatives(0.5)(sample).image.tobytes()  # deterministic
+
+
+def test_photo_positives_keep_the_figure_and_change_the_background():
+    from trainer.synthetic import on_photo, render_sample, without_person
+    from trainer.train_detectors import NoPersonNegatives
+
+    sample = render_sample(5, 2, (64, 96))
+    photo = on_photo(sample)
+    # the person and its labels stay: the keypoints, mask and labels are the sample's, the pixels change around it
+    assert (photo.keypoints == sample.keypoints).all() and photo.mask.tobytes() == sample.mask.tobytes()
+    before, after = np.asarray(sample.image, int), np.asarray(photo.image, int)
+    figure = np.asarray(sample.mask) > 250
+    inner = figure & np.roll(figure, 2, 0) & np.roll(figure, -2, 0) & np.roll(figure, 2, 1) & np.roll(figure, -2, 1)
+    assert np.abs(after - before).mean(-1)[inner].mean() < 20  # blur and grain only
+    assert np.abs(after - before).mean(-1)[~figure].mean() > 20  # another background
+    assert on_photo(sample).image.tobytes() == photo.image.tobytes()  # deterministic
+    # the detector's mix: photo negatives when asked, figures on photos when asked, the sample itself otherwise
+    assert NoPersonNegatives(1.0, photo_share=1.0)(sample).image.tobytes() == \
+        without_person(sample, kind="photo").image.tobytes()
+    assert NoPersonNegatives(0.0, photo_positive=1.0)(sample).image.tobytes() == photo.image.tobytes()
+    assert NoPersonNegatives(0.0)(sample) is sample
+
+
+def test_held_out_photos_are_never_trained_on():
+    from trainer.synthetic.render import ANIMAL_NEGATIVES, PHOTO_NEGATIVES
+    from trainer.train_detectors import HELD_OUT_PHOTOS, held_out_photo
+
+    assert not set(HELD_OUT_PHOTOS) & set(PHOTO_NEGATIVES + ANIMAL_NEGATIVES + ("cat", "cheetah1-copy.jpg"))
+    assert "chelsea" in HELD_OUT_PHOTOS and not HELD_OUT_PHOTOS["chelsea"]  # the issue's cat: refuse it
+    for name in HELD_OUT_PHOTOS:
+        image = held_out_photo(name)
+        assert image.mode == "RGB" and min(image.size) >= 200
 
 
 def test_vae_random_crops_cut_every_image_and_stay_inside():
@@ -537,6 +572,25 @@ def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tm
     (runs / "standardize" / "checkpoint-120").mkdir()
     assert make_demo.continue_overrides("standardize", config, 300) == {"lr_schedule": "constant",
                                                                           "max_train_steps": 420}
+
+
+def test_seeding_keeps_the_shipped_models_wall_time_through_repeated_packaging(tmp_path, monkeypatch):
+    """A stage seeded from a shipped model that was itself kept from an earlier card has its wall time in its budget,
+    not in the card's timings: the seeded budget keeps it (it was lost once, to "None", in the model card)."""
+    from trainer import make_demo
+
+    shipped = tmp_path / "shipped"
+    (shipped / "detectors").mkdir(parents=True)
+    (shipped / "detectors" / "mask.onnx").write_bytes(b"onnx")
+    (shipped / "model_card.json").write_text(json.dumps(
+        {"budgets": {"mask_detector": {"steps": 500, "batch": 32, "samples": 16000, "from": "shipped",
+                                       "wall_s": 321.5}}, "timings": {}}))
+    runs = tmp_path / "runs" / "demo"
+    monkeypatch.setattr(make_demo, "SHIPPED", shipped)
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    monkeypatch.setitem(make_demo.OUTPUTS, "mask_detector", runs / "mask_detector" / "mask.onnx")
+    assert make_demo.seed_from_shipped("mask_detector")
+    assert json.loads((runs / "mask_detector" / "lineage.json").read_text())["wall_s"] == 321.5
 
 
 def test_learning_curve_continues_the_shipped_models_curve(tmp_path):

@@ -189,6 +189,56 @@ def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed:
     return result
 
 
+def base_loss(pipe, n: int = 256, size=(128, 192), batch: int = 32, seed: int = 0, split: str = "test") -> dict:
+    """How well the text-to-image base denoises, with no sampling: on ``n`` fixed held-out renders (their full text,
+    "caption, appearance", as the base trains on it), fixed noise and timesteps, the mean denoising loss and its
+    standard error (also split at t = 500), and the gap when each sample gets another sample's text (``gap_text``:
+    does the base read its prompt at all). The instrument for comparing base runs at equal CPU time."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from .common import diffusion_target
+    from .synthetic.dataset import sample_to_dict
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    device, dtype = pipe.device, pipe.unet.dtype
+    w, h = size
+    generator = torch.Generator().manual_seed(seed)
+    own, other, steps = [], [], []
+    ids = character_ids(split, n)
+    for start in range(0, n, batch):
+        items = [sample_to_dict(render_sample(cid, 40_000 + start + i, size))
+                 for i, cid in enumerate(ids[start:start + batch])]
+        images = torch.stack([item["image"] for item in items]).to(device, pipe.vae.dtype)
+        texts = [f"{item['caption']}, {item['appearance']}" for item in items]
+        with torch.no_grad():
+            latents = pipe.vae.encode(images).latent_dist.mean * pipe.vae.config.scaling_factor
+            embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False)
+            b = latents.shape[0]
+            noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)
+            time_ids = pipe._get_add_time_ids((h, w), (0, 0), (h, w), dtype=embeds.dtype,
+                                              text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+            time_ids = time_ids.to(device).repeat(b, 1)
+            noisy = scheduler.add_noise(latents, noise, t).to(dtype)
+            target = diffusion_target(scheduler, latents, noise, t).float()
+            for order, bucket in ((torch.arange(b), own), (torch.roll(torch.arange(b), 1), other)):
+                pred = pipe.unet(noisy, t, encoder_hidden_states=embeds[order].to(dtype),
+                                 added_cond_kwargs={"text_embeds": pooled[order].to(dtype),
+                                                    "time_ids": time_ids.to(dtype)}, return_dict=False)[0]
+                bucket += ((pred.float() - target) ** 2).mean(dim=(1, 2, 3)).cpu().tolist()
+        steps += t.cpu().tolist()
+    own, other, steps = np.array(own), np.array(other), np.array(steps)
+    gap = other - own
+    result = {"n": n, "loss": float(own.mean()), "loss_se": float(own.std(ddof=1) / np.sqrt(n)),
+              "gap_text": float(gap.mean()), "gap_text_se": float(gap.std(ddof=1) / np.sqrt(n))}
+    for name, sel in (("low_t", steps < 500), ("high_t", steps >= 500)):
+        result[f"loss_{name}"] = float(own[sel].mean()) if sel.any() else None
+    result["losses"] = own.tolist()  # per sample, in a fixed order: two runs compare pairwise
+    return result
+
+
 # 20 prompts: one element varied from a plain base (standing, neutral, front view, full body, studio).
 BASE_SCENE = {"pose": "stand", "expression": "neutral", "view": "front", "framing": "full body",
               "background": "studio", "time": "day", "lighting": "neutral"}
@@ -626,6 +676,19 @@ def main(argv=None) -> int:
     enc.add_argument("--n-test", type=int, default=500)
     enc.add_argument("--size", default="128x192")
     enc.add_argument("--out", default=None, help="write the numbers as JSON here")
+    bs = sub.add_parser("base", help="the text-to-image base's held-out denoising loss and whether it reads its text")
+    bs.add_argument("--sdxl", required=True, help="a saved PersonalizePipeline folder (the base)")
+    bs.add_argument("--n", type=int, default=256)
+    bs.add_argument("--size", default="128x192")
+    bs.add_argument("--out", default=None, help="write the numbers as JSON here")
+    det = sub.add_parser("detector", help="the demo pose detector: persons found (head-only too), pictures without a "
+                                          "person refused, held-out real photographs")
+    det.add_argument("--pose", required=True, help="a pose.onnx (the demo detector's layout)")
+    det.add_argument("--n", type=int, default=300)
+    det.add_argument("--split", default="test")
+    det.add_argument("--threshold", type=float, default=None, help="visibility threshold (default: the engine's)")
+    det.add_argument("--figure", default=None, help="draw the held-out photos with the verdicts into this PNG")
+    det.add_argument("--out", default=None, help="write the numbers as JSON here")
     grp = sub.add_parser("groups", help="several characters per panel: with and without regional masks")
     grp.add_argument("--preset", default="demo")
     grp.add_argument("--override", action="append", default=[], metavar="NAME=PATH")
@@ -644,6 +707,17 @@ def main(argv=None) -> int:
         return _groups(args)
     if args.command == "encoder":
         return _encoder(args)
+    if args.command == "base":
+        return _base(args)
+    if args.command == "detector":
+        from .train_detectors import held_out_accuracy
+
+        text = json.dumps(held_out_accuracy("pose", Path(args.pose), args.n, (128, 192), args.split, args.threshold,
+                                            Path(args.figure) if args.figure else None), indent=2)
+        print(text)
+        if args.out:
+            Path(args.out).write_text(text)
+        return 0
     from engine.pipelines.standardize import StandardizePipeline
 
     pipe = StandardizePipeline.from_pretrained(args.standardize)
@@ -674,6 +748,18 @@ def _encoder(args) -> int:
     print(embedding_probe_table(result))
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _base(args) -> int:
+    from engine.pipelines.personalize import PersonalizePipeline
+
+    pipe = PersonalizePipeline.from_pretrained(args.sdxl)
+    w, h = (int(v) for v in args.size.split("x"))
+    text = json.dumps(base_loss(pipe, args.n, (w, h)), indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
     return 0
 
 

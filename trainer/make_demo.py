@@ -210,8 +210,10 @@ def seed_from_shipped(stage: str) -> bool:
         return False
     run = RUNS / stage
     run.mkdir(parents=True, exist_ok=True)
-    lineage = {"from": "shipped", "budget": card.get("budgets", {}).get(stage, {}),
-               "wall_s": card.get("timings", {}).get(stage)}
+    budget = card.get("budgets", {}).get(stage, {})
+    # the shipped model's wall time: in ``timings`` where the shipped card trained the stage itself, in its budget
+    # where that card had kept it from an earlier one (so it survives being seeded again and again)
+    lineage = {"from": "shipped", "budget": budget, "wall_s": card.get("timings", {}).get(stage, budget.get("wall_s"))}
     if stage == "standardize":  # the shipped model's learning curve, continued by this run's (learning_curve)
         lineage["curve"] = card.get("learning_curve", [])
     (run / LINEAGE).write_text(json.dumps(lineage, indent=2))

@@ -47,6 +47,9 @@ DEFAULTS = {
              "transformer_layers_per_block": [1, 1, 1], "addition_time_embed_dim": 32, "norm_num_groups": 32,
              "use_linear_projection": True},
     "init_unet": None,  # a UNet folder to start from (e.g. the shipped demo base's personalize/unet)
+    # a pool of pre-encoded samples (trainer/pool.py; 0: off, every sample rendered and VAE-encoded at its step): its
+    # size, its shard size, and every how many steps its oldest shard is replaced by fresh samples (0: never)
+    "pool_size": 0, "pool_shard_size": 256, "pool_refresh_steps": 0,
     "validation_prompts": ["running, laughing, side view, full body, on a beach, a tall slim person with long red hair",
                            "standing, neutral expression, front view, full body, in a park"],
 }
@@ -90,6 +93,19 @@ def texts_for(batch, rng) -> list[str]:
     return out
 
 
+def latent_pool(vae, source, config: dict, directory: Path, seed: int):
+    """The base's ``SamplePool``: each sample's VAE latent distribution (mean, std) and its caption and appearance."""
+    from .pool import SamplePool
+
+    def encode(batch):
+        dist = vae.encode(batch["image"].to(vae.device, vae.dtype)).latent_dist
+        return {"latent_mean": dist.mean, "latent_std": dist.std}
+
+    return SamplePool(directory, source, encode, size=config["pool_size"], shard_size=config["pool_shard_size"],
+                      batch_size=config["train_batch_size"], refresh_steps=config["pool_refresh_steps"],
+                      strings=("caption", "appearance"), seed=seed)
+
+
 def main(args) -> Path:
     config = load_config(args, DEFAULTS)
     accelerator, out, weight_dtype = setup_accelerator(config)
@@ -100,6 +116,11 @@ def main(args) -> Path:
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     unet, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, unet, {"unet": ""})
     loader = synthetic_batches(accelerator, config, start)
+    if config["pool_size"]:
+        loader = latent_pool(pipe.vae, loader, config, out / f"pool-rank{accelerator.process_index}",
+                             seed=config["seed"] + start + 7919 * accelerator.process_index)
+        accelerator.print(f"sample pool: {len(loader)} samples ready in {loader.fill_seconds:.1f} s "
+                          f"({loader.encoded} encoded now)")
     rng = np.random.default_rng(config["seed"] + start)
     w, h = config["resolution"]
     sf = pipe.vae.config.scaling_factor
@@ -107,7 +128,11 @@ def main(args) -> Path:
 
     def loss_fn(batch):
         with torch.no_grad():
-            latents = pipe.vae.encode(batch["image"].to(accelerator.device, weight_dtype)).latent_dist.sample() * sf
+            if "latent_mean" in batch:  # from the pool: the same distribution as latent_dist.sample()
+                mean = batch["latent_mean"].to(accelerator.device)
+                latents = (mean + batch["latent_std"].to(mean.device) * torch.randn_like(mean)) * sf
+            else:
+                latents = pipe.vae.encode(batch["image"].to(accelerator.device, weight_dtype)).latent_dist.sample() * sf
             prompt_embeds, _, pooled, _ = pipe.encode_prompt(prompt=texts_for(batch, rng), device=accelerator.device,
                                                              num_images_per_prompt=1, do_classifier_free_guidance=False)
         b = latents.shape[0]

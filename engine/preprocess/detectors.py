@@ -193,9 +193,9 @@ class OnnxKeypointDetector:
     """A small keypoint regressor (the demo preset's, made by our trainer): input (1, 3, H, W) in [-1, 1] of the
     white-letterboxed image, output (1, 18, 3) = OpenPose-18 (x / W, y / H, visibility probability)."""
 
-    # 0.3: measured on the shipped detector (200 held-out renders, 2026-12-01), visibility accuracy is the same as at
-    # 0.5 (0.901 vs 0.898) while head-only references are found far more often (0.98 vs 0.76) and held-out pictures
-    # without a person are still refused (0.96); the detector says "no person" when under 2 points pass
+    # 0.3: measured on the shipped detectors (held-out renders; 2026-12-01, and again on the one retrained with real
+    # photos on 2026-12-02: head-only references found 0.94 vs 0.88 at 0.5, pictures without a person refused 0.99
+    # at either, real photos of a cat and a motorcycle refused at either); "no person" when under 2 points pass
     def __init__(self, onnx_path: str | Path, threshold: float = 0.3):
         self.session = _session(onnx_path)
         self.threshold = threshold

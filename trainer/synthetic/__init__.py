@@ -20,6 +20,7 @@ from .render import (
     render_group,
     render_sample,
     render_standard,
+    on_photo,
     sample_scene,
     without_person,
 )
@@ -28,6 +29,6 @@ from .skeleton import POSE_FAMILIES, VIEWS
 
 __all__ = [
     "BODY_LABELS", "EXPRESSIONS", "FRAMINGS", "LABELS", "POSE_FAMILIES", "SCENES", "VIEWS", "Character", "GroupSample", "Sample",
-    "SceneSpec", "appearance_combinations", "reference_on_canvas", "character_ids", "make_character", "render_group", "render_sample", "render_standard",
+    "SceneSpec", "appearance_combinations", "reference_on_canvas", "character_ids", "make_character", "on_photo", "render_group", "render_sample", "render_standard",
     "sample_scene", "split_of", "without_person",
 ]

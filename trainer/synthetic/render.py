@@ -366,43 +366,98 @@ def _texture(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
 
 
-# Real photographs without people that ship with scikit-image (public domain or CC0/BY): random crops of them are
-# "photo" negatives. Its cat (chelsea / cat) and its two pictures of people (astronaut, camera) are never used here:
-# they are the held-out test of a detector trained with these.
+# Real photographs without people that ship with scikit-image and Gradio (public domain or CC0/BY; both are
+# dependencies, so CI has them): random crops of them are "photo" negatives. Animals are the hard case (a cat's face
+# has eyes, ears and a nose where a person's are), so three of Gradio's big-cat photos are here; scikit-image's cat
+# (chelsea), Gradio's cheetah cub, a tower, a motorcycle and the two pictures of people (astronaut, camera) are never
+# used: they are the held-out test of a detector trained with these (``trainer.train_detectors.HELD_OUT_PHOTOS``).
 PHOTO_NEGATIVES = ("brick", "cell", "clock", "coffee", "coins", "grass", "gravel", "hubble_deep_field",
                    "immunohistochemistry", "moon", "page", "retina", "rocket", "text", "colorwheel", "logo", "horse",
                    "microaneurysms", "checkerboard", "binary_blobs")
+ANIMAL_NEGATIVES = ("cheetah.jpg", "cheetah1.jpg", "lion.jpg")
+
+
+def real_photo(name: str) -> np.ndarray:
+    """A photograph by name as (H, W, 3) uint8: scikit-image's data (``chelsea``), or Gradio's bundled pictures
+    (``lion.jpg``)."""
+    if name.endswith(".jpg"):
+        from pathlib import Path
+
+        import gradio
+
+        root = Path(gradio.__file__).parent
+        path = next(p for p in (root / "media_assets" / "images" / name, root / "test_data" / name) if p.exists())
+        return np.asarray(Image.open(path).convert("RGB"))
+    from skimage import data
+
+    image = getattr(data, name)()
+    image = np.asarray(image[0] if isinstance(image, tuple) else image)
+    image = np.asarray(image.astype(np.uint8) * 255 if image.dtype == bool else image, np.uint8)
+    return np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3]
 
 
 @lru_cache(maxsize=1)
-def _photos() -> tuple[np.ndarray, ...]:
-    from skimage import data
-
-    photos = []
-    for name in PHOTO_NEGATIVES:
-        image = np.asarray(getattr(data, name)())
-        if image.dtype == bool:
-            image = image.astype(np.uint8) * 255
-        image = np.asarray(image, np.uint8)
-        photos.append(np.repeat(image[..., None], 3, -1) if image.ndim == 2 else image[..., :3])
-    return tuple(photos)
+def _photos() -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    return tuple(real_photo(n) for n in PHOTO_NEGATIVES), tuple(real_photo(n) for n in ANIMAL_NEGATIVES)
 
 
-def _photo_crop(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
-    """A random crop of a real photograph without people, at a random scale, flipped and colour-jittered."""
-    photo = _photos()[int(rng.integers(len(PHOTO_NEGATIVES)))]
+def _letterbox(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` scaled to fit ``size`` and centred on white, as the demo pose detector sees any picture."""
+    r = min(size[0] / image.size[0], size[1] / image.size[1])
+    fitted = image.resize((max(1, round(image.size[0] * r)), max(1, round(image.size[1] * r))),
+                          Image.Resampling.BILINEAR)
+    canvas = Image.new("RGB", size, (255, 255, 255))
+    canvas.paste(fitted, ((size[0] - fitted.size[0]) // 2, (size[1] - fitted.size[1]) // 2))
+    return canvas
+
+
+def _photo_crop(rng: np.random.Generator, size: tuple[int, int], letterbox: bool | None = None) -> Image.Image:
+    """A random crop of a real photograph without people (an animal half of the time), at a random scale, flipped
+    and colour-jittered; with ``letterbox`` (by default half of them) at another aspect (landscape or square),
+    letterboxed on white as a whole photo reaches the detector."""
+    photos, animals = _photos()
+    group = animals if rng.random() < 0.5 else photos
+    photo = group[int(rng.integers(len(group)))]
     h, w = photo.shape[:2]
-    aspect = size[0] / size[1]
+    letterbox = rng.random() < 0.5 if letterbox is None else letterbox
+    aspect = float(rng.uniform(1.0, 1.6)) if letterbox else size[0] / size[1]
     ch = int(rng.uniform(0.35, 1.0) * min(h, w / aspect))
-    cw = max(8, int(ch * aspect))
+    cw = max(8, min(w, int(ch * aspect)))
     y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
-    crop = Image.fromarray(photo[y0:y0 + ch, x0:x0 + cw]).resize(size, Image.Resampling.BILINEAR)
-    arr = np.asarray(crop, np.float32)
+    arr = photo[y0:y0 + ch, x0:x0 + cw].astype(np.float32)
     if rng.random() < 0.5:
         arr = arr[:, ::-1]
     if rng.random() < 0.5:  # tint grey pictures, shift the colours of others
         arr = arr * rng.uniform(0.6, 1.2, 3)[None, None] + rng.uniform(-30, 30, 3)[None, None]
-    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    crop = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return _letterbox(crop, size) if letterbox else crop.resize(size, Image.Resampling.BILINEAR)
+
+
+def on_photo(sample: Sample) -> Sample:
+    """The sample's figure composited (through its mask) onto a crop of a real photograph without people (half of
+    them with white bands above and below, off the figure, as a wider photo is letterboxed; some in black and white),
+    with a camera's blur and grain on the whole picture: a detector's positive that looks like a photo, so "photo" is not
+    a shortcut for "no person" once photo crops are negatives (deterministic in the scene seed)."""
+    import dataclasses
+
+    from PIL import ImageFilter
+
+    rng = np.random.default_rng([sample.character_id, sample.scene_seed, 13])
+    w, h = sample.image.size
+    alpha = np.asarray(sample.mask, np.float32)[..., None] / 255.0
+    rgb = (np.asarray(_photo_crop(rng, (w, h), letterbox=False), np.float32) * (1 - alpha)
+           + np.asarray(sample.image, np.float32) * alpha)
+    if rng.random() < 0.5:  # white bands above and below, off the figure: a wider photo letterboxed on white
+        band = np.zeros((h, 1, 1), bool)
+        band[: int(rng.uniform(0, 0.25) * h)] = True
+        band[h - int(rng.uniform(0, 0.25) * h):] = True
+        rgb = np.where(band & (alpha < 0.5), 255.0, rgb)
+    image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    if rng.random() < 0.3:  # black-and-white photographs have people in them too
+        image = image.convert("L").convert("RGB")
+    image = image.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.0, 1.0))))
+    rgb = np.asarray(image, np.float32) + rng.normal(0, float(rng.uniform(0, 10)), (h, w, 3))
+    return dataclasses.replace(sample, image=Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)))
 
 
 def without_person(sample: Sample, things: int | None = None, kind: str | None = None) -> Sample:
