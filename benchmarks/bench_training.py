@@ -65,7 +65,13 @@ def standardize(batch, repeats):
 
     from engine.pipelines import StandardizePipeline
     from trainer.common import diffusion_target
-    from trainer.train_standardize import ClipPreprocess, attention_correspondence, denoise
+    from trainer.train_standardize import (
+        BankReadHeads,
+        ClipPreprocess,
+        attention_correspondence,
+        bank_read_loss,
+        denoise,
+    )
 
     parts, data = data_parts(batch, repeats, canvas=True)
     pipe = StandardizePipeline.from_pretrained(DEMO / "standardize", dtype=torch.float32)
@@ -82,20 +88,24 @@ def standardize(batch, repeats):
     inputs = {"reference_latents": latents[0], "target": latents[1], "embeds": embeds,
               "background": 1 - data["mask"], "reference_pose": (data["pose_map"] + 1) / 2,
               "target_pose": (data["standard_pose_map"] + 1) / 2, "reference_labels": data["labels"],
-              "target_labels": data["standard_labels"]}
+              "target_labels": data["standard_labels"], "target_image": data["standard"]}
     noise = torch.randn_like(latents[1])
     t = torch.randint(0, 1000, (batch,))
     keep = torch.ones(batch, dtype=torch.bool)
+    heads = BankReadHeads.for_unet(net.denoising_unet)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6)
-    for record in (False, True):
-        name = " (with the attention loss)" if record else ""
+    for record, read in ((False, False), (True, False), (True, True)):
+        name = " (with the attention and read losses)" if read else " (with the attention loss)" if record else ""
 
-        def forward(record=record):
+        def forward(record=record, read=read):
             pred, bank = denoise(net, scheduler, inputs, noise, t, keep, record_attention=record and 64)
             loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, latents[1], noise, t))
             if record:
                 loss = loss + 0.05 * attention_correspondence(bank, inputs["reference_labels"],
                                                               inputs["target_labels"])["loss"]
+            if read:
+                loss = loss + bank_read_loss(bank, heads, inputs["target_image"], inputs["reference_labels"],
+                                             inputs["target_labels"])
             return loss
 
         parts[f"ReferenceNet + denoiser forward{name}"], _ = timed(forward, repeats)

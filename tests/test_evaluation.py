@@ -238,18 +238,20 @@ def test_evaluate_oracle_variant_feeds_the_ground_truth_standard_render(tiny_pro
     from trainer.synthetic import render_sample
     from trainer.synthetic.character import character_ids
 
-    sheets, standardized = [], []
+    sheets, standardized, options = [], [], []
     real = Engine.generate_panels
     monkeypatch.setattr(Engine, "generate_panels", lambda self, c, sheet=None, **k: sheets.append(sheet) or
-                        real(self, c, sheet=sheet, **k))
+                        options.append(k) or real(self, c, sheet=sheet, **k))
     monkeypatch.setattr(Engine, "standardize_reference", lambda self, *a, **k: standardized.append(1))
     args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
-            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path), "--variant", "perfect sheet=:oracle"]
+            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path), "--variant", "perfect sheet=:oracle",
+            "--guidance", "2.5", "--adapter-scale", "0.7"]
     for name, path in tiny_overrides.items():
         args += ["--override", f"{name}={path}"]
     assert main(args) == 0
     assert set(json.loads((tmp_path / "results.json").read_text())["results"]) == {"perfect sheet"}
     assert not standardized and len(sheets) == 2
+    assert all((o["guidance_scale"], o["adapter_scale"]) == (2.5, 0.7) for o in options)  # the panel settings given
     for k, (sheet, cid) in enumerate(zip(sheets, character_ids("test", 2))):
         truth = render_sample(cid, 90_000 + k, (64, 96)).standard
         assert np.array_equal(np.asarray(sheet), np.asarray(truth))

@@ -100,6 +100,39 @@ def test_standardize_resumes_from_the_latest_checkpoint(standardize_run):
     assert (root / "run" / "checkpoint-3").is_dir()
 
 
+def test_standardize_read_loss_heads_resume(standardize_run, tmp_path):
+    """With ``read_loss_weight`` the read heads are checkpointed and a resumed run starts from them (not anew)."""
+    from safetensors.torch import load_file
+
+    from trainer import train_standardize
+    from trainer.train_standardize import BankReadHeads
+
+    root, cfg, _ = standardize_run
+    config = yaml.safe_load(open(cfg))
+    config.update({"output_dir": str(tmp_path / "run"), "read_loss_weight": 1.0, "attention_loss_queries": 8,
+                   "validation_steps": 100, "reference_dropout": 0.0, "learning_rate": 1e-3,
+                   "lr_schedule": "constant", "lr_warmup_steps": 0})
+    cfg = write_config(tmp_path / "read.yaml", config)
+    train_standardize.main(train_standardize.parse_args(["--config", cfg]))
+    saved = BankReadHeads.from_pretrained(tmp_path / "run" / "checkpoint-2" / "read_heads")
+    loaded = {}
+    original = BankReadHeads.load_state_dict
+
+    def spy(self, state, *args, **kwargs):
+        loaded.update({k: v.clone() for k, v in state.items()})
+        return original(self, state, *args, **kwargs)
+
+    BankReadHeads.load_state_dict = spy
+    try:
+        train_standardize.main(train_standardize.parse_args(["--config", cfg, "--max_train_steps", "3"]))
+    finally:
+        BankReadHeads.load_state_dict = original
+    for key, value in saved.state_dict().items():
+        torch.testing.assert_close(loaded[key], value)
+    after = load_file(tmp_path / "run" / "checkpoint-3" / "read_heads" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(after[k], v) for k, v in saved.state_dict().items())  # step 3 trained them
+
+
 def test_saved_standardize_loads_through_the_engine_and_generates(standardize_run):
     from engine import load_engine
     from trainer.synthetic import render_sample
@@ -300,7 +333,7 @@ def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
     common = {"train_batch_size": 2, "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 2,
               "log_steps": 1, "num_characters": 10, "mixed_precision": precision, "num_validation_samples": 1,
               "validation_inference_steps": 2, "num_reading_samples": 2, "attribute_weight": 1.0,
-              "attention_loss_weight": 0.1}
+              "attention_loss_weight": 0.1, "read_loss_weight": 0.5}
     clip = train_clip.main(train_clip.parse_args(["--config", write_config(tmp_path / "clip.yaml", {
         **common, "output_dir": str(tmp_path / "clip"), "resolution": [64, 96], "bpe_merges": 50,
         "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 1},
@@ -334,6 +367,8 @@ def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
         "image_encoder": str(clip / "image_encoder"),
         "model": {"unet": TINY_UNET, "pose_guider": {"block_out_channels": [8, 8, 16, 16]},
                   "conditioner": {"pose_block_out_channels": [8, 8, 16, 16], "pose_embedding_channels": 16}}})]))
+    # the read loss's heads are trained and checkpointed (resumable) but are not part of the pipeline
+    assert (tmp_path / "std" / "checkpoint-2" / "read_heads").is_dir() and not (std / "read_heads").exists()
     synthetic_main(["export", "--split", "train", "--n", "2", "--size", "64x96", "--out", str(tmp_path / "images")])
     pairs = build_pairs.main(build_pairs.parse_args(["--standardize", str(std), "--images", str(tmp_path / "images"),
                                                      "--out", str(tmp_path / "pairs"), "--size", "64x96",

@@ -323,10 +323,11 @@ def consistency_ranking(engine, sheets: list, panels: list[list], masks: list[li
 
 
 def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int = 4, size=(128, 192),
-                 steps: int = 20, clip=None, out: Path | None = None) -> dict:
+                 steps: int = 20, clip=None, out: Path | None = None, **panel_options) -> dict:
     """Every variant on the same characters, prompts and seeds. A variant: {"name", "engine", "standardize"}, where
     ``standardize`` is True (the sheet is Stage I's), False (the raw reference) or "oracle" (the ground-truth standard
-    render: Stage I made perfect, so the gap to the two-stage row is Stage I's share of what panels miss)."""
+    render: Stage I made perfect, so the gap to the two-stage row is Stage I's share of what panels miss).
+    ``panel_options`` (e.g. ``guidance_scale``, ``adapter_scale``) replace the preset's panel defaults."""
     from engine.metrics import remove_background
 
     prompts = protocol_prompts()
@@ -347,7 +348,8 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
             panels, scenes = [], []
             for s in range(seeds):
                 out_s = engine.generate_panels(captions, sheet=sheet, seeds=[1000 * s + i for i in range(len(captions))],
-                                               num_inference_steps=steps, height=size[1], width=size[0])
+                                               num_inference_steps=steps, height=size[1], width=size[0],
+                                               **panel_options)
                 panels += out_s.images
                 scenes += [attrs for _, attrs, _ in prompts]
             character = reference_sample.attributes["character"]
@@ -666,6 +668,8 @@ def main(argv=None) -> int:
     run.add_argument("--characters", type=int, default=10)
     run.add_argument("--seeds", type=int, default=4)
     run.add_argument("--steps", type=int, default=20)
+    run.add_argument("--guidance", type=float, default=None, help="panel CFG scale (default: the preset's)")
+    run.add_argument("--adapter-scale", type=float, default=None, help="IP-Adapter scale (default: the preset's)")
     run.add_argument("--size", default="128x192")
     run.add_argument("--clip", default=None, help="a CLIPModel folder for the paper's CLIP-I/T (full preset)")
     run.add_argument("--device", default=None)
@@ -804,7 +808,9 @@ def _run(args) -> int:
     clip = ClipScorer.from_pretrained(args.clip) if args.clip else None
     w, h = (int(v) for v in args.size.split("x"))
     out = Path(args.out)
-    results = run_protocol(variants, probe, args.characters, args.seeds, (w, h), args.steps, clip, out)
+    options = {**({"guidance_scale": args.guidance} if args.guidance is not None else {}),
+               **({"adapter_scale": args.adapter_scale} if args.adapter_scale is not None else {})}
+    results = run_protocol(variants, probe, args.characters, args.seeds, (w, h), args.steps, clip, out, **options)
     accuracy_file = Path(args.probe).parent / "probe_accuracy.json"
     probe_accuracy = json.loads(accuracy_file.read_text()) if accuracy_file.is_file() else None
     out.mkdir(parents=True, exist_ok=True)
