@@ -261,7 +261,7 @@ def test_attention_loss_teaches_the_bank_where_to_look():
 def test_recorded_read_is_the_attention_over_the_reference_alone():
     """``BankAttention.read``: what the recorded queries read from the reference tokens alone is that block's attention
     with the reference as its only keys and values (``to_out`` included)."""
-    from engine.models.stage1 import _attention
+    from engine.models.stage1 import _attention, self_attention_layers
 
     c = tiny_stage1_components(0)
     net = StandardizeNet(c["reference_unet"], c["denoising_unet"], c["pose_guider"], c["reference_conditioner"])
@@ -269,10 +269,10 @@ def test_recorded_read_is_the_attention_over_the_reference_alone():
     latents, ref = torch.randn(2, 4, 12, 8, generator=g), torch.randn(2, 4, 12, 8, generator=g)
     embeds = torch.randn(2, 1, 32, generator=g)
     inputs = {}
-    layers = dict(net.denoising_unet.named_modules())
-    hooks = [layers[name].register_forward_pre_hook(
+    layers = self_attention_layers(net.denoising_unet)
+    hooks = [layer.register_forward_pre_hook(
         lambda m, args, kwargs, name=name: inputs.__setitem__(name, args[0] if args else kwargs["hidden_states"]),
-        with_kwargs=True) for name in self_attention_names(net.denoising_unet)]
+        with_kwargs=True) for name, layer in layers.items()]
     with torch.no_grad():
         _, bank = net(latents, torch.tensor([100, 900]), embeds, None, ref_index=torch.tensor([1, 0]),
                       reference={"reference_latents": ref, "image_embeds": embeds, "record_attention": 10})
@@ -282,12 +282,6 @@ def test_recorded_read_is_the_attention_over_the_reference_alone():
     for name, record in bank.attention.items():
         expected = _attention(layers[name], inputs[name], bank.features[name][[1, 0]])
         torch.testing.assert_close(record.read, expected[:, record.queries], rtol=1e-4, atol=1e-5)
-
-
-def self_attention_names(unet):
-    from engine.models.stage1 import self_attention_layers
-
-    return list(self_attention_layers(unet))
 
 
 def test_read_loss_teaches_the_bank_to_carry_the_colour():

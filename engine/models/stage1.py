@@ -192,17 +192,28 @@ class BankAttention:
     ``rows``: the denoiser batch rows (those with a reference); ``queries``: the recorded query tokens (of the block's
     token grid); ``log_probs`` (R, heads, len(queries), Nk): log of their attention over the reference tokens alone
     (renormalised among them); ``share`` (R, heads, len(queries)): the attention mass on the reference tokens within
-    the whole softmax over [own tokens ; reference tokens]; ``num_queries``: the block's token count; ``read``
-    (R, len(queries), C): what those queries read from the reference tokens alone (that attention over their values,
-    through the output projection ``to_out[0]``), the bank's share of the block's output before it is mixed with the
-    query's own tokens."""
+    the whole softmax over [own tokens ; reference tokens]; ``num_queries``: the block's token count; ``values``
+    (R, heads, Nk, head_dim) and ``project`` (the block's ``to_out[0]``): what ``read`` needs."""
 
     rows: torch.Tensor
     log_probs: torch.Tensor
     share: torch.Tensor
     queries: torch.Tensor | None = None
     num_queries: int | None = None
-    read: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    project: nn.Module | None = None
+
+    @property
+    def read(self) -> torch.Tensor | None:
+        """(R, len(queries), C): what the recorded queries read from the reference tokens alone (their attention
+        over the reference values, through ``to_out[0]``), the bank's part of the block's output before it is mixed
+        with the query's own tokens. Computed when asked (the read loss), not on every recording, and then outside
+        the forward's autocast: in the projection's own precision."""
+        if self.values is None:
+            return None
+        dtype = self.project.weight.dtype
+        read = (self.log_probs.exp().to(dtype) @ self.values.to(dtype)).transpose(1, 2)
+        return self.project(read.reshape(read.shape[0], read.shape[1], -1))
 
 
 def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Tensor,
@@ -212,8 +223,8 @@ def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Ten
 
     ``record_from``: also return, for the queries ``record_queries`` (default: all), the attention over the key
     tokens from that index on (the reference tokens) as (log-probabilities renormalised among them, their share of
-    the whole attention, what that attention reads from their values through ``to_out[0]``), computed explicitly
-    beside the fused attention (which gives the output either way)."""
+    the whole attention, the reference tokens' values), computed explicitly beside the fused attention (which gives
+    the output either way)."""
     b = query_states.shape[0]
     q, k, v = attn.to_q(query_states), attn.to_k(kv_states), attn.to_v(kv_states)
     head_dim = k.shape[-1] // attn.heads
@@ -227,10 +238,8 @@ def _attention(attn: Attention, query_states: torch.Tensor, kv_states: torch.Ten
     if record_from is not None:
         q_rec = q if record_queries is None else q[:, :, record_queries]
         logits = (q_rec @ k.transpose(-1, -2)).float() * head_dim ** -0.5
-        log_probs = logits[..., record_from:].log_softmax(-1)
-        read = (log_probs.exp().to(v.dtype) @ v[:, :, record_from:]).transpose(1, 2)
-        recorded = (log_probs, (logits[..., record_from:].logsumexp(-1) - logits.logsumexp(-1)).exp(),
-                    attn.to_out[0](read.reshape(b, -1, attn.heads * head_dim)))
+        recorded = (logits[..., record_from:].log_softmax(-1),
+                    (logits[..., record_from:].logsumexp(-1) - logits.logsumexp(-1)).exp(), v[:, :, record_from:])
     out = out.transpose(1, 2).reshape(b, -1, attn.heads * head_dim).to(q.dtype)
     out = attn.to_out[1](attn.to_out[0](out))
     if attn.residual_connection:
@@ -272,9 +281,9 @@ class ReferenceAttnProcessor:
             queries = None
             if bank.record_queries is not None and bank.record_queries < n_q:
                 queries = torch.arange(0, n_q, -(-n_q // bank.record_queries), device=sel.device)
-            read, log_probs, share, bank_read = _attention(attn, sel, torch.cat([sel, ref[index[rows]]], dim=1),
-                                                           record_from=n_q, record_queries=queries)
-            bank.attention[self.name] = BankAttention(rows, log_probs, share, queries, n_q, bank_read)
+            read, log_probs, share, values = _attention(attn, sel, torch.cat([sel, ref[index[rows]]], dim=1),
+                                                        record_from=n_q, record_queries=queries)
+            bank.attention[self.name] = BankAttention(rows, log_probs, share, queries, n_q, values, attn.to_out[0])
             if len(rows) == len(index):
                 return read
             out = read.new_empty((hidden_states.shape[0], *read.shape[1:]))
