@@ -232,6 +232,29 @@ def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
     assert Image.open(out / records[0]["target"]).size == (64, 96)
 
 
+def test_build_pairs_runs_an_fp16_folder_in_float32_on_the_cpu(standardize_run, tmp_path):
+    """The shipped demo Stage I is stored in fp16; on the CPU build_pairs (and evaluate stage1) run it as the studio
+    does, every component in float32 with the same weights. Loaded plainly, transformers keeps the image encoder in
+    the stored fp16 (fp16 kernels on the CPU, beside float32 UNets)."""
+    import torch
+
+    from engine.pipelines.standardize import StandardizePipeline
+    from trainer.build_pairs import load_standardize
+
+    _, _, final = standardize_run
+    StandardizePipeline.from_pretrained(final, dtype=torch.float16).save_pretrained(tmp_path / "fp16")
+    plain = StandardizePipeline.from_pretrained(tmp_path / "fp16")
+    assert plain.image_encoder.dtype == torch.float16
+    pipe = load_standardize(tmp_path / "fp16", "cpu")
+    modules = {n: c for n, c in pipe.components.items() if isinstance(c, torch.nn.Module)}
+    assert {n: c.dtype for n, c in modules.items()} == {n: torch.float32 for n in modules}
+    for name, module in modules.items():
+        stored = getattr(plain, name).state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, stored[key].float()), (name, key)
+    assert load_standardize(tmp_path / "fp16", "cpu", "bfloat16").denoising_unet.dtype == torch.bfloat16
+
+
 def _personalizer_config(root, base, pairs="synthetic-oracle"):
     return write_config(root / "personalizer.yaml", {
         "output_dir": str(root / "run"), "base": str(base / "sdxl"), "image_encoder": str(base / "image_encoder"),

@@ -33,6 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--ground-truth", action="store_true", help="use the export's masks/keypoints, no detectors")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto", help="auto (the studio's: float32 on the CPU), float32, float16, "
+                        "bfloat16; a shipped fp16 folder is upcast on the CPU, where fp16 math is slow")
     return parser.parse_args(argv)
 
 
@@ -58,11 +60,23 @@ def list_items(folder: Path, ground_truth: bool) -> list[dict]:
     return items
 
 
+def load_standardize(folder, device, dtype: str = "auto"):
+    """A saved StandardizePipeline on ``device`` in the dtype the studio would run it in there (``resolve_dtype``):
+    the shipped demo folder is stored in fp16, which on the CPU would otherwise run fp16 kernels (several times
+    slower than fp32 there, measured on build_pairs)."""
+    from engine.devices import resolve_dtype
+    from engine.pipelines.standardize import StandardizePipeline
+
+    import torch
+
+    device = torch.device(device)
+    torch_dtype = resolve_dtype(dtype, device, "standardize")
+    return StandardizePipeline.from_pretrained(folder, dtype=torch_dtype).to(device)
+
+
 def main(args) -> Path:
     import torch
     from accelerate import PartialState
-
-    from engine.pipelines.standardize import StandardizePipeline
 
     state = PartialState()
     folder, out = Path(args.images), Path(args.out)
@@ -71,7 +85,7 @@ def main(args) -> Path:
     items = list_items(folder, args.ground_truth)[: args.limit]
     if not items:
         raise ValueError(f"no images found in {folder}")
-    pipe = StandardizePipeline.from_pretrained(args.standardize).to(args.device or state.device)
+    pipe = load_standardize(args.standardize, args.device or state.device, args.dtype)
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.lower().split("x"))
     out.mkdir(parents=True, exist_ok=True)

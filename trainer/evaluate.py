@@ -722,9 +722,9 @@ def main(argv=None) -> int:
         if args.out:
             Path(args.out).write_text(text)
         return 0
-    from engine.pipelines.standardize import StandardizePipeline
+    from .build_pairs import load_standardize
 
-    pipe = StandardizePipeline.from_pretrained(args.standardize)
+    pipe = load_standardize(args.standardize, "cpu")  # a shipped fp16 folder runs in float32
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.split("x"))
     probe = None
