@@ -549,6 +549,50 @@ def test_vae_trains_on_crops_and_decodes_full_images(tmp_path):
     assert abs(float(latents.std()) * vae.config.scaling_factor - 1) < 0.15
 
 
+
+def test_vae_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
+    """train_decoder_only: the decoder trains, the encoder, quant_conv and scaling factor stay exactly as in
+    init_vae, so latents of the diffusion models trained on it mean the same; without init_vae it is refused."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from trainer import train_vae
+
+    first = train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "vae.yaml", {
+        "output_dir": str(tmp_path / "vae"), "resolution": [64, 96], "train_batch_size": 2, "max_train_steps": 2,
+        "checkpointing_steps": 2, "validation_steps": 10, "num_characters": 10, "vae": TINY_VAE})]))
+    tuned = train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "dec.yaml", {
+        "output_dir": str(tmp_path / "dec"), "resolution": [64, 96], "train_batch_size": 2, "max_train_steps": 3,
+        "checkpointing_steps": 3, "validation_steps": 10, "num_characters": 10, "init_vae": str(first),
+        "train_decoder_only": True, "learning_rate": 1e-2, "ema_decay": 0.0, "lr_warmup_steps": 0})]))
+    before, after = AutoencoderKL.from_pretrained(first), AutoencoderKL.from_pretrained(tuned)
+    assert after.config.scaling_factor == before.config.scaling_factor
+    old, new = before.state_dict(), after.state_dict()
+    frozen = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    trained = [k for k in old if k.startswith(("decoder.", "post_quant_conv."))]
+    assert frozen and trained
+    assert all(torch.equal(old[k], new[k]) for k in frozen)
+    assert sum(not torch.equal(old[k], new[k]) for k in trained) > len(trained) // 2
+    # make_demo's packaging swaps such a decoder into both pipelines, and only such a one
+    from types import SimpleNamespace
+
+    from trainer.make_demo import adopt_decoder
+
+    def holder(vae):
+        pipe = SimpleNamespace(vae=vae)
+        pipe.register_modules = lambda vae: setattr(pipe, "vae", vae)
+        return pipe
+
+    pipe = holder(AutoencoderKL.from_pretrained(first))
+    assert adopt_decoder(pipe, tuned) and all(torch.equal(v, new[k]) for k, v in pipe.vae.state_dict().items())
+    assert not adopt_decoder(holder(AutoencoderKL.from_pretrained(first)), first)  # nothing to swap
+    other = holder(AutoencoderKL.from_config(before.config))  # another encoder: another latent space
+    assert not adopt_decoder(other, tuned) and not torch.equal(other.vae.decoder.conv_out.weight,
+                                                                 after.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="set init_vae"):
+        train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "bad.yaml", {
+            "output_dir": str(tmp_path / "bad"), "train_decoder_only": True, "vae": TINY_VAE})]))
+
 def test_cpu_profile_overrides_reach_every_trainer_config():
     """make_demo --profile cpu: each stage's overrides arrive in the config its trainer loads; ablation stages keep
     the profile of the model they ablate and add their own switches."""
@@ -595,7 +639,11 @@ def test_model_card_says_where_stage1_stands():
     assert "All targets met" in good and "Below" not in good
     gpu = model_card({**card, "hardware": "NVIDIA H200", "quality_stage1": {**quality, "psnr": 21.0, "ssim": 0.9}})
     assert "**Below the targets** (PSNR (dB) 21 < 22.0)" in gpu  # a GPU run is held to the GPU targets
-    assert "Several characters" not in text
+    assert "Several characters" not in text and "through the demo VAE" not in text
+    ceiling = model_card({**card, "quality_stage1": {**quality, "vae_ceiling": {"psnr": 24.64, "ssim": 0.9154,
+                                                                                "appearance_acc": 0.4336,
+                                                                                "retrieval": 1.0}}})
+    assert "| the ground truth through the demo VAE (what a perfect Stage I can draw) | 24.64 | 0.915 | 0.434 | 1.000 |" in ceiling
     row = {"own_appearance": 0.3, "other_appearance": 0.2, "leakage": 0.25, "groups": 8, "scenes": 3}
     groups = model_card({**card, "groups": {"ground truth": row, "regional masks": {**row, "leakage": 0.31},
                                             "no masks": {**row, "leakage": 0.5}}})

@@ -99,6 +99,33 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
     return result, shown
 
 
+def vae_ceiling(vae, n: int = 40, size=(128, 192), probe=None, batch: int = 16) -> dict:
+    """What a perfect Stage I can reach through ``vae`` (its latent space is where every sheet is drawn): the same
+    ``n`` test characters' standard renders encoded (posterior mean) and decoded, scored as sheets are
+    (PSNR/SSIM, own-character retrieval, and with a ``probe`` appearance accuracy)."""
+    import torch
+
+    truths, recon, characters = [], [], []
+    for i, cid in enumerate(character_ids("test", n)):
+        sample = render_sample(cid, 50_000 + i, size)
+        truths.append(sample.standard)
+        characters.append(sample.attributes["character"])
+    param = next(vae.parameters())
+    for start in range(0, n, batch):
+        x = np.stack([np.asarray(t.convert("RGB"), np.float32) for t in truths[start:start + batch]]) / 127.5 - 1
+        x = torch.from_numpy(x).permute(0, 3, 1, 2).to(param.device, param.dtype)
+        with torch.no_grad():
+            y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
+        recon += [Image.fromarray(a) for a in y]
+    result = {"psnr": float(np.mean([psnr(r, t) for r, t in zip(recon, truths)])),
+              "ssim": float(np.mean([ssim(r, t) for r, t in zip(recon, truths)]))}
+    if probe is not None:
+        result["appearance_acc"] = sheet_appearance_accuracy(probe, recon, characters)
+    result.update({k: v for k, v in own_character_retrieval(recon, truths).items() if k == "retrieval"})
+    return result
+
+
 def own_character_retrieval(sheets, truths, group: int = 8) -> dict:
     """Is a sheet closer (mean absolute pixel difference) to its own character's standard render than to the other
     ``group - 1`` characters' of its group? (``retrieval``; chance 1/group.) Also how much the sheets of different
@@ -733,6 +760,7 @@ def main(argv=None) -> int:
 
         probe = AttributeProbe.from_pretrained(args.probe).eval()
     result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, args.guidance, probe=probe)
+    result["vae_ceiling"] = vae_ceiling(pipe.vae, args.n, (w, h), probe)
     if args.reading:
         result["reading"] = reference_reading(pipe, args.reading, (w, h))
     text = json.dumps(result, indent=2)

@@ -4,6 +4,11 @@
 
 Loss: L1 + MSE reconstruction + a small KL term (no perceptual network exists offline). Writes ``checkpoint-N/``
 and ``vae/`` (EMA weights, save_pretrained), which both demo pipelines use.
+
+``train_decoder_only`` (with ``init_vae``) fine-tunes only the decoder of a trained VAE, as Stability's
+sd-vae-ft-mse did for SD: the encoder, its latent space and the scaling factor stay exactly as they were, so every
+diffusion model trained on those latents keeps working and simply decodes better (``make_demo`` then swaps the new
+decoder into both pipelines).
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ DEFAULTS = {
     "random_crop": None,
     "crops_per_image": 1,
     "learning_rate": 4e-4,
+    "init_vae": None,  # a trained AutoencoderKL folder to start from (its architecture replaces ``vae``)
+    "train_decoder_only": False,  # freeze the encoder and quant_conv: the latent space stays as it is
     "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
             "norm_num_groups": 32, "down_block_types": ["DownEncoderBlock2D"] * 4,
             "up_block_types": ["UpDecoderBlock2D"] * 4},
@@ -104,13 +111,21 @@ def fit_scaling_factor(vae: AutoencoderKL, size: tuple[int, int], n: int = 64, s
 
 
 class VAEWithKL(torch.nn.Module):
-    """forward -> (reconstruction, KL) through the prepared (possibly DDP-wrapped) module."""
+    """forward -> (reconstruction, KL) through the prepared (possibly DDP-wrapped) module. With ``decoder_only`` the
+    encoder runs without gradients (frozen: its parameters do not train) and the KL is zero."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, decoder_only: bool = False):
         super().__init__()
-        self.vae = vae
+        self.vae, self.decoder_only = vae, decoder_only
+        if decoder_only:
+            for module in (vae.encoder, vae.quant_conv):
+                module.requires_grad_(False)
 
     def forward(self, x):
+        if self.decoder_only:
+            with torch.no_grad():
+                posterior = self.vae.encode(x).latent_dist
+            return self.vae.decode(posterior.sample()).sample, x.new_zeros(())
         posterior = self.vae.encode(x).latent_dist
         return self.vae.decode(posterior.sample()).sample, posterior.kl().mean()
 
@@ -118,8 +133,14 @@ class VAEWithKL(torch.nn.Module):
 def main(args) -> Path:
     config = load_config(args, DEFAULTS)
     accelerator, out, _ = setup_accelerator(config)
-    vae_cfg = {"in_channels": 3, "out_channels": 3, "sample_size": max(config["resolution"]), **config["vae"]}
-    model = VAEWithKL(AutoencoderKL.from_config(vae_cfg))
+    if config["init_vae"]:
+        vae = AutoencoderKL.from_pretrained(config["init_vae"], dtype=torch.float32)
+    elif config["train_decoder_only"]:
+        raise ValueError("train_decoder_only fine-tunes a trained VAE's decoder: set init_vae to its folder")
+    else:
+        vae_cfg = {"in_channels": 3, "out_channels": 3, "sample_size": max(config["resolution"]), **config["vae"]}
+        vae = AutoencoderKL.from_config(vae_cfg)
+    model = VAEWithKL(vae, decoder_only=config["train_decoder_only"])
     model, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, model, {"vae": "vae"},
                                                                   ema_target=model.vae)
     loader = synthetic_batches(accelerator, config, start)
@@ -145,7 +166,8 @@ def main(args) -> Path:
                   ema_module=vae_of, validate=run_validation)
     if accelerator.is_main_process:
         with ema_weights(vae_of(), ema) as vae:
-            vae.register_to_config(scaling_factor=fit_scaling_factor(vae, tuple(config["resolution"])))
+            if not config["train_decoder_only"]:  # the latent space is new: fit its scale (else it is unchanged)
+                vae.register_to_config(scaling_factor=fit_scaling_factor(vae, tuple(config["resolution"])))
             vae.save_pretrained(out / "vae")
     accelerator.end_training()
     return out / "vae"
