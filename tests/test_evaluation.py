@@ -202,6 +202,42 @@ def test_probe_pools_a_grid_so_it_can_tell_where_a_colour_is():
     assert grid < 0.5 and grid < mean
 
 
+class _IdentityVAE(torch.nn.Module):
+    """decode(encode(x)) == x: a VAE that loses nothing (``scale`` < 1 makes it fade colours towards grey)."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+
+    def encode(self, x):
+        return SimpleNamespace(latent_dist=SimpleNamespace(mean=x * self.scale))
+
+    def decode(self, z):
+        return SimpleNamespace(sample=z)
+
+
+def test_vae_ceiling_scores_what_the_vae_keeps(tiny_probe):
+    """A lossless VAE scores exactly the truth (sheets: the truth's appearance, infinite PSNR, retrieval 1; panels:
+    the rendered row); a VAE that fades every colour to grey keeps none of it (PSNR falls, the panels' row moves)."""
+    from engine.models.probe import AttributeProbe
+    from trainer.evaluate import panel_vae_ceiling, sheet_appearance_accuracy, vae_ceiling
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+
+    size, n = (64, 96), 8
+    probe = AttributeProbe.from_pretrained(tiny_probe).eval()
+    samples = [render_sample(c, 50_000 + i, size) for i, c in enumerate(character_ids("test", n))]
+    truth = sheet_appearance_accuracy(probe, [s.standard for s in samples], [s.attributes["character"] for s in samples])
+    lossless = vae_ceiling(_IdentityVAE(), n, size, probe)
+    assert lossless == {"psnr": float("inf"), "ssim": pytest.approx(1.0), "appearance_acc": truth, "retrieval": 1.0}
+    grey = vae_ceiling(_IdentityVAE(0.0), n, size, probe)
+    assert grey["psnr"] < 15 and grey["retrieval"] < 1.0
+    panels = panel_vae_ceiling(_IdentityVAE(), probe, n=2, scenes=3, size=size)
+    assert panels["through_vae"] == panels["rendered"]
+    faded = panel_vae_ceiling(_IdentityVAE(0.0), probe, n=2, scenes=3, size=size)
+    assert faded["rendered"] == panels["rendered"] and faded["through_vae"] != panels["rendered"]
+
+
 def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny_std_dir, tmp_path, capsys,
                                                 monkeypatch):
     from engine.engine import Engine

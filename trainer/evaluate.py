@@ -7,6 +7,7 @@
         [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--variant "oracle=:oracle"]
         [--clip PATH]
     python -m trainer.evaluate groups --preset demo --probe runs/demo/probe/probe --out eval/groups [--groups 8]
+    python -m trainer.evaluate vae --vae assets/models/demo/personalize/vae --probe runs/demo/probe/probe
 
 Stage I: PSNR and SSIM of the sheet against the ground-truth standard render, next to a trivial baseline that
 ignores the reference (the mean standard image of training characters); own-character retrieval among 8 (is a sheet
@@ -29,6 +30,9 @@ own column) and without (every character's adapter over the whole panel). Per ch
 accuracy inside its own column against another character's attributes read there (own vs other), and colour
 leakage (of the pixels in a character's own garment colours, the share that lies in the other characters' columns;
 colours near any other character's are left out). The world's own group render is measured alike as the ceiling.
+
+The VAE's ceiling (``vae``; Stage I's too, in ``stage1``): held-out standard renders and scenes encoded and decoded,
+scored as sheets and panels are: no sheet or panel the pipelines decode can score above it.
 """
 
 from __future__ import annotations
@@ -99,31 +103,52 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
     return result, shown
 
 
-def vae_ceiling(vae, n: int = 40, size=(128, 192), probe=None, batch: int = 16) -> dict:
-    """What a perfect Stage I can reach through ``vae`` (its latent space is where every sheet is drawn): the same
-    ``n`` test characters' standard renders encoded (posterior mean) and decoded, scored as sheets are
-    (PSNR/SSIM, own-character retrieval, and with a ``probe`` appearance accuracy)."""
+def _through_vae(vae, images, batch: int = 16) -> list:
+    """``images`` encoded (posterior mean) and decoded by ``vae``."""
     import torch
 
-    truths, recon, characters = [], [], []
-    for i, cid in enumerate(character_ids("test", n)):
-        sample = render_sample(cid, 50_000 + i, size)
-        truths.append(sample.standard)
-        characters.append(sample.attributes["character"])
-    param = next(vae.parameters())
-    for start in range(0, n, batch):
-        x = np.stack([np.asarray(t.convert("RGB"), np.float32) for t in truths[start:start + batch]]) / 127.5 - 1
+    param, out = next(vae.parameters()), []
+    for start in range(0, len(images), batch):
+        x = np.stack([np.asarray(t.convert("RGB"), np.float32) for t in images[start:start + batch]]) / 127.5 - 1
         x = torch.from_numpy(x).permute(0, 3, 1, 2).to(param.device, param.dtype)
         with torch.no_grad():
             y = vae.decode(vae.encode(x).latent_dist.mean).sample
         y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
-        recon += [Image.fromarray(a) for a in y]
+        out += [Image.fromarray(a) for a in y]
+    return out
+
+
+def vae_ceiling(vae, n: int = 40, size=(128, 192), probe=None) -> dict:
+    """What a perfect Stage I can reach through ``vae`` (its latent space is where every sheet is drawn): the same
+    ``n`` test characters' standard renders encoded (posterior mean) and decoded, scored as sheets are
+    (PSNR/SSIM, own-character retrieval, and with a ``probe`` appearance accuracy)."""
+    truths, characters = [], []
+    for i, cid in enumerate(character_ids("test", n)):
+        sample = render_sample(cid, 50_000 + i, size)
+        truths.append(sample.standard)
+        characters.append(sample.attributes["character"])
+    recon = _through_vae(vae, truths)
     result = {"psnr": float(np.mean([psnr(r, t) for r, t in zip(recon, truths)])),
               "ssim": float(np.mean([ssim(r, t) for r, t in zip(recon, truths)]))}
     if probe is not None:
         result["appearance_acc"] = sheet_appearance_accuracy(probe, recon, characters)
     result.update({k: v for k, v in own_character_retrieval(recon, truths).items() if k == "retrieval"})
     return result
+
+
+def panel_vae_ceiling(vae, probe, n: int = 40, scenes: int = 8, size=(128, 192)) -> dict:
+    """What perfect panels score through ``vae``: ``scenes`` scenes of each of ``n`` test characters, rendered and
+    rendered-then-encoded-and-decoded, scored by the probe as panels are (``score_panels``: appearance, text and
+    per-head accuracy). Every panel the base draws is decoded by this VAE, so its row bounds the panels."""
+    rows = {"rendered": [], "through_vae": []}
+    for k, cid in enumerate(character_ids("test", n)):
+        samples = [render_sample(cid, 70_000 + scenes * k + j, size) for j in range(scenes)]
+        character, attrs = samples[0].attributes["character"], [s.attributes["scene"] for s in samples]
+        images = [s.image for s in samples]
+        rows["rendered"].append(score_panels(probe, images, character, attrs))
+        rows["through_vae"].append(score_panels(probe, _through_vae(vae, images), character, attrs))
+    keys = ("appearance_acc", "text_acc", "background_acc")
+    return {name: {key: float(np.nanmean([r[key] for r in per])) for key in keys} for name, per in rows.items()}
 
 
 def own_character_retrieval(sheets, truths, group: int = 8) -> dict:
@@ -720,6 +745,12 @@ def main(argv=None) -> int:
     det.add_argument("--threshold", type=float, default=None, help="visibility threshold (default: the engine's)")
     det.add_argument("--figure", default=None, help="draw the held-out photos with the verdicts into this PNG")
     det.add_argument("--out", default=None, help="write the numbers as JSON here")
+    va = sub.add_parser("vae", help="what a perfect Stage I and perfect panels score through a VAE")
+    va.add_argument("--vae", required=True, help="an AutoencoderKL folder (the demo pipelines' vae/)")
+    va.add_argument("--probe", required=True, help="a trained AttributeProbe folder")
+    va.add_argument("--n", type=int, default=80)
+    va.add_argument("--scenes", type=int, default=8, help="scenes a character for the panels' ceiling")
+    va.add_argument("--out", default=None, help="write the numbers as JSON here")
     grp = sub.add_parser("groups", help="several characters per panel: with and without regional masks")
     grp.add_argument("--preset", default="demo")
     grp.add_argument("--override", action="append", default=[], metavar="NAME=PATH")
@@ -740,6 +771,8 @@ def main(argv=None) -> int:
         return _encoder(args)
     if args.command == "base":
         return _base(args)
+    if args.command == "vae":
+        return _vae(args)
     if args.command == "detector":
         from .train_detectors import held_out_accuracy
 
@@ -789,6 +822,23 @@ def _base(args) -> int:
     pipe = PersonalizePipeline.from_pretrained(args.sdxl)
     w, h = (int(v) for v in args.size.split("x"))
     text = json.dumps(base_loss(pipe, args.n, (w, h)), indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+def _vae(args) -> int:
+    import torch
+    from diffusers import AutoencoderKL
+
+    from engine.models.probe import AttributeProbe
+
+    vae = AutoencoderKL.from_pretrained(args.vae, dtype=torch.float32).eval()
+    probe = AttributeProbe.from_pretrained(args.probe).eval()
+    result = {"sheets": vae_ceiling(vae, args.n, probe=probe),
+              "panels": panel_vae_ceiling(vae, probe, max(1, args.n // 2), args.scenes)}
+    text = json.dumps(result, indent=2)
     print(text)
     if args.out:
         Path(args.out).write_text(text)
