@@ -107,14 +107,15 @@ def _through_vae(vae, images, batch: int = 16) -> list:
     """``images`` encoded (posterior mean) and decoded by ``vae``."""
     import torch
 
+    from .synthetic.dataset import _image_tensor
+    from .train_vae import to_pil
+
     param, out = next(vae.parameters()), []
     for start in range(0, len(images), batch):
-        x = np.stack([np.asarray(t.convert("RGB"), np.float32) for t in images[start:start + batch]]) / 127.5 - 1
-        x = torch.from_numpy(x).permute(0, 3, 1, 2).to(param.device, param.dtype)
+        x = torch.stack([_image_tensor(t.convert("RGB")) for t in images[start:start + batch]])
         with torch.no_grad():
-            y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        y = ((y.float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)
-        out += [Image.fromarray(a) for a in y]
+            y = vae.decode(vae.encode(x.to(param.device, param.dtype)).latent_dist.mean).sample
+        out += [to_pil(a) for a in y]
     return out
 
 
