@@ -232,6 +232,51 @@ def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
     assert Image.open(out / records[0]["target"]).size == (64, 96)
 
 
+def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_path):
+    """build_pairs --latents keeps the latents each sheet was decoded from and the true standard render; train_vae
+    latent_pairs fits the decoder to them (decoder only: the encoder and scale stay), lowering its error on them."""
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from trainer import build_pairs, train_vae
+    from trainer.synthetic.__main__ import main as synthetic_main
+
+    _, _, final = standardize_run
+    synthetic_main(["export", "--split", "train", "--n", "6", "--size", "64x96", "--out", str(tmp_path / "images")])
+    out = build_pairs.main(build_pairs.parse_args(
+        ["--standardize", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "pairs"),
+         "--size", "64x96", "--steps", "2", "--ground-truth", "--latents"]))
+    records = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    pipe = build_pairs.load_standardize(final, "cpu")
+    latents, standards = train_vae.load_latent_pairs(out)
+    assert latents.shape == (6, 4, 12, 8) and standards.shape == (6, 3, 96, 64)
+    assert np.array_equal(np.asarray(pipe.decode_sheet(latents[:1])), np.asarray(Image.open(out / records[0]["sheet"])))
+    again = pipe(Image.open(out / records[0]["target"]), seed=records[0]["seed"], height=96, width=64,
+                 num_inference_steps=2, output_type="latent")  # the detectors' canvas, not the export's: only shape
+    assert again.sheet.shape == (1, 4, 12, 8)
+
+    def error(vae_folder):
+        vae = AutoencoderKL.from_pretrained(vae_folder)
+        with torch.no_grad():
+            return float(((vae.decode(latents / vae.config.scaling_factor).sample - standards) ** 2).mean()), vae
+
+    tuned = train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "dec.yaml", {
+        "output_dir": str(tmp_path / "dec"), "train_batch_size": 4, "max_train_steps": 30, "checkpointing_steps": 30,
+        "validation_steps": 30, "init_vae": str(final / "vae"), "train_decoder_only": True, "latent_pairs": str(out),
+        "latent_pairs_val": 2, "learning_rate": 3e-3, "ema_decay": 0.0, "lr_warmup_steps": 0})]))
+    (before, old), (after, new) = error(final / "vae"), error(tuned)
+    assert after < 0.7 * before
+    assert torch.equal(old.encoder.conv_in.weight, new.encoder.conv_in.weight)
+    logs = [json.loads(line) for line in (tmp_path / "dec" / "logs.jsonl").read_text().splitlines()]
+    assert any("val_pairs_psnr" in r for r in logs)
+    with pytest.raises(ValueError, match="--latents --ground-truth"):
+        train_vae.load_latent_pairs(tmp_path / "images")
+    with pytest.raises(ValueError, match="set train_decoder_only"):
+        train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "bad.yaml", {
+            "output_dir": str(tmp_path / "bad"), "init_vae": str(final / "vae"), "latent_pairs": str(out)})]))
+
+
 def test_build_pairs_runs_an_fp16_folder_in_float32_on_the_cpu(standardize_run, tmp_path):
     """The shipped demo Stage I is stored in fp16; on the CPU build_pairs (and evaluate stage1) run it as the studio
     does, every component in float32 with the same weights. Loaded plainly, transformers keeps the image encoder in
@@ -564,7 +609,8 @@ def test_vae_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
     tuned = train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "dec.yaml", {
         "output_dir": str(tmp_path / "dec"), "resolution": [64, 96], "train_batch_size": 2, "max_train_steps": 3,
         "checkpointing_steps": 3, "validation_steps": 10, "num_characters": 10, "init_vae": str(first),
-        "train_decoder_only": True, "learning_rate": 1e-2, "ema_decay": 0.0, "lr_warmup_steps": 0})]))
+        "train_decoder_only": True, "learning_rate": 1e-2, "ema_decay": 0.0, "lr_warmup_steps": 0,
+        "latent_noise": 0.2})]))
     before, after = AutoencoderKL.from_pretrained(first), AutoencoderKL.from_pretrained(tuned)
     assert after.config.scaling_factor == before.config.scaling_factor
     old, new = before.state_dict(), after.state_dict()
@@ -592,6 +638,24 @@ def test_vae_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
     with pytest.raises(ValueError, match="set init_vae"):
         train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "bad.yaml", {
             "output_dir": str(tmp_path / "bad"), "train_decoder_only": True, "vae": TINY_VAE})]))
+
+def test_vae_latent_noise_is_drawn_per_sample_in_the_latents_own_scale():
+    """latent_noise a: the decoder sees z + U(0, a) / scaling_factor x N(0, 1) per sample (a=0 leaves z as sampled),
+    so the noise is measured in the latents' own std whatever the VAE's scale."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from trainer.train_vae import VAEWithKL
+
+    vae = AutoencoderKL.from_config({**TINY_VAE, "scaling_factor": 0.5})
+    z = torch.zeros(2000, 4, 4, 4)
+    assert torch.equal(VAEWithKL(vae)._noised(z), z)
+    torch.manual_seed(0)
+    noise = VAEWithKL(vae, latent_noise=0.6)._noised(z) * 0.5  # back to units of the latents' std
+    per_sample = noise.flatten(1).std(1)
+    assert float(per_sample.max()) < 0.6 * 1.3 and float(per_sample.min()) < 0.05
+    assert abs(float(noise.std()) - 0.6 / 3 ** 0.5) < 0.02
+
 
 def test_cpu_profile_overrides_reach_every_trainer_config():
     """make_demo --profile cpu: each stage's overrides arrive in the config its trainer loads; ablation stages keep

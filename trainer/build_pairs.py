@@ -6,7 +6,9 @@
 ``--images`` is a folder written by ``python -m trainer.synthetic export`` (its ``metadata.jsonl`` gives captions,
 and with ``--ground-truth`` masks and keypoints), or any folder of images with optional ``NAME.txt`` captions.
 Writes ``NNNNNN_sheet.png`` (the standardized reference), ``NNNNNN_target.png`` (the image) and ``metadata.jsonl``
-(sheet, target, caption, source) to ``--out``.
+(sheet, target, caption, source) to ``--out``. With ``--latents`` each sheet's latents (scaled, as the denoiser
+made them) are kept too (``NNNNNN_sheet.safetensors``) and, with ``--ground-truth``, the character's true standard
+render (``NNNNNN_standard.png``): the pairs a Stage I decoder is fitted on (``train_vae`` ``latent_pairs``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--ground-truth", action="store_true", help="use the export's masks/keypoints, no detectors")
+    parser.add_argument("--latents", action="store_true", help="also keep each sheet's latents (and, with "
+                        "--ground-truth, the true standard render): pairs for train_vae latent_pairs")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto", help="auto (the studio's: float32 on the CPU), float32, float16, "
                         "bfloat16; a shipped fp16 folder is upcast on the CPU, where fp16 math is slow")
@@ -50,6 +54,8 @@ def list_items(folder: Path, ground_truth: bool) -> list[dict]:
                 if ground_truth:
                     item["mask"] = str(folder / rec["files"]["mask"])
                     item["keypoints"] = rec["keypoints"]
+                    if "standard" in rec["files"]:
+                        item["standard"] = str(folder / rec["files"]["standard"])
                 items.append(item)
         return items
     if ground_truth:
@@ -77,6 +83,7 @@ def load_standardize(folder, device, dtype: str = "auto"):
 def main(args) -> Path:
     import torch
     from accelerate import PartialState
+    from safetensors.torch import save_file
 
     state = PartialState()
     folder, out = Path(args.images), Path(args.out)
@@ -101,12 +108,23 @@ def main(args) -> Path:
                 keypoints = np.asarray(item["keypoints"], np.float64)
             with torch.no_grad():
                 result = pipe(image, mask=mask, reference_pose=keypoints, height=h, width=w,
-                              num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + index)
+                              num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + index,
+                              output_type="latent" if args.latents else "pil")
             sheet_name, target_name = f"{index:06d}_sheet.png", f"{index:06d}_target.png"
-            result.sheet.save(out / sheet_name)
+            record = {"index": index, "sheet": sheet_name, "target": target_name, "caption": item["caption"],
+                      "source": item["image"], "seed": result.seed}
+            sheet = result.sheet
+            if args.latents:
+                latents, sheet = sheet, pipe.decode_sheet(sheet)
+                record["latents"] = f"{index:06d}_sheet.safetensors"
+                save_file({"latents": latents[0].float().cpu().contiguous()}, out / record["latents"])
+                if "standard" in item:
+                    record["standard"] = f"{index:06d}_standard.png"
+                    Image.open(item["standard"]).convert("RGB").resize((w, h), Image.Resampling.LANCZOS).save(
+                        out / record["standard"])
+            sheet.save(out / sheet_name)
             image.resize((w, h), Image.Resampling.LANCZOS).save(out / target_name)
-            records.append({"index": index, "sheet": sheet_name, "target": target_name, "caption": item["caption"],
-                            "source": item["image"], "seed": result.seed})
+            records.append(record)
     (out / f"metadata-{state.process_index}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     state.wait_for_everyone()
     if state.is_main_process:

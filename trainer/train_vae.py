@@ -48,6 +48,15 @@ DEFAULTS = {
     "learning_rate": 4e-4,
     "init_vae": None,  # a trained AutoencoderKL folder to start from (its architecture replaces ``vae``)
     "train_decoder_only": False,  # freeze the encoder and quant_conv: the latent space stays as it is
+    # decode latents with Gaussian noise of a per-sample std drawn from [0, latent_noise] x the latents' own std
+    # (1 / scaling_factor): a decoder fitted only to encoded truths paints texture over the diffusion models'
+    # imprecise latents (measured 2026-12-03), one fitted to noisy ones learns to take them as they come
+    "latent_noise": 0.0,
+    # a build_pairs folder written with --latents --ground-truth: fit the decoder (train_decoder_only) to map the
+    # latents Stage I makes to the true standard renders, a decoder for Stage I's own latents; its last
+    # ``latent_pairs_val`` pairs are held out and scored at each validation
+    "latent_pairs": None,
+    "latent_pairs_val": 32,
     "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
             "norm_num_groups": 32, "down_block_types": ["DownEncoderBlock2D"] * 4,
             "up_block_types": ["UpDecoderBlock2D"] * 4},
@@ -78,6 +87,32 @@ def validate(vae: AutoencoderKL, config: dict, step: int, out: Path) -> dict:
     (out / "validation").mkdir(parents=True, exist_ok=True)
     image_grid(rows, (w, h)).save(out / "validation" / f"step-{step:07d}.png")
     return {"val_psnr": float(np.mean(scores))}
+
+
+def load_latent_pairs(folder) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents (N, C, h, w) as Stage I made them, scaled; standard renders (N, 3, H, W) in [-1, 1]) of a
+    build_pairs folder written with ``--latents --ground-truth``."""
+    import json
+
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = folder / "metadata.jsonl"
+    records = [json.loads(line) for line in meta.read_text().splitlines() if line] if meta.is_file() else []
+    records = [r for r in records if "latents" in r and "standard" in r]
+    if not records:
+        raise ValueError(f"latent_pairs: {folder} has no sheet latents with standard renders: build it with "
+                         "python -m trainer.build_pairs --latents --ground-truth")
+    latents = torch.stack([load_file(folder / r["latents"])["latents"] for r in records])
+    standards = torch.stack([_image_tensor(Image.open(folder / r["standard"]).convert("RGB")) for r in records])
+    return latents, standards
+
+
+def latent_pair_batches(latents, standards, batch_size: int, rng: np.random.Generator):
+    while True:
+        index = torch.from_numpy(rng.integers(len(latents), size=batch_size))
+        yield {"latents": latents[index], "standard": standards[index]}
 
 
 def random_crops(x: torch.Tensor, size: tuple[int, int], per_image: int, rng: np.random.Generator) -> torch.Tensor:
@@ -112,22 +147,32 @@ def fit_scaling_factor(vae: AutoencoderKL, size: tuple[int, int], n: int = 64, s
 
 class VAEWithKL(torch.nn.Module):
     """forward -> (reconstruction, KL) through the prepared (possibly DDP-wrapped) module. With ``decoder_only`` the
-    encoder runs without gradients (frozen: its parameters do not train) and the KL is zero."""
+    encoder runs without gradients (frozen: its parameters do not train) and the KL is zero. ``latent_noise``: the
+    decoder sees the sampled latents plus Gaussian noise of std U(0, latent_noise) / scaling_factor per sample."""
 
-    def __init__(self, vae: AutoencoderKL, decoder_only: bool = False):
+    def __init__(self, vae: AutoencoderKL, decoder_only: bool = False, latent_noise: float = 0.0):
         super().__init__()
-        self.vae, self.decoder_only = vae, decoder_only
+        self.vae, self.decoder_only, self.latent_noise = vae, decoder_only, latent_noise
         if decoder_only:
             for module in (vae.encoder, vae.quant_conv):
                 module.requires_grad_(False)
 
-    def forward(self, x):
+    def _noised(self, z):
+        if not self.latent_noise:
+            return z
+        sigma = torch.rand(len(z), 1, 1, 1, device=z.device, dtype=z.dtype) * self.latent_noise
+        return z + sigma / self.vae.config.scaling_factor * torch.randn_like(z)
+
+    def forward(self, x, latents=None):
+        """``latents`` (scaled, as a diffusion model makes them): decode those instead of encoding ``x``."""
+        if latents is not None:
+            return self.vae.decode(self._noised(latents / self.vae.config.scaling_factor)).sample, x.new_zeros(())
         if self.decoder_only:
             with torch.no_grad():
                 posterior = self.vae.encode(x).latent_dist
-            return self.vae.decode(posterior.sample()).sample, x.new_zeros(())
+            return self.vae.decode(self._noised(posterior.sample())).sample, x.new_zeros(())
         posterior = self.vae.encode(x).latent_dist
-        return self.vae.decode(posterior.sample()).sample, posterior.kl().mean()
+        return self.vae.decode(self._noised(posterior.sample())).sample, posterior.kl().mean()
 
 
 def main(args) -> Path:
@@ -140,14 +185,27 @@ def main(args) -> Path:
     else:
         vae_cfg = {"in_channels": 3, "out_channels": 3, "sample_size": max(config["resolution"]), **config["vae"]}
         vae = AutoencoderKL.from_config(vae_cfg)
-    model = VAEWithKL(vae, decoder_only=config["train_decoder_only"])
+    model = VAEWithKL(vae, decoder_only=config["train_decoder_only"], latent_noise=config["latent_noise"])
     model, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, model, {"vae": "vae"},
                                                                   ema_target=model.vae)
-    loader = synthetic_batches(accelerator, config, start)
-
     rng = np.random.default_rng(config["seed"] + start)
+    if config["latent_pairs"]:
+        if not config["train_decoder_only"]:
+            raise ValueError("latent_pairs fits a trained VAE's decoder to Stage I's latents: set train_decoder_only "
+                             "and init_vae")
+        latents, standards = load_latent_pairs(config["latent_pairs"])
+        n_val = min(config["latent_pairs_val"], len(latents) // 2)
+        held_out = (latents[len(latents) - n_val:], standards[len(latents) - n_val:])
+        loader = latent_pair_batches(latents[: len(latents) - n_val], standards[: len(latents) - n_val],
+                                     config["train_batch_size"], rng)
+    else:
+        loader = synthetic_batches(accelerator, config, start)
 
     def loss_fn(batch):
+        if "latents" in batch:
+            target = batch["standard"].to(accelerator.device)
+            rec, _ = model(target, latents=batch["latents"].to(accelerator.device))
+            return F.l1_loss(rec, target) + F.mse_loss(rec, target)
         x = torch.cat([batch["image"], batch["standard"][: max(1, len(batch["image"]) // 4)]]).to(accelerator.device)
         if config["random_crop"]:
             x = random_crops(x, tuple(config["random_crop"]), config["crops_per_image"], rng)
@@ -159,7 +217,13 @@ def main(args) -> Path:
 
     def run_validation(step):
         with ema_weights(vae_of(), ema) as vae:
-            return validate(vae, config, step, out)
+            scores = validate(vae, config, step, out)
+            if config["latent_pairs"] and len(held_out[0]):
+                with torch.no_grad():
+                    decoded = vae.decode(held_out[0].to(vae.device, vae.dtype) / vae.config.scaling_factor).sample
+                scores["val_pairs_psnr"] = float(np.mean([psnr(to_pil(a), to_pil(b))
+                                                          for a, b in zip(decoded, held_out[1])]))
+            return scores
 
     training_loop(accelerator=accelerator, config=config, model=model, optimizer=optimizer,
                   lr_scheduler=lr_scheduler, batches=loader, loss_fn=loss_fn, start_step=start, ema=ema,

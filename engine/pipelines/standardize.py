@@ -235,9 +235,8 @@ class StandardizePipeline(DiffusionPipeline):
         finally:
             bank.clear()  # 6. the bank lives for one call only
 
-        # 7. Decode
-        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        sheet = image if output_type == "pt" else self._postprocess(image, output_type)
+        # 7. Decode ("latent": the scaled latents as the denoiser made them, e.g. to fit a decoder to them)
+        sheet = latents if output_type == "latent" else self.decode_sheet(latents, output_type)
         self.maybe_free_model_hooks()
         mask_image = None
         if canvas.mask is not None:
@@ -246,6 +245,12 @@ class StandardizePipeline(DiffusionPipeline):
                                            reference_pose_map=ref_pose_map, target_pose_map=target_pose_map,
                                            keypoints=canvas.keypoints, seed=seed)
         return output if return_dict else (sheet,)
+
+    @torch.no_grad()
+    def decode_sheet(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Scaled latents (``output_type="latent"``) -> the sheet as ``output_type`` ("pil", "np" or "pt")."""
+        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        return image if output_type == "pt" else self._postprocess(image, output_type)
 
     @staticmethod
     def _postprocess(image: torch.Tensor, output_type: str):
