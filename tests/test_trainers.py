@@ -238,6 +238,7 @@ def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_
     import torch
     from diffusers import AutoencoderKL
     from PIL import Image
+    from safetensors.torch import load_file
 
     from trainer import build_pairs, train_vae
     from trainer.synthetic.__main__ import main as synthetic_main
@@ -270,6 +271,14 @@ def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_
     assert torch.equal(old.encoder.conv_in.weight, new.encoder.conv_in.weight)
     logs = [json.loads(line) for line in (tmp_path / "dec" / "logs.jsonl").read_text().splitlines()]
     assert any("val_pairs_psnr" in r for r in logs)
+    # build_pairs --vae: the adapter's pairs get sheets decoded as the studio will show them, by that decoder
+    redone = build_pairs.main(build_pairs.parse_args(
+        ["--standardize", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "pairs2"),
+         "--size", "64x96", "--steps", "2", "--ground-truth", "--latents", "--limit", "1", "--vae", str(tuned)]))
+    pipe.register_modules(vae=new)
+    first = load_file(redone / "000000_sheet.safetensors")["latents"]
+    assert torch.equal(first, latents[0])  # same Stage I, same seed: the same latents, decoded differently
+    assert np.array_equal(np.asarray(pipe.decode_sheet(first[None])), np.asarray(Image.open(redone / "000000_sheet.png")))
     with pytest.raises(ValueError, match="--latents --ground-truth"):
         train_vae.load_latent_pairs(tmp_path / "images")
     with pytest.raises(ValueError, match="set train_decoder_only"):
@@ -666,7 +675,7 @@ def test_cpu_profile_overrides_reach_every_trainer_config():
 
     profile = make_demo.load_profile("cpu")
     configs = {config_name for _, config_name, _ in make_demo.TRAINERS.values()}
-    assert set(profile) - {"pairs", "evaluate", "notes"} <= configs
+    assert set(profile) - {"pairs", "evaluate", "notes", "sheet_decoder_characters"} <= configs
     for stage, (module_name, config_name, extra) in make_demo.TRAINERS.items():
         module = importlib.import_module(f"trainer.{module_name}")
         args = make_demo._config_args(config_name, 1.0, "cpu", extra)
@@ -742,6 +751,65 @@ def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tm
     (runs / "standardize" / "checkpoint-120").mkdir()
     assert make_demo.continue_overrides("standardize", config, 300) == {"lr_schedule": "constant",
                                                                           "max_train_steps": 420}
+
+
+def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_it(standardize_run, tmp_path,
+                                                                                     monkeypatch):
+    """make_demo's sheet_decoder stage: Stage I's latents on training characters -> a decoder fitted to them (the
+    same encoder); rebuilt when Stage I is newer; the pairs stage then decodes the adapter's sheets with it."""
+    import os
+    import shutil
+    from argparse import Namespace
+
+    import torch
+    from diffusers import AutoencoderKL
+
+    from trainer import build_pairs, make_demo
+
+    runs = tmp_path / "runs" / "demo"
+    shutil.copytree(standardize_run[2], runs / "standardize" / "pipeline")
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    for stage, path in (("standardize", runs / "standardize" / "pipeline"), ("sheet_decoder",
+                                                                              runs / "sheet_decoder" / "vae")):
+        monkeypatch.setitem(make_demo.OUTPUTS, stage, path)
+    monkeypatch.setattr(make_demo, "load_profile", lambda name: {"sheet_decoder_characters": 4, "pairs_workers": 1})
+    settings = ["--set", "train_batch_size=2", "--set", "max_train_steps=2", "--set", "checkpointing_steps=2",
+                "--set", "validation_steps=2", "--set", "latent_pairs_val=1"]
+    assert make_demo.main(["--profile", "cpu", "--stages", "sheet_decoder", *settings]) == 0
+    records = [json.loads(line) for line in (runs / "sheet_pairs" / "metadata.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all("latents" in r and "standard" in r for r in records)
+    decoder = AutoencoderKL.from_pretrained(make_demo.OUTPUTS["sheet_decoder"])
+    stage1 = AutoencoderKL.from_pretrained(runs / "standardize" / "pipeline" / "vae")
+    assert torch.equal(decoder.encoder.conv_in.weight, stage1.encoder.conv_in.weight)
+    assert not torch.equal(decoder.decoder.conv_out.weight, stage1.decoder.conv_out.weight)
+    built = (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime
+    make_demo.build_sheet_pairs(Namespace(profile="cpu"))
+    assert (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime == built  # same Stage I: kept
+    later = built + 10
+    os.utime(runs / "standardize" / "pipeline" / "model_index.json", (later, later))  # a newer Stage I
+    make_demo.build_sheet_pairs(Namespace(profile="cpu"))
+    assert (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime > built
+    assert not (runs / "sheet_decoder").exists()  # fitted to the old Stage I's latents: gone, refitted next
+    # runs/ gone: a shipped Stage I with a decoder of its own gives it back to the recipe (packaging re-adopts it
+    # after the world's decoder); one that decodes with the world's decoder has none to give
+    shipped = tmp_path / "shipped"
+    decoder.save_pretrained(shipped / "standardize" / "vae")
+    stage1.save_pretrained(shipped / "personalize" / "vae")
+    monkeypatch.setattr(make_demo, "SHIPPED", shipped)
+    assert make_demo.seed_from_shipped("sheet_decoder")
+    assert torch.equal(AutoencoderKL.from_pretrained(runs / "sheet_decoder" / "vae").decoder.conv_out.weight,
+                       decoder.decoder.conv_out.weight)
+    shutil.rmtree(runs / "sheet_decoder")
+    stage1.save_pretrained(shipped / "standardize" / "vae")
+    assert not make_demo.seed_from_shipped("sheet_decoder") and not (runs / "sheet_decoder").exists()
+    # the pairs stage: the adapter's sheets are decoded by Stage I's own decoder where there is one
+    (runs / "sheet_decoder" / "vae").mkdir(parents=True)
+    (runs / "images").mkdir()
+    (runs / "images" / "info.json").write_text("{}")
+    seen = []
+    monkeypatch.setattr(build_pairs, "main", lambda parsed: seen.append(parsed))
+    make_demo.run_stage("pairs", Namespace(profile="cpu", pairs=2))
+    assert seen[0].vae == str(runs / "sheet_decoder" / "vae")
 
 
 def test_seeding_keeps_the_shipped_models_wall_time_through_repeated_packaging(tmp_path, monkeypatch):

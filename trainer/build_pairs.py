@@ -36,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--ground-truth", action="store_true", help="use the export's masks/keypoints, no detectors")
     parser.add_argument("--latents", action="store_true", help="also keep each sheet's latents (and, with "
                         "--ground-truth, the true standard render): pairs for train_vae latent_pairs")
+    parser.add_argument("--vae", default=None, help="decode the sheets with this VAE instead of the pipeline's (Stage "
+                        "I's own decoder, make_demo's sheet_decoder: the same encoder and latent space)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto", help="auto (the studio's: float32 on the CPU), float32, float16, "
                         "bfloat16; a shipped fp16 folder is upcast on the CPU, where fp16 math is slow")
@@ -93,6 +95,10 @@ def main(args) -> Path:
     if not items:
         raise ValueError(f"no images found in {folder}")
     pipe = load_standardize(args.standardize, args.device or state.device, args.dtype)
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(args.vae).to(pipe.device, pipe.vae.dtype))
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.lower().split("x"))
     out.mkdir(parents=True, exist_ok=True)

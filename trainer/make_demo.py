@@ -6,8 +6,8 @@
     python -m trainer.make_demo --profile cpu --from-shipped --continue-steps 2000 --stages standardize,package
                                                      # train on: from runs/ where it survived, else the shipped weights
 
-Stages: clip -> vae -> base -> standardize -> pairs (our Stage I standardizes synthetic images) -> personalizer
--> package (fp16 copies in assets/models/demo, Stage I PSNR/SSIM on held-out characters vs the mean-standard
+Stages: clip -> vae -> base -> standardize -> sheet_decoder (Stage I's own VAE decoder, fitted to its latents) ->
+pairs (our Stage I standardizes synthetic images) -> personalizer -> package (fp16 copies in assets/models/demo, Stage I PSNR/SSIM on held-out characters vs the mean-standard
 baseline, an example grid, and the model card). A finished stage is skipped; a killed one resumes.
 """
 
@@ -31,14 +31,15 @@ CONFIGS = ROOT / "trainer" / "configs"
 RUNS = Path(os.environ.get("SERIALGEN_RUNS") or ROOT / "runs" / "demo")
 DEMO = Path(os.environ.get("SERIALGEN_DEMO_DIR") or ROOT / "assets" / "models" / "demo")
 EVALUATION = Path(os.environ.get("SERIALGEN_EVALUATION_DIR") or ROOT / "assets" / "evaluation")
-STAGES = ("clip", "vae", "base", "standardize", "pairs", "personalizer", "pose_detector", "mask_detector",
+STAGES = ("clip", "vae", "base", "standardize", "sheet_decoder", "pairs", "personalizer", "pose_detector", "mask_detector",
           "package")
 # The evaluation recipe (issue: the paper's Table 2-4 analogues), same profile and budgets as the models they ablate:
 # python -m trainer.make_demo --stages probe,standardize_baseline,personalizer_unpaired,personalizer_raw,evaluate
 EVAL_STAGES = ("probe", "standardize_baseline", "personalizer_unpaired", "personalizer_raw", "evaluate")
 ABLATIONS = RUNS / "ablation"
 OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae", "base": RUNS / "base" / "sdxl",
-           "standardize": RUNS / "standardize" / "pipeline", "pairs": RUNS / "pairs" / "metadata.jsonl",
+           "standardize": RUNS / "standardize" / "pipeline", "sheet_decoder": RUNS / "sheet_decoder" / "vae",
+           "pairs": RUNS / "pairs" / "metadata.jsonl",
            "personalizer": RUNS / "personalizer" / "adapter" / "ip-adapter.safetensors",
            "pose_detector": RUNS / "pose_detector" / "pose.onnx", "mask_detector": RUNS / "mask_detector" / "mask.onnx",
            "probe": RUNS / "probe" / "probe",
@@ -50,6 +51,7 @@ OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae",
 TRAINERS = {
     "clip": ("train_clip", "clip", {}), "vae": ("train_vae", "vae", {}), "base": ("train_text_to_image", "base", {}),
     "standardize": ("train_standardize", "standardize", {}),
+    "sheet_decoder": ("train_vae", "sheet_decoder", {}),
     "personalizer": ("train_personalizer", "personalizer", {}),
     "pose_detector": ("train_detectors", "pose_detector", {}), "mask_detector": ("train_detectors", "mask_detector", {}),
     "probe": ("train_probes", "probe", {}),
@@ -196,6 +198,14 @@ def seed_from_shipped(stage: str) -> bool:
                                         "tokenizer": SHIPPED / "personalize" / "tokenizer"})
         model.save_pretrained(out.parent / "clip")
         export(model, tokenizer, out.parent)
+    elif stage == "sheet_decoder":  # only where the shipped Stage I decodes with a decoder of its own
+        from diffusers import AutoencoderKL
+
+        own, world = (AutoencoderKL.from_pretrained(SHIPPED / name / "vae", dtype=torch.float32)
+                      for name in ("standardize", "personalize"))
+        if all(torch.equal(v, world.state_dict()[k]) for k, v in own.state_dict().items()):
+            return False
+        own.save_pretrained(out)
     elif stage == "standardize":
         from engine.pipelines import StandardizePipeline
 
@@ -227,6 +237,8 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
     from . import build_pairs
     from .synthetic.__main__ import main as synthetic_main
 
+    if stage == "sheet_decoder":
+        build_sheet_pairs(args)
     if stage in TRAINERS:
         module, trainer_args = trainer_invocation(stage, args, continuing)
         module.main(trainer_args)
@@ -240,9 +252,35 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
             synthetic_main(["export", "--split", "train", "--n", str(_pairs(args)), "--size", "128x192", "--out",
                             str(images), "--workers", workers, "--scenes-per-character", "2"])
         shutil.rmtree(RUNS / "pairs", ignore_errors=True)  # pairs of an earlier Stage I
+        # the adapter learns from sheets as the studio will show them: decoded by Stage I's own decoder where made
+        decoder = ["--vae", str(OUTPUTS["sheet_decoder"])] if OUTPUTS["sheet_decoder"].exists() else []
         build_pairs.main(build_pairs.parse_args(["--standardize", str(OUTPUTS["standardize"]), "--images",
                                                  str(images), "--out", str(RUNS / "pairs"), "--size", "128x192",
-                                                 "--ground-truth", "--limit", str(_pairs(args))]))
+                                                 "--ground-truth", "--limit", str(_pairs(args)), *decoder]))
+
+
+def build_sheet_pairs(args) -> Path:
+    """The sheet decoder's data: the recipe's Stage I run on ``sheet_decoder_characters`` training scenes (one per
+    character), keeping its latents and the true standard renders. Rebuilt when Stage I is newer than them (a
+    resumed decoder run reuses them)."""
+    from . import build_pairs
+    from .synthetic.__main__ import main as synthetic_main
+
+    images, pairs = RUNS / "sheet_images", RUNS / "sheet_pairs"
+    n = int(load_profile(args.profile).get("sheet_decoder_characters", 2000))
+    if not (images / "info.json").is_file():
+        workers = str(load_profile(args.profile).get("pairs_workers", 2))
+        synthetic_main(["export", "--split", "train", "--n", str(n), "--size", "128x192", "--out", str(images),
+                        "--workers", workers])
+    stage1 = OUTPUTS["standardize"] / "model_index.json"
+    done = pairs / "metadata.jsonl"
+    if done.is_file() and done.stat().st_mtime > stage1.stat().st_mtime:
+        return pairs
+    shutil.rmtree(pairs, ignore_errors=True)
+    shutil.rmtree(RUNS / "sheet_decoder", ignore_errors=True)  # a decoder fitted to an earlier Stage I's latents
+    return build_pairs.main(build_pairs.parse_args([
+        "--standardize", str(OUTPUTS["standardize"]), "--images", str(images), "--out", str(pairs), "--size",
+        "128x192", "--ground-truth", "--latents", "--limit", str(n)]))
 
 
 def _pairs(args) -> int:
@@ -296,6 +334,8 @@ def package(args, timings: dict) -> Path:
         for name, pipe in (("standardize", std), ("base", base)):
             if adopt_decoder(pipe, OUTPUTS["vae"]):
                 print(f"package: {name} decodes with the fine-tuned decoder of {OUTPUTS['vae']}")
+    if OUTPUTS["sheet_decoder"].exists() and adopt_decoder(std, OUTPUTS["sheet_decoder"]):
+        print(f"package: Stage I decodes its sheets with its own decoder ({OUTPUTS['sheet_decoder']})")
     std.to(torch.float16).save_pretrained(demo / "standardize")
     base.to(torch.float16).save_pretrained(demo / "personalize")
     CLIPVisionModelWithProjection.from_pretrained(RUNS / "clip" / "image_encoder").to(torch.float16).save_pretrained(
@@ -320,7 +360,8 @@ def package(args, timings: dict) -> Path:
     quality, shown = standardization_quality(engine.standardize, n=args.eval_n, examples=2, probe=probe)
     from .evaluate import vae_ceiling
 
-    quality["vae_ceiling"] = vae_ceiling(engine.standardize.vae, n=args.eval_n, probe=probe)
+    # the ceiling of the world's VAE (the base's decoder): Stage I's own decoder is fitted to its latents, not truths'
+    quality["vae_ceiling"] = vae_ceiling(engine.personalize.vae, n=args.eval_n, probe=probe)
     prompts = ["running, laughing, side view, full body, on a beach", "sitting, sad, front view, full body, in a room",
                "waving, smiling, three-quarter view, half body, in a park", "jumping, surprised, front view, in the snow"]
     rows = []

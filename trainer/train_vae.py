@@ -52,11 +52,12 @@ DEFAULTS = {
     # (1 / scaling_factor): a decoder fitted only to encoded truths paints texture over the diffusion models'
     # imprecise latents (measured 2026-12-03), one fitted to noisy ones learns to take them as they come
     "latent_noise": 0.0,
-    # a build_pairs folder written with --latents --ground-truth: fit the decoder (train_decoder_only) to map the
+    # a build_pairs folder (or a list) written with --latents --ground-truth: fit the decoder (train_decoder_only) to map the
     # latents Stage I makes to the true standard renders, a decoder for Stage I's own latents; its last
     # ``latent_pairs_val`` pairs are held out and scored at each validation
     "latent_pairs": None,
     "latent_pairs_val": 32,
+    "latent_pairs_mse": 1.0,  # weight of the MSE beside the L1 on latent pairs (MSE pulls uncertain colours to grey)
     "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
             "norm_num_groups": 32, "down_block_types": ["DownEncoderBlock2D"] * 4,
             "up_block_types": ["UpDecoderBlock2D"] * 4},
@@ -91,12 +92,15 @@ def validate(vae: AutoencoderKL, config: dict, step: int, out: Path) -> dict:
 
 def load_latent_pairs(folder) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents (N, C, h, w) as Stage I made them, scaled; standard renders (N, 3, H, W) in [-1, 1]) of a
-    build_pairs folder written with ``--latents --ground-truth``."""
+    build_pairs folder written with ``--latents --ground-truth`` (or a list of such folders, concatenated)."""
     import json
 
     from PIL import Image
     from safetensors.torch import load_file
 
+    if isinstance(folder, (list, tuple)):
+        parts = [load_latent_pairs(f) for f in folder]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     folder = Path(folder)
     meta = folder / "metadata.jsonl"
     records = [json.loads(line) for line in meta.read_text().splitlines() if line] if meta.is_file() else []
@@ -205,7 +209,7 @@ def main(args) -> Path:
         if "latents" in batch:
             target = batch["standard"].to(accelerator.device)
             rec, _ = model(target, latents=batch["latents"].to(accelerator.device))
-            return F.l1_loss(rec, target) + F.mse_loss(rec, target)
+            return F.l1_loss(rec, target) + config["latent_pairs_mse"] * F.mse_loss(rec, target)
         x = torch.cat([batch["image"], batch["standard"][: max(1, len(batch["image"]) // 4)]]).to(accelerator.device)
         if config["random_crop"]:
             x = random_crops(x, tuple(config["random_crop"]), config["crops_per_image"], rng)
