@@ -271,6 +271,11 @@ def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_
     assert torch.equal(old.encoder.conv_in.weight, new.encoder.conv_in.weight)
     logs = [json.loads(line) for line in (tmp_path / "dec" / "logs.jsonl").read_text().splitlines()]
     assert any("val_pairs_psnr" in r for r in logs)
+    kept = train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "keep.yaml", {
+        "output_dir": str(tmp_path / "keep"), "train_batch_size": 4, "max_train_steps": 2, "checkpointing_steps": 2,
+        "validation_steps": 2, "init_vae": str(final / "vae"), "train_decoder_only": True, "latent_pairs": str(out),
+        "latent_pairs_val": 2, "latent_pairs_keep_colour": 2.0})]))
+    assert (kept / "diffusion_pytorch_model.safetensors").is_file()
     # build_pairs --vae: the adapter's pairs get sheets decoded as the studio will show them, by that decoder
     redone = build_pairs.main(build_pairs.parse_args(
         ["--standardize", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "pairs2"),
@@ -284,6 +289,23 @@ def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_
     with pytest.raises(ValueError, match="set train_decoder_only"):
         train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "bad.yaml", {
             "output_dir": str(tmp_path / "bad"), "init_vae": str(final / "vae"), "latent_pairs": str(out)})]))
+
+
+def test_gaussian_blur_keeps_flat_colour_and_spreads_a_point_by_sigma():
+    """The blur that splits a standard render into colour (kept from Stage I) and detail (fitted)."""
+    import torch
+
+    from trainer.train_vae import gaussian_blur
+
+    flat = torch.full((1, 3, 24, 16), 0.3)
+    torch.testing.assert_close(gaussian_blur(flat, 2.0), flat)
+    point = torch.zeros(1, 1, 41, 41)
+    point[0, 0, 20, 20] = 1.0
+    blurred = gaussian_blur(point, 3.0)[0, 0]
+    assert abs(float(blurred.sum()) - 1) < 1e-5
+    rows = torch.arange(41.0) - 20
+    spread = float((blurred.sum(1) * rows**2).sum()) ** 0.5
+    assert abs(spread - 3.0) < 0.15
 
 
 def test_build_pairs_runs_an_fp16_folder_in_float32_on_the_cpu(standardize_run, tmp_path):

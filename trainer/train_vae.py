@@ -58,6 +58,10 @@ DEFAULTS = {
     "latent_pairs": None,
     "latent_pairs_val": 32,
     "latent_pairs_mse": 1.0,  # weight of the MSE beside the L1 on latent pairs (MSE pulls uncertain colours to grey)
+    # > 0: the target keeps the colours init_vae's decoder gives Stage I's latents (blurred with this sigma, in
+    # pixels) and takes only the detail from the standard render (truth - its blur): a decoder that sharpens the
+    # figure without pulling the colours Stage I is unsure of toward the mean (which made sheets alike, measured)
+    "latent_pairs_keep_colour": 0.0,
     "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
             "norm_num_groups": 32, "down_block_types": ["DownEncoderBlock2D"] * 4,
             "up_block_types": ["UpDecoderBlock2D"] * 4},
@@ -111,6 +115,19 @@ def load_latent_pairs(folder) -> tuple[torch.Tensor, torch.Tensor]:
     latents = torch.stack([load_file(folder / r["latents"])["latents"] for r in records])
     standards = torch.stack([_image_tensor(Image.open(folder / r["standard"]).convert("RGB")) for r in records])
     return latents, standards
+
+
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, H, W) images, reflect-padded, radius 3 sigma."""
+    radius = max(1, int(3 * sigma))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-t**2 / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
+                 groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                    groups=c)
 
 
 def latent_pair_batches(latents, standards, batch_size: int, rng: np.random.Generator):
@@ -199,9 +216,15 @@ def main(args) -> Path:
                              "and init_vae")
         latents, standards = load_latent_pairs(config["latent_pairs"])
         n_val = min(config["latent_pairs_val"], len(latents) // 2)
-        held_out = (latents[len(latents) - n_val:], standards[len(latents) - n_val:])
-        loader = latent_pair_batches(latents[: len(latents) - n_val], standards[: len(latents) - n_val],
-                                     config["train_batch_size"], rng)
+        held_out = (latents[len(latents) - n_val:], standards[len(latents) - n_val:])  # scored against the truth
+        latents, targets = latents[: len(latents) - n_val], standards[: len(latents) - n_val]
+        if sigma := config["latent_pairs_keep_colour"]:  # detail of the truth over the colours Stage I gave
+            init = AutoencoderKL.from_pretrained(config["init_vae"], dtype=torch.float32)  # not a resumed decoder
+            with torch.no_grad():
+                decoded = torch.cat([init.decode(latents[k:k + 64] / init.config.scaling_factor).sample
+                                     for k in range(0, len(latents), 64)])
+            targets = (targets - gaussian_blur(targets, sigma) + gaussian_blur(decoded, sigma)).clamp(-1, 1)
+        loader = latent_pair_batches(latents, targets, config["train_batch_size"], rng)
     else:
         loader = synthetic_batches(accelerator, config, start)
 
