@@ -98,7 +98,7 @@ def main(args) -> Path:
     if args.vae:
         from diffusers import AutoencoderKL
 
-        pipe.register_modules(vae=AutoencoderKL.from_pretrained(args.vae).to(pipe.device, pipe.vae.dtype))
+        pipe.register_modules(vae=AutoencoderKL.from_pretrained(args.vae, dtype=pipe.vae.dtype).to(pipe.device))
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.lower().split("x"))
     out.mkdir(parents=True, exist_ok=True)
