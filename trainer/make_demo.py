@@ -7,8 +7,9 @@
                                                      # train on: from runs/ where it survived, else the shipped weights
 
 Stages: clip -> vae -> base -> standardize -> sheet_decoder (Stage I's own VAE decoder, fitted to its latents) ->
-pairs (our Stage I standardizes synthetic images) -> personalizer -> package (fp16 copies in assets/models/demo, Stage I PSNR/SSIM on held-out characters vs the mean-standard
-baseline, an example grid, and the model card). A finished stage is skipped; a killed one resumes.
+pairs (our Stage I standardizes synthetic images) -> personalizer -> package (fp16 copies in assets/models/demo,
+Stage I PSNR/SSIM on held-out characters vs the mean-standard baseline, an example grid, and the model card). A
+finished stage is skipped; a killed one resumes.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ CONFIGS = ROOT / "trainer" / "configs"
 RUNS = Path(os.environ.get("SERIALGEN_RUNS") or ROOT / "runs" / "demo")
 DEMO = Path(os.environ.get("SERIALGEN_DEMO_DIR") or ROOT / "assets" / "models" / "demo")
 EVALUATION = Path(os.environ.get("SERIALGEN_EVALUATION_DIR") or ROOT / "assets" / "evaluation")
-STAGES = ("clip", "vae", "base", "standardize", "sheet_decoder", "pairs", "personalizer", "pose_detector", "mask_detector",
-          "package")
+STAGES = ("clip", "vae", "base", "standardize", "sheet_decoder", "pairs", "personalizer", "pose_detector",
+          "mask_detector", "package")
 # The evaluation recipe (issue: the paper's Table 2-4 analogues), same profile and budgets as the models they ablate:
 # python -m trainer.make_demo --stages probe,standardize_baseline,personalizer_unpaired,personalizer_raw,evaluate
 EVAL_STAGES = ("probe", "standardize_baseline", "personalizer_unpaired", "personalizer_raw", "evaluate")

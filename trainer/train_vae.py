@@ -9,6 +9,11 @@ and ``vae/`` (EMA weights, save_pretrained), which both demo pipelines use.
 sd-vae-ft-mse did for SD: the encoder, its latent space and the scaling factor stay exactly as they were, so every
 diffusion model trained on those latents keeps working and simply decodes better (``make_demo`` then swaps the new
 decoder into both pipelines).
+
+``latent_pairs`` (with ``train_decoder_only``) fits the decoder to the latents Stage I makes instead (``build_pairs
+--latents --ground-truth``: each sheet's latents and the character's true standard render): Stage I's own decoder,
+make_demo's ``sheet_decoder`` stage; ``latent_pairs_keep_colour`` fits only the render's detail over the colours the
+starting decoder gives those latents.
 """
 
 from __future__ import annotations
@@ -52,8 +57,8 @@ DEFAULTS = {
     # (1 / scaling_factor): a decoder fitted only to encoded truths paints texture over the diffusion models'
     # imprecise latents (measured 2026-12-03), one fitted to noisy ones learns to take them as they come
     "latent_noise": 0.0,
-    # a build_pairs folder (or a list) written with --latents --ground-truth: fit the decoder (train_decoder_only) to map the
-    # latents Stage I makes to the true standard renders, a decoder for Stage I's own latents; its last
+    # a build_pairs folder (or a list) written with --latents --ground-truth: fit the decoder (train_decoder_only)
+    # to map the latents Stage I makes to the true standard renders, a decoder for Stage I's own latents; its last
     # ``latent_pairs_val`` pairs are held out and scored at each validation
     "latent_pairs": None,
     "latent_pairs_val": 32,
@@ -209,7 +214,7 @@ def main(args) -> Path:
     model = VAEWithKL(vae, decoder_only=config["train_decoder_only"], latent_noise=config["latent_noise"])
     model, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, model, {"vae": "vae"},
                                                                   ema_target=model.vae)
-    rng = np.random.default_rng(config["seed"] + start)
+    rng = np.random.default_rng(config["seed"] + start + 1_000_003 * accelerator.process_index)  # own draws per rank
     if config["latent_pairs"]:
         if not config["train_decoder_only"]:
             raise ValueError("latent_pairs fits a trained VAE's decoder to Stage I's latents: set train_decoder_only "
