@@ -738,7 +738,8 @@ def test_model_card_says_where_stage1_stands():
     ceiling = model_card({**card, "quality_stage1": {**quality, "vae_ceiling": {"psnr": 24.64, "ssim": 0.9154,
                                                                                 "appearance_acc": 0.4336,
                                                                                 "retrieval": 1.0}}})
-    assert "| the ground truth through the demo VAE (what a perfect Stage I can draw) | 24.64 | 0.915 | 0.434 | 1.000 |" in ceiling
+    assert ("| the ground truth through the world's VAE (the ceiling of a model decoding with it) | 24.64 | 0.915 | "
+            "0.434 | 1.000 |") in ceiling
     row = {"own_appearance": 0.3, "other_appearance": 0.2, "leakage": 0.25, "groups": 8, "scenes": 3}
     groups = model_card({**card, "groups": {"ground truth": row, "regional masks": {**row, "leakage": 0.31},
                                             "no masks": {**row, "leakage": 0.5}}})

@@ -719,7 +719,7 @@ def model_card(card: dict) -> str:
         f"| mean standard image (trivial baseline) | {q['baseline_psnr']:.2f} | {q['baseline_ssim']:.3f} | "
         f"{_acc(q, 'baseline_appearance_acc')} | 0.125 (chance) |",
         f"| ground-truth standard render | - | - | {_acc(q, 'truth_appearance_acc')} | 1 |",
-        *([f"| the ground truth through the demo VAE (what a perfect Stage I can draw) | {v['psnr']:.2f} | "
+        *([f"| the ground truth through the world's VAE (the ceiling of a model decoding with it) | {v['psnr']:.2f} | "
            f"{v['ssim']:.3f} | {_acc(v, 'appearance_acc')} | {_acc(v, 'retrieval')} |"]
           if (v := q.get("vae_ceiling")) else []),
         "",
