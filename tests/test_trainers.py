@@ -252,7 +252,8 @@ def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_
     pipe = build_pairs.load_standardize(final, "cpu")
     latents, standards = train_vae.load_latent_pairs(out)
     assert latents.shape == (6, 4, 12, 8) and standards.shape == (6, 3, 96, 64)
-    assert np.array_equal(np.asarray(pipe.decode_sheet(latents[:1])), np.asarray(Image.open(out / records[0]["sheet"])))
+    assert np.array_equal(np.asarray(pipe.decode_sheet(latents[:1])),
+                          np.asarray(Image.open(out / records[0]["sheet"])))
     again = pipe(Image.open(out / records[0]["target"]), seed=records[0]["seed"], height=96, width=64,
                  num_inference_steps=2, output_type="latent")  # the detectors' canvas, not the export's: only shape
     assert again.sheet.shape == (1, 4, 12, 8)
@@ -283,7 +284,8 @@ def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_
     pipe.register_modules(vae=new)
     first = load_file(redone / "000000_sheet.safetensors")["latents"]
     assert torch.equal(first, latents[0])  # same Stage I, same seed: the same latents, decoded differently
-    assert np.array_equal(np.asarray(pipe.decode_sheet(first[None])), np.asarray(Image.open(redone / "000000_sheet.png")))
+    assert np.array_equal(np.asarray(pipe.decode_sheet(first[None])),
+                          np.asarray(Image.open(redone / "000000_sheet.png")))
     with pytest.raises(ValueError, match="--latents --ground-truth"):
         train_vae.load_latent_pairs(tmp_path / "images")
     with pytest.raises(ValueError, match="set train_decoder_only"):
@@ -650,10 +652,10 @@ def test_vae_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
     assert frozen and trained
     assert all(torch.equal(old[k], new[k]) for k in frozen)
     assert sum(not torch.equal(old[k], new[k]) for k in trained) > len(trained) // 2
-    # make_demo's packaging swaps such a decoder into both pipelines, and only such a one
+    # make_demo's packaging swaps such a decoder into both pipelines, and only such a one (build_pairs --vae too)
     from types import SimpleNamespace
 
-    from trainer.make_demo import adopt_decoder
+    from trainer.common import adopt_decoder
 
     def holder(vae):
         pipe = SimpleNamespace(vae=vae)
@@ -666,6 +668,8 @@ def test_vae_decoder_only_fine_tune_keeps_the_latent_space(tmp_path):
     other = holder(AutoencoderKL.from_config(before.config))  # another encoder: another latent space
     assert not adopt_decoder(other, tuned) and not torch.equal(other.vae.decoder.conv_out.weight,
                                                                  after.decoder.conv_out.weight)
+    with pytest.raises(ValueError, match="another latent space"):  # build_pairs --vae refuses it
+        adopt_decoder(other, tuned, strict=True)
     with pytest.raises(ValueError, match="set init_vae"):
         train_vae.main(train_vae.parse_args(["--config", write_config(tmp_path / "bad.yaml", {
             "output_dir": str(tmp_path / "bad"), "train_decoder_only": True, "vae": TINY_VAE})]))

@@ -96,9 +96,9 @@ def main(args) -> Path:
         raise ValueError(f"no images found in {folder}")
     pipe = load_standardize(args.standardize, args.device or state.device, args.dtype)
     if args.vae:
-        from diffusers import AutoencoderKL
+        from .common import adopt_decoder
 
-        pipe.register_modules(vae=AutoencoderKL.from_pretrained(args.vae, dtype=pipe.vae.dtype).to(pipe.device))
+        adopt_decoder(pipe, args.vae, strict=True)
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.lower().split("x"))
     out.mkdir(parents=True, exist_ok=True)

@@ -469,3 +469,24 @@ def line_charts(panels: dict[str, list[tuple[float, float]]], path, x_label: str
             draw.ellipse([p[0] - 2, p[1] - 2, p[0] + 2, p[1] + 2], fill=(40, 80, 200))
     sheet.save(path)
     return sheet
+
+
+def adopt_decoder(pipe, vae_folder, strict: bool = False) -> bool:
+    """Give ``pipe`` the VAE at ``vae_folder`` where it only differs in its decoder (``train_vae
+    --set train_decoder_only=true``: the same encoder, quant_conv and scaling factor, so the pipeline's latents mean
+    the same and only decode better); a VAE with another latent space is left alone (its pipelines are retrained
+    on it instead), or refused with ``strict``. True where it was swapped in."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(vae_folder, dtype=torch.float32)
+    old, new = pipe.vae.state_dict(), vae.state_dict()
+    encoder = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
+    same_space = (vae.config.scaling_factor == pipe.vae.config.scaling_factor and old.keys() == new.keys()
+                  and all(torch.equal(old[k].float(), new[k]) for k in encoder))
+    if not same_space and strict:
+        raise ValueError(f"{vae_folder} encodes into another latent space than the pipeline's VAE (its encoder or "
+                         "scaling factor differ): give a decoder fine-tuned from it (train_vae train_decoder_only)")
+    if not same_space or all(torch.equal(old[k].float(), new[k]) for k in old):
+        return False
+    pipe.register_modules(vae=vae.to(pipe.vae.device, pipe.vae.dtype))
+    return True

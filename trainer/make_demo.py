@@ -236,7 +236,6 @@ def seed_from_shipped(stage: str) -> bool:
 
 def run_stage(stage: str, args, continuing: bool = False) -> None:
     from . import build_pairs
-    from .synthetic.__main__ import main as synthetic_main
 
     if stage == "sheet_decoder":
         build_sheet_pairs(args)
@@ -247,11 +246,8 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
         evaluate_all(args)
     elif stage == "pairs":
         images = RUNS / "images"
-        if not (images / "info.json").is_file():
-            # two scenes a character: Stage II pairs a picture with its own sheet, so identities matter more than scenes
-            workers = str(load_profile(args.profile).get("pairs_workers", 2))
-            synthetic_main(["export", "--split", "train", "--n", str(_pairs(args)), "--size", "128x192", "--out",
-                            str(images), "--workers", workers, "--scenes-per-character", "2"])
+        # two scenes a character: Stage II pairs a picture with its own sheet, so identities matter more than scenes
+        _export_training_images(images, _pairs(args), args, scenes_per_character=2)
         shutil.rmtree(RUNS / "pairs", ignore_errors=True)  # pairs of an earlier Stage I
         # the adapter learns from sheets as the studio will show them: decoded by Stage I's own decoder where made
         decoder = ["--vae", str(OUTPUTS["sheet_decoder"])] if OUTPUTS["sheet_decoder"].exists() else []
@@ -260,19 +256,25 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
                                                  "--ground-truth", "--limit", str(_pairs(args)), *decoder]))
 
 
+def _export_training_images(images: Path, n: int, args, scenes_per_character: int) -> None:
+    """``n`` training scenes at Stage I's size into ``images`` (``synthetic export``), unless already there."""
+    from .synthetic.__main__ import main as synthetic_main
+
+    if not (images / "info.json").is_file():
+        workers = str(load_profile(args.profile).get("pairs_workers", 2))
+        synthetic_main(["export", "--split", "train", "--n", str(n), "--size", "128x192", "--out", str(images),
+                        "--workers", workers, "--scenes-per-character", str(scenes_per_character)])
+
+
 def build_sheet_pairs(args) -> Path:
     """The sheet decoder's data: the recipe's Stage I run on ``sheet_decoder_characters`` training scenes (one per
     character), keeping its latents and the true standard renders. Rebuilt when Stage I is newer than them (a
     resumed decoder run reuses them)."""
     from . import build_pairs
-    from .synthetic.__main__ import main as synthetic_main
 
     images, pairs = RUNS / "sheet_images", RUNS / "sheet_pairs"
     n = int(load_profile(args.profile).get("sheet_decoder_characters", 2000))
-    if not (images / "info.json").is_file():
-        workers = str(load_profile(args.profile).get("pairs_workers", 2))
-        synthetic_main(["export", "--split", "train", "--n", str(n), "--size", "128x192", "--out", str(images),
-                        "--workers", workers])
+    _export_training_images(images, n, args, scenes_per_character=1)
     stage1 = OUTPUTS["standardize"] / "model_index.json"
     done = pairs / "metadata.jsonl"
     if done.is_file() and done.stat().st_mtime > stage1.stat().st_mtime:
@@ -297,24 +299,6 @@ def _pair_characters(args) -> int:
     return _pairs(args)
 
 
-def adopt_decoder(pipe, vae_folder: Path) -> bool:
-    """Give ``pipe`` the VAE at ``vae_folder`` where it only differs in its decoder (``train_vae
-    --set train_decoder_only=true``: the same encoder, quant_conv and scaling factor, so the pipeline's latents mean
-    the same and only decode better); a VAE with another latent space is left alone (its pipelines are retrained
-    on it instead). True where it was swapped in."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(vae_folder, dtype=torch.float32)
-    old, new = pipe.vae.state_dict(), vae.state_dict()
-    same_space = (vae.config.scaling_factor == pipe.vae.config.scaling_factor and old.keys() == new.keys()
-                  and all(torch.equal(old[k].float(), new[k]) for k in old if k.startswith(("encoder.", "quant_conv."))))
-    if not same_space or all(torch.equal(old[k].float(), new[k]) for k in old):
-        return False
-    pipe.register_modules(vae=vae.to(pipe.vae.device, pipe.vae.dtype))
-    return True
-
-
 def package(args, timings: dict) -> Path:
     """fp16 copies into assets/models/demo, measured quality, example grid, model card."""
     import torch
@@ -322,7 +306,7 @@ def package(args, timings: dict) -> Path:
 
     from engine.pipelines import PersonalizePipeline, StandardizePipeline
 
-    from .common import image_grid
+    from .common import adopt_decoder, image_grid
     from .evaluate import standardization_quality
     from .synthetic import render_sample
     from .synthetic.character import character_ids
