@@ -310,6 +310,29 @@ def test_gaussian_blur_keeps_flat_colour_and_spreads_a_point_by_sigma():
     assert abs(spread - 3.0) < 0.15
 
 
+def test_keep_colour_targets_take_detail_from_the_truth_and_colour_from_the_decoder():
+    """A decoder target for Stage I's latents: flat regions take the decoder's colour, and with ``in_figure`` the
+    white background stays white (no halo of the figure's colours) and the figure's colour is not thinned by it."""
+    import torch
+
+    from trainer.train_vae import keep_colour_targets
+
+    truth = torch.ones(1, 3, 48, 32)
+    truth[:, :, 10:38, 4:28] = -0.5  # a dark figure on white
+    decoded = torch.ones_like(truth)
+    decoded[:, :, 10:38, 4:28] = torch.tensor([0.2, -0.2, -0.8]).view(1, 3, 1, 1)  # Stage I's colours for it
+    for in_figure in (False, True):
+        assert torch.allclose(keep_colour_targets(truth, truth, 2.0, in_figure), truth, atol=1e-5)  # nothing to move
+    plain, inside = keep_colour_targets(truth, decoded, 2.0), keep_colour_targets(truth, decoded, 2.0, True)
+    centre = decoded[:, :, 24, 16]
+    torch.testing.assert_close(plain[:, :, 24, 16], centre, atol=1e-4, rtol=0)
+    torch.testing.assert_close(inside[:, :, 24, 16], centre, atol=1e-4, rtol=0)
+    background = truth[:, :1] > 0.94
+    assert torch.equal(inside[:, :, background[0, 0]], truth[:, :, background[0, 0]])
+    assert (plain[:, :, background[0, 0]] - 1).abs().max() > 0.05  # the plain blur's halo
+    torch.testing.assert_close(inside[:, :, 10, 4], centre, atol=1e-4, rtol=0)  # a corner keeps its full colour
+
+
 def test_build_pairs_runs_an_fp16_folder_in_float32_on_the_cpu(standardize_run, tmp_path):
     """The shipped demo Stage I is stored in fp16; on the CPU build_pairs (and evaluate stage1) run it as the studio
     does, every component in float32 with the same weights. Loaded plainly, transformers keeps the image encoder in
@@ -965,6 +988,16 @@ def test_curriculum_swaps_references_for_the_standard_render():
     assert 0 < sum(swapped) < 8
     assert all(torch.equal(some["labels"][i], batch["standard_labels"][i] if s else batch["labels"][i])
                for i, s in enumerate(swapped))
+
+
+def test_embedding_dropout_schedule_falls_linearly_to_zero():
+    from trainer.train_standardize import DEFAULTS, embedding_dropout_share
+
+    flat = {**DEFAULTS, "embedding_dropout": 0.5}
+    assert [embedding_dropout_share(flat, s) for s in (0, 150, 10_000)] == [0.5, 0.5, 0.5]
+    falling = {**flat, "embedding_dropout": 1.0, "embedding_dropout_steps": 200}
+    assert [embedding_dropout_share(falling, s) for s in (0, 50, 100, 200, 300)] == [1.0, 0.75, 0.5, 0.0, 0.0]
+    assert embedding_dropout_share(DEFAULTS, 0) == 0.0
 
 
 def test_identical_init_starts_the_denoiser_as_a_copy_of_the_reference_net():

@@ -64,6 +64,9 @@ DEFAULTS = {
     # otherwise never needs the bank (the bank-only gap stays at zero for ~1500 steps); without the embedding it
     # must read the character from the bank. Training only; the pipeline always passes both. 0 = off.
     "embedding_dropout": 0.0,
+    # > 0: the dropout share falls linearly from ``embedding_dropout`` at step 0 to zero at this step (the bank is
+    # made to carry the character first, the embedding is learned fully after: ``embedding_dropout_share``). 0: flat.
+    "embedding_dropout_steps": 0,
     # True: the reference as StandardizePipeline.prepare_reference places it (head at the standard place and size,
     # white padding). False trains on the raw scene, which the pipeline never shows the model: the demo Stage I up to
     # 2026-11 was trained that way, and read canvases worse than raw scenes (15.8 vs 16.3 dB on 12 test characters).
@@ -240,6 +243,12 @@ def copy_task_references(batch: dict, share: float, rng) -> dict:
         shape = (-1,) + (1,) * (batch[reference].ndim - 1)
         out[reference] = torch.where(pick.view(shape), batch[standard], batch[reference])
     return out
+
+
+def embedding_dropout_share(config: dict, step: int) -> float:
+    """The share of samples whose denoiser context drops the image embedding at (0-based) ``step``."""
+    share, steps = config["embedding_dropout"], config["embedding_dropout_steps"]
+    return share * max(0.0, 1 - step / steps) if steps else share
 
 
 def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention: bool | int = False,
@@ -422,8 +431,9 @@ def main(args) -> Path:
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), device=target.device)
         keep = torch.from_numpy(rng.random(b) >= config["reference_dropout"]).to(target.device)
         keep_embedding = None
-        if config["embedding_dropout"]:
-            keep_embedding = torch.from_numpy(rng.random(b) >= config["embedding_dropout"]).to(target.device)
+        drop = embedding_dropout_share(config, calls[0] - 1)
+        if drop > 0:
+            keep_embedding = torch.from_numpy(rng.random(b) >= drop).to(target.device)
         aux_loss = config["attention_loss_weight"] > 0 or config["read_loss_weight"] > 0
         record = (config["attention_loss_queries"] or True) if aux_loss else False
         pred, bank = denoise(net, noise_scheduler, inputs, noise, t, keep, record_attention=record,

@@ -67,6 +67,10 @@ DEFAULTS = {
     # pixels) and takes only the detail from the standard render (truth - its blur): a decoder that sharpens the
     # figure without pulling the colours Stage I is unsure of toward the mean (which made sheets alike, measured)
     "latent_pairs_keep_colour": 0.0,
+    # with keep_colour: blur the colours inside the true figure only (normalised by its blurred mask) and keep the
+    # true white around it, so the blurred colour part of the target leaves no halo of the figure's colours on the
+    # background (``keep_colour_targets``)
+    "latent_pairs_colour_in_figure": False,
     "vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "latent_channels": 4,
             "norm_num_groups": 32, "down_block_types": ["DownEncoderBlock2D"] * 4,
             "up_block_types": ["UpDecoderBlock2D"] * 4},
@@ -133,6 +137,25 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
                  groups=c)
     return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
                     groups=c)
+
+
+def keep_colour_targets(truth: torch.Tensor, decoded: torch.Tensor, sigma: float, in_figure: bool = False,
+                        white: float = 0.94) -> torch.Tensor:
+    """Targets for a decoder of Stage I's latents: the truth's detail (truth - its blur) over the blurred colours
+    ``decoded`` (the initial decoder's picture of the latents) has, images in [-1, 1].
+
+    ``in_figure``: both blurs are taken inside the true figure only (pixels of the white-background standard render
+    darker than ``white`` in some channel; a blur of x * mask over the blur of the mask) and the background keeps the
+    truth's white: the plain blur spreads the figure's colours onto the white around it (a visible halo)."""
+    if not in_figure:
+        return (truth - gaussian_blur(truth, sigma) + gaussian_blur(decoded, sigma)).clamp(-1, 1)
+    mask = (truth < white).any(dim=1, keepdim=True).to(truth.dtype)
+    weight = gaussian_blur(mask, sigma).clamp_min(1e-3)
+
+    def blur_in(x):
+        return gaussian_blur(x * mask, sigma) / weight
+
+    return torch.where(mask > 0, truth - blur_in(truth) + blur_in(decoded), truth).clamp(-1, 1)
 
 
 def latent_pair_batches(latents, standards, batch_size: int, rng: np.random.Generator):
@@ -228,7 +251,7 @@ def main(args) -> Path:
             with torch.no_grad():
                 decoded = torch.cat([init.decode(latents[k:k + 64] / init.config.scaling_factor).sample
                                      for k in range(0, len(latents), 64)])
-            targets = (targets - gaussian_blur(targets, sigma) + gaussian_blur(decoded, sigma)).clamp(-1, 1)
+            targets = keep_colour_targets(targets, decoded, sigma, config["latent_pairs_colour_in_figure"])
         loader = latent_pair_batches(latents, targets, config["train_batch_size"], rng)
     else:
         loader = synthetic_batches(accelerator, config, start)
