@@ -79,6 +79,12 @@ def test_demo_panels_are_deterministic_and_follow_prompt_and_sheet(demo, samples
     assert np.abs(as_array[0] - as_array[4]).mean() > 0.5  # the sheet matters
 
 
+def test_demo_base_guides_against_the_empty_prompt_it_trained_on(demo):
+    """The demo base learned its unconditional prediction from the empty prompt's encoding (train_text_to_image), so
+    guidance must subtract that, not SDXL's zeroed embeddings (with zeros every colour went blue and orange)."""
+    assert demo.personalize.config.force_zeros_for_empty_prompt is False
+
+
 def test_demo_stage1_tells_the_bundled_characters_apart(demo):
     """Kai (navy top, jeans), Leo (green top, purple skirt) and Mia get sheets a person tells apart at one seed (the
     demo-models issue: mean absolute difference >= 6 of 255 for every pair; the sheets of the Stage I shipped before

@@ -486,6 +486,17 @@ def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 1],
                  "addition_time_embed_dim": 8, "norm_num_groups": 8, "use_linear_projection": True}})]))
+    if precision == "no":  # guidance's unconditional half is the empty prompt's encoding, as the base trained on it
+        from engine import PersonalizePipeline
+
+        pipe = PersonalizePipeline.from_pretrained(base)
+        pipe.set_progress_bar_config(disable=True)
+        seen = []
+        pipe.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states"]), with_kwargs=True)
+        pipe("running", seeds=0, height=96, width=64, num_inference_steps=1, guidance_scale=5.0)
+        empty = pipe.encode_prompt("", device="cpu", do_classifier_free_guidance=False)[0]
+        assert empty.abs().max() > 0.1
+        torch.testing.assert_close(seen[0][:1], empty)
     std = train_standardize.main(train_standardize.parse_args(["--config", write_config(tmp_path / "std.yaml", {
         **common, "output_dir": str(tmp_path / "std"), "resolution": [64, 96], "vae": str(vae),
         "image_encoder": str(clip / "image_encoder"),

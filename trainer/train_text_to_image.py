@@ -80,8 +80,11 @@ def build(config: dict):
     scheduler = DDIMScheduler(**noise_schedule_kwargs(config), set_alpha_to_one=False)
     for module in (vae, te, te2):
         module.requires_grad_(False).eval()
+    # The base learns its unconditional prediction from the empty prompt's encoding (``texts_for``), not from SDXL's
+    # zeroed embeddings: the pipeline must feed it the same (with zeros, guidance pushed every colour towards
+    # blue and orange, docs/training.md).
     pipe = PersonalizePipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
-                               scheduler=scheduler)
+                               scheduler=scheduler, force_zeros_for_empty_prompt=False)
     return pipe
 
 
