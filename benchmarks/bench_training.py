@@ -1,17 +1,21 @@
 """Where a training step's time goes, per demo trainer (Stage I, the base, the adapter), on this machine.
 
     python benchmarks/bench_training.py [--threads 1] [--batch 16] [--repeats 3] [--stages standardize,base,adapter]
+                                        [--mixed-precision no|bf16]
 
 Each part of one step is timed on its own (median of ``--repeats``), with the shipped demo models and the demo
 size (128x192): rendering a batch of samples, placing the references on the canvas with their pose maps, turning
 them into tensors, VAE encoding, image-encoder encoding, text encoding (base, adapter), the trained network's
 forward and backward, the optimizer step. Rendering runs in data workers during training, so samples/s is given
 both for the whole step done serially and for the math alone (what a step costs once the workers keep up).
+``--mixed-precision bf16`` runs the trained network's forward (and so its backward) under CPU bf16 autocast, as
+``accelerate launch --mixed_precision bf16`` does.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 import time
@@ -24,6 +28,13 @@ sys.path.insert(0, str(ROOT))
 
 DEMO = ROOT / "assets" / "models" / "demo"
 SIZE = (128, 192)
+
+
+def autocast(mixed_precision: str):
+    """What the trained network's forward runs under (``no``: fp32)."""
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype={"bf16": torch.bfloat16}[mixed_precision])
 
 
 def timed(fn, repeats):
@@ -60,7 +71,7 @@ def data_parts(batch: int, repeats: int, canvas: bool) -> tuple[dict, dict]:
     return parts, data
 
 
-def standardize(batch, repeats):
+def standardize(batch, repeats, mixed_precision="no"):
     from diffusers import DDPMScheduler
 
     from engine.pipelines import StandardizePipeline
@@ -98,8 +109,9 @@ def standardize(batch, repeats):
         name = " (with the attention and read losses)" if read else " (with the attention loss)" if record else ""
 
         def forward(record=record, read=read):
-            pred, bank = denoise(net, scheduler, inputs, noise, t, keep, record_attention=record and 64)
-            loss = torch.nn.functional.mse_loss(pred, diffusion_target(scheduler, latents[1], noise, t))
+            with autocast(mixed_precision):
+                pred, bank = denoise(net, scheduler, inputs, noise, t, keep, record_attention=record and 64)
+            loss = torch.nn.functional.mse_loss(pred.float(), diffusion_target(scheduler, latents[1], noise, t))
             if record:
                 loss = loss + 0.05 * attention_correspondence(bank, inputs["reference_labels"],
                                                               inputs["target_labels"])["loss"]
@@ -114,7 +126,7 @@ def standardize(batch, repeats):
     return parts
 
 
-def base(batch, repeats, adapter=False):
+def base(batch, repeats, adapter=False, mixed_precision="no"):
     from diffusers import DDPMScheduler
 
     from engine.models import IPAdapterModules
@@ -157,8 +169,9 @@ def base(batch, repeats, adapter=False):
     optimizer = torch.optim.AdamW([p for p in params if p.requires_grad], lr=1e-6)
 
     def forward():
-        return torch.nn.functional.mse_loss(unet(noisy, t, encoder_hidden_states=prompt, added_cond_kwargs=added,
-                                                 return_dict=False)[0], noise)
+        with autocast(mixed_precision):
+            pred = unet(noisy, t, encoder_hidden_states=prompt, added_cond_kwargs=added, return_dict=False)[0]
+        return torch.nn.functional.mse_loss(pred.float(), noise)
 
     parts["UNet forward"], _ = timed(forward, repeats)
     parts["backward"] = timed_backward(forward, repeats)
@@ -183,19 +196,21 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--stages", default="standardize,base,adapter")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data_keys = ("render", "canvas + pose map", "to tensors")
     for stage in args.stages.split(","):
-        parts = {"standardize": lambda: standardize(args.batch, args.repeats),
-                 "base": lambda: base(args.batch, args.repeats),
-                 "adapter": lambda: base(args.batch, args.repeats, adapter=True)}[stage]()
+        mp = args.mixed_precision
+        parts = {"standardize": lambda: standardize(args.batch, args.repeats, mixed_precision=mp),
+                 "base": lambda: base(args.batch, args.repeats, mixed_precision=mp),
+                 "adapter": lambda: base(args.batch, args.repeats, adapter=True, mixed_precision=mp)}[stage]()
         pooled = parts.pop("pool draw (replaces render + VAE)", None)
         serial = sum(v for k, v in parts.items() if "attention loss" not in k)
         math = serial - sum(v for k, v in parts.items() if k in data_keys)
         print(f"\n{stage}: batch {args.batch} at {SIZE[0]}x{SIZE[1]}, {args.threads} thread(s), median of "
-              f"{args.repeats}\n| part | s per step | share |\n|---|---|---|")
+              f"{args.repeats}, mixed precision {args.mixed_precision}\n| part | s per step | share |\n|---|---|---|")
         for name, value in parts.items():
             share = "" if "attention loss" in name else f"{100 * value / serial:.0f}%"
             print(f"| {name} | {value:.3f} | {share} |")
