@@ -31,10 +31,8 @@ SIZE = (128, 192)
 
 
 def autocast(mixed_precision: str):
-    """What the trained network's forward runs under (``no``: fp32)."""
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    return torch.autocast("cpu", dtype={"bf16": torch.bfloat16}[mixed_precision])
+    """What the trained network's forward runs under: fp32 (``no``) or CPU bf16 autocast (``bf16``)."""
+    return contextlib.nullcontext() if mixed_precision == "no" else torch.autocast("cpu", dtype=torch.bfloat16)
 
 
 def timed(fn, repeats):
@@ -201,8 +199,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     data_keys = ("render", "canvas + pose map", "to tensors")
+    mp = args.mixed_precision
     for stage in args.stages.split(","):
-        mp = args.mixed_precision
         parts = {"standardize": lambda: standardize(args.batch, args.repeats, mixed_precision=mp),
                  "base": lambda: base(args.batch, args.repeats, mixed_precision=mp),
                  "adapter": lambda: base(args.batch, args.repeats, adapter=True, mixed_precision=mp)}[stage]()
