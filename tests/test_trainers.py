@@ -89,6 +89,36 @@ def test_diffusion_target_inverts_to_the_clean_latents(kind):
         diffusion_target(scheduler, x0, noise, t)
 
 
+def test_min_snr_weights_x0_errors_by_snr_plus_one_capped_at_gamma():
+    """diffusion_loss under v-prediction with zero terminal SNR: without gamma the plain MSE; with gamma each sample's
+    error in x0 terms weighs min(SNR + 1, gamma), so the last (zero-SNR) timestep keeps weight 1 and the low-noise
+    ones are capped."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler
+
+    from trainer.common import diffusion_loss, diffusion_target, noise_schedule_kwargs
+
+    scheduler = DDPMScheduler(**noise_schedule_kwargs({"prediction_type": "v_prediction",
+                                                       "rescale_betas_zero_snr": True}))
+    torch.manual_seed(0)
+    x0, noise = torch.randn(3, 4, 8, 8) + 1.3, torch.randn(3, 4, 8, 8)
+    t = torch.tensor([10, 500, 999])
+    pred = diffusion_target(scheduler, x0, noise, t) + 0.1 * torch.randn(3, 4, 8, 8)
+    plain = diffusion_loss(scheduler, pred, x0, noise, t)
+    torch.testing.assert_close(plain, F.mse_loss(pred, diffusion_target(scheduler, x0, noise, t)))
+
+    a = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x0_err = ((a.sqrt() * scheduler.add_noise(x0, noise, t) - (1 - a).sqrt() * pred - x0) ** 2).mean(dim=(1, 2, 3))
+    snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+    expected = (x0_err * torch.minimum(snr + 1, torch.tensor(5.0))).mean()
+    torch.testing.assert_close(diffusion_loss(scheduler, pred, x0, noise, t, snr_gamma=5.0), expected,
+                               rtol=1e-3, atol=1e-6)
+    # the low-noise sample is down-weighted, the others keep the plain v-loss's weight
+    assert float(snr[0]) + 1 > 5 and float(snr[1]) + 1 < 5 and float(snr[2]) < 1e-6
+    assert float(diffusion_loss(scheduler, pred, x0, noise, t, snr_gamma=5.0)) < float(plain)
+
+
 def test_standardize_resumes_from_the_latest_checkpoint(standardize_run):
     from trainer import train_standardize
 

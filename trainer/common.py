@@ -87,6 +87,8 @@ COMMON_DEFAULTS = {
     "checkpoints_total_limit": 2,
     "validation_steps": 500,
     "log_steps": 10,
+    # Min-SNR-gamma loss weighting (Hang et al., 2023; diffusers' --snr_gamma), None: plain MSE (diffusion_loss)
+    "snr_gamma": None,
     "use_ema": True,
     "ema_decay": 0.999,
     "resume_from_checkpoint": "latest",
@@ -125,6 +127,30 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     if kind == "sample":
         return latents
     raise ValueError(f"prediction_type {kind!r} is not one of epsilon, v_prediction, sample")
+
+
+def diffusion_loss(scheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
+                   timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+    """The denoiser's MSE against ``diffusion_target``; with ``snr_gamma`` Min-SNR-gamma weighted per sample.
+
+    Min-SNR caps the weight that low-noise timesteps get in x0 terms at gamma, so more of the gradient goes to the
+    noisy timesteps that decide layout and colour. diffusers' recipe weights x0 errors by min(SNR, gamma); under a
+    zero-terminal-SNR schedule that zeroes the last timestep, the one where the sheet's colours come from the
+    reference alone. Here the x0 weight is min(SNR + 1, gamma) (the v-loss's own SNR + 1, capped), so no timestep
+    weighs less than under the plain v-loss; for epsilon it is diffusers' min(SNR, gamma) / SNR."""
+    err = (pred.float() - diffusion_target(scheduler, latents, noise, timesteps).float()) ** 2
+    if snr_gamma is None:
+        return err.mean()
+    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alphas / (1 - alphas).clamp_min(1e-12)
+    kind = scheduler.config.prediction_type
+    if kind == "v_prediction":
+        weight = (snr + 1).clamp(max=snr_gamma) / (snr + 1)
+    elif kind == "epsilon":
+        weight = snr.clamp(max=snr_gamma) / snr.clamp_min(1e-12)
+    else:  # sample: x0 weight directly
+        weight = snr.clamp(max=snr_gamma)
+    return (err.mean(dim=tuple(range(1, err.ndim))) * weight).mean()
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -35,7 +34,7 @@ from engine.regions import character_regions
 from .common import (
     COMMON_DEFAULTS,
     base_parser,
-    diffusion_target,
+    diffusion_loss,
     ema_weights,
     image_grid,
     load_config,
@@ -314,8 +313,9 @@ def main(args) -> Path:
         noisy = noise_scheduler.add_noise(latents, noise, t)
         added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device).repeat(b, 1),
                  "image_embeds": [(embeds if masks is not None else embeds.unsqueeze(1)).to(weight_dtype)]}
-        goal = diffusion_target(noise_scheduler, latents, noise, t)  # the base's parameterization
-        return F.mse_loss(model(noisy, t, prompt_embeds, added, masks).float(), goal.float())
+        # the base's parameterization
+        return diffusion_loss(noise_scheduler, model(noisy, t, prompt_embeds, added, masks), latents, noise, t,
+                              config["snr_gamma"])
 
     def run_validation(step):
         with ema_weights(accelerator.unwrap_model(model).adapter, ema):

@@ -41,7 +41,7 @@ from .common import (
     EMA,
     NOISE_DEFAULTS,
     base_parser,
-    diffusion_target,
+    diffusion_loss,
     image_grid,
     load_config,
     noise_schedule_kwargs,
@@ -438,7 +438,7 @@ def main(args) -> Path:
         record = (config["attention_loss_queries"] or True) if aux_loss else False
         pred, bank = denoise(net, noise_scheduler, inputs, noise, t, keep, record_attention=record,
                              keep_embedding=keep_embedding)
-        loss = F.mse_loss(pred.float(), diffusion_target(noise_scheduler, target, noise, t).float())
+        loss = diffusion_loss(noise_scheduler, pred, target, noise, t, config["snr_gamma"])
         if bank is not None and bank.attention:
             if config["attention_loss_weight"] > 0:
                 aux = attention_correspondence(bank, inputs["reference_labels"], inputs["target_labels"])["loss"]

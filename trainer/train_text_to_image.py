@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -24,7 +23,7 @@ from .common import (
     COMMON_DEFAULTS,
     NOISE_DEFAULTS,
     base_parser,
-    diffusion_target,
+    diffusion_loss,
     ema_weights,
     image_grid,
     load_config,
@@ -148,7 +147,7 @@ def main(args) -> Path:
                     encoder_hidden_states=prompt_embeds.to(dtype),
                     added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
                     return_dict=False)[0]
-        return F.mse_loss(pred.float(), diffusion_target(noise_scheduler, latents, noise, t).float())
+        return diffusion_loss(noise_scheduler, pred, latents, noise, t, config["snr_gamma"])
 
     def run_validation(step):
         with ema_weights(accelerator.unwrap_model(unet), ema):
