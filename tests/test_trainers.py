@@ -1055,3 +1055,64 @@ def test_identical_init_starts_the_denoiser_as_a_copy_of_the_reference_net():
     assert same.reference_unet is not same.denoising_unet  # two modules that then train apart
     reference, denoiser = apart.reference_unet.state_dict(), apart.denoising_unet.state_dict()
     assert not all(torch.equal(reference[k], denoiser[k]) for k in reference)
+
+
+def test_grown_stage1_draws_what_its_init_drew_and_has_the_new_layers(standardize_run):
+    """grow_transformer_layers: a trained Stage I grown to two transformer layers in its attention block keeps its
+    prediction exactly (the new layers start as identities, their FBDM/RPIM entries at zero), then has the new
+    weights to train; shrinking, or growing without an init, is refused with a message."""
+    from diffusers import DDIMScheduler
+
+    from trainer import train_standardize
+    from trainer.synthetic import render_sample
+
+    _, cfg, final = standardize_run
+    args = train_standardize.parse_args(["--config", cfg, "--set", f"init={final}"])
+    config = train_standardize.load_config(args, train_standardize.DEFAULTS)
+    plain = train_standardize.build_models(config)
+    grown = train_standardize.build_models({**config, "grow_transformer_layers": [2, 1]})
+    grown.update(vae=plain["vae"], image_encoder=plain["image_encoder"])  # tiny frozen parts: random per build
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(grown["net"].denoising_unet) > count(plain["net"].denoising_unet)
+    # one new layer in the down block's attention, two in the up block's (it has two), none in the mid block's
+    old, new = set(plain["net"].conditioner.index), set(grown["net"].conditioner.index)
+    assert old < new and len(new - old) == 3 and all(".transformer_blocks.1." in name for name in new - old)
+    sample = render_sample(3, 0, (64, 96))
+    sheets = []
+    for models in (plain, grown):
+        pipe = train_standardize.make_pipeline(models, models["net"], DDIMScheduler.from_pretrained(final / "scheduler").config)
+        pipe.set_progress_bar_config(disable=True)
+        sheets.append(pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0,
+                           reference_pose=sample.keypoints, height=96, width=64, num_inference_steps=2, seed=0,
+                           output_type="latent").sheet)
+    torch.testing.assert_close(sheets[1], sheets[0], atol=1e-5, rtol=1e-5)
+    assert sheets[0].abs().mean() > 0
+    with pytest.raises(ValueError, match="at least"):
+        train_standardize.grow_transformer_layers(grown["net"].denoising_unet, [1, 1])
+    with pytest.raises(ValueError, match="init"):
+        train_standardize.build_models({**config, "init": None, "grow_transformer_layers": [2, 1]})
+
+
+def test_packaged_stage1_shares_the_image_encoder_beside_it(tmp_path):
+    """share_image_encoder removes Stage I's copy of the encoder only where it equals the shared one, and
+    StandardizePipeline.from_pretrained then reads the shared folder: the same weights as before."""
+    from components import tiny_stage1_components
+
+    from engine.pipelines import StandardizePipeline
+    from trainer.make_demo import share_image_encoder
+
+    c = tiny_stage1_components()
+    StandardizePipeline(**c).save_pretrained(tmp_path / "standardize")
+    c["image_encoder"].save_pretrained(tmp_path / "image_encoder")
+    before = StandardizePipeline.from_pretrained(tmp_path / "standardize").image_encoder.state_dict()
+    assert share_image_encoder(tmp_path) and not (tmp_path / "standardize" / "image_encoder").exists()
+    loaded = StandardizePipeline.from_pretrained(tmp_path / "standardize", dtype=torch.float32)
+    assert loaded.image_encoder.state_dict().keys() == before.keys()
+    assert all(torch.equal(loaded.image_encoder.state_dict()[k], v) for k, v in before.items())
+    assert not share_image_encoder(tmp_path)  # nothing left to share
+
+    other = tiny_stage1_components(seed=1)
+    StandardizePipeline(**other).save_pretrained(tmp_path / "other" / "standardize")
+    c["image_encoder"].save_pretrained(tmp_path / "other" / "image_encoder")
+    assert not share_image_encoder(tmp_path / "other")  # a different encoder stays with Stage I
+    assert (tmp_path / "other" / "standardize" / "image_encoder").is_dir()

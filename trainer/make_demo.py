@@ -325,6 +325,7 @@ def package(args, timings: dict) -> Path:
     base.to(torch.float16).save_pretrained(demo / "personalize")
     CLIPVisionModelWithProjection.from_pretrained(RUNS / "clip" / "image_encoder").to(torch.float16).save_pretrained(
         demo / "image_encoder")
+    share_image_encoder(demo)
     (demo / "adapter").mkdir(exist_ok=True)
     shutil.copy(OUTPUTS["personalizer"], demo / "adapter" / "ip-adapter.safetensors")
     (demo / "detectors").mkdir(exist_ok=True)
@@ -450,6 +451,23 @@ def _run_batch(run: Path) -> int:
     if config.is_file():
         return int(json.loads(config.read_text()).get("train_batch_size", 16))
     return 16
+
+
+def share_image_encoder(demo: Path) -> bool:
+    """Keeps one copy of the image encoder both stages read: Stage I's own copy is removed where it equals
+    ``demo/image_encoder`` (StandardizePipeline.from_pretrained then reads that one), 1.8 MB of the 40 MB budget
+    back for the models themselves. Returns whether it removed the copy."""
+    import torch
+    from safetensors.torch import load_file
+
+    own, shared = demo / "standardize" / "image_encoder", demo / "image_encoder"
+    if not (own / "model.safetensors").is_file() or not (shared / "model.safetensors").is_file():
+        return False
+    a, b = load_file(own / "model.safetensors"), load_file(shared / "model.safetensors")
+    if a.keys() != b.keys() or not all(torch.equal(a[k], b[k]) for k in a):
+        return False
+    shutil.rmtree(own)
+    return True
 
 
 def packaged_overrides(demo: Path) -> dict:

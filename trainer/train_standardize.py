@@ -98,6 +98,10 @@ DEFAULTS = {
     # a StandardizePipeline folder to start from (its ReferenceNet, denoiser, pose guider and FBDM/RPIM), e.g. the
     # shipped demo Stage I; the config's VAE and image encoder are used either way
     "init": None,
+    # With ``init``: grow both UNets to this many transformer layers per down block (a list, e.g. [2, 2, 1]; the up
+    # blocks mirror it, the mid block keeps the last entry), the new layers zero-initialised so the grown net computes
+    # exactly what ``init`` did (grow_transformer_layers); their FBDM/RPIM entries start at zero too.
+    "grow_transformer_layers": None,
     # Without ``init``: the denoiser starts as an exact copy of the ReferenceNet (Animate Anyone starts both from the
     # same SD1.5 weights), so at step 0 a denoiser query and the reference key of the same content already live in
     # one feature space. False: two independent random initialisations (the demo recipe up to 2026-12).
@@ -128,6 +132,52 @@ def _unet(spec, seed):
         return UNet2DConditionModel.from_pretrained(spec)
     torch.manual_seed(seed)
     return UNet2DConditionModel.from_config(spec)
+
+
+def grow_transformer_layers(unet: UNet2DConditionModel, layers: list[int]) -> UNet2DConditionModel:
+    """``unet`` with ``layers`` transformer layers per down block (up blocks reversed, as diffusers builds them): its
+    weights where they were, each new ``BasicTransformerBlock`` added after the old ones with its three residual
+    outputs (self-attention, cross-attention, feed-forward) zeroed, so at first it passes its input through and the
+    grown UNet predicts exactly what ``unet`` did; training then fills the new layers (net2net-style growth)."""
+    old = unet.config.transformer_layers_per_block
+    old = [old] * len(unet.config.down_block_types) if isinstance(old, int) else list(old)
+    layers = [int(n) for n in layers]
+    if len(layers) != len(old) or any(n < o for n, o in zip(layers, old)):
+        raise ValueError(f"grow_transformer_layers {layers} must give each of the {len(old)} down blocks at least "
+                         f"its current transformer layers {old}")
+    config = {**unet.config, "transformer_layers_per_block": layers, "reverse_transformer_layers_per_block": None}
+    grown = UNet2DConditionModel.from_config(config)
+    missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
+    if unexpected or any(".transformer_blocks." not in key for key in missing):
+        raise ValueError(f"growing the UNet moved weights it should have kept: {unexpected or missing}")
+    new_blocks = {key.split(".attn1.")[0].split(".attn2.")[0].split(".ff.")[0].split(".norm")[0] for key in missing}
+    modules = dict(grown.named_modules())
+    with torch.no_grad():
+        for name in new_blocks:
+            block = modules[name]
+            for layer in (block.attn1.to_out[0], block.attn2.to_out[0], block.ff.net[-1]):
+                layer.weight.zero_()
+                layer.bias.zero_()
+    return grown
+
+
+def grow_conditioner(conditioner: ReferenceConditioner, reference_unet: UNet2DConditionModel) -> ReferenceConditioner:
+    """FBDM/RPIM for a grown ReferenceNet: the trained entries kept by block name, the new blocks' at zero."""
+    grown = ReferenceConditioner.for_unet(reference_unet, use_fbdm=conditioner.config.use_fbdm,
+                                          use_rpim=conditioner.config.use_rpim,
+                                          pose_channels=conditioner.config.pose_channels,
+                                          pose_block_out_channels=tuple(conditioner.config.pose_block_out_channels),
+                                          pose_embedding_channels=conditioner.config.pose_embedding_channels)
+    with torch.no_grad():
+        if conditioner.config.use_rpim:
+            grown.pose_encoder.load_state_dict(conditioner.pose_encoder.state_dict())
+        for name, i in conditioner.index.items():
+            j = grown.index[name]
+            if conditioner.config.use_fbdm:
+                grown.fbdm_tokens[j].copy_(conditioner.fbdm_tokens[i])
+            if conditioner.config.use_rpim:
+                grown.pose_projections[j].load_state_dict(conditioner.pose_projections[i].state_dict())
+    return grown
 
 
 class BankReadHeads(ModelMixin, ConfigMixin):
@@ -181,6 +231,14 @@ def build_models(config: dict) -> dict:
             reference_unet, use_fbdm=model["use_fbdm"], use_rpim=model["use_rpim"],
             pose_block_out_channels=tuple(cond["pose_block_out_channels"]),
             pose_embedding_channels=cond["pose_embedding_channels"])
+    if config.get("grow_transformer_layers"):
+        if init is None:  # from scratch the config's model.unet.transformer_layers_per_block says it directly
+            raise ValueError("grow_transformer_layers grows a trained Stage I: give it an init folder")
+        layers = config["grow_transformer_layers"]
+        reference_unet = grow_transformer_layers(reference_unet, layers)
+        denoising_unet = grow_transformer_layers(denoising_unet, layers)
+        if conditioner is not None:
+            conditioner = grow_conditioner(conditioner, reference_unet)
     size = encoder.config.image_size
     return {
         "vae": vae.requires_grad_(False).eval(),

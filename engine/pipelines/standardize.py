@@ -8,6 +8,7 @@ DDIM 20 steps, CFG) -> sheet: standard A-pose, front view, white background, neu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -23,6 +24,10 @@ from ..preprocess.canvas import MIN_SIDE, fit_to_canvas
 from ..preprocess.image import clip_processor, load_image
 from ..preprocess.pose import draw_pose_map
 from ..preprocess.standard import standard_keypoints
+
+
+# the folder, beside a Stage I folder, of the image encoder it shares with Stage II (StandardizePipeline.from_pretrained)
+SHARED_IMAGE_ENCODER = "image_encoder"
 
 
 @dataclass
@@ -59,6 +64,20 @@ class StandardizePipeline(DiffusionPipeline):
     # before the denoising loop; both through their own ``forward``, so the offload hooks move them
     model_cpu_offload_seq = "image_encoder->reference_conditioner->reference_unet->pose_guider->denoising_unet->vae"
     _optional_components = ["reference_conditioner", "feature_extractor"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' loading, plus one layout of ours: a local Stage I folder without an ``image_encoder`` folder of
+        its own reads the ``image_encoder`` folder beside it (the demo models keep one copy of the encoder both stages
+        share, ``SHARED_IMAGE_ENCODER``)."""
+        folder = Path(str(pretrained_model_name_or_path))
+        shared = folder.parent / SHARED_IMAGE_ENCODER
+        if ("image_encoder" not in kwargs and folder.is_dir() and not (folder / "image_encoder").is_dir()
+                and shared.is_dir()):
+            dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+            kwargs["image_encoder"] = CLIPVisionModelWithProjection.from_pretrained(
+                shared, **({"dtype": dtype} if dtype is not None else {}))
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(
         self,
