@@ -701,8 +701,8 @@ def model_card(card: dict) -> str:
         "Small models trained by `python -m trainer.make_demo` on the synthetic world, loaded by `--preset demo`.",
         f"Hardware: {card['hardware']}; profile `{card['profile']}` (`--profile {card['profile']}`), steps scale "
         f"{card['steps_scale']}; {card['pairs']} Stage II pairs built by our Stage I.",
-        f"Size on disk: {card['size_mb']} MB (fp16). One panel at 128x192, 20 DDIM steps with CFG: "
-        f"{card['panel_seconds']} s (median of 3, this machine).", "",
+        f"Size on disk: {card['size_mb']} MB (fp16; one copy of the image encoder, which both stages read). "
+        f"One panel at 128x192, 20 DDIM steps with CFG: {card['panel_seconds']} s (median of 3, this machine).", "",
         "| stage | steps | batch | samples seen | objective | wall time (s) |", "|---|---|---|---|---|---|",
         *[f"| {k} | {b.get('steps', '-')} | {b.get('batch', '-')} | {b.get('samples', '-')} | "
           f"{b.get('prediction_type', '-')} | "
