@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -150,7 +151,7 @@ def grow_transformer_layers(unet: UNet2DConditionModel, layers: list[int]) -> UN
     missing, unexpected = grown.load_state_dict(unet.state_dict(), strict=False)
     if unexpected or any(".transformer_blocks." not in key for key in missing):
         raise ValueError(f"growing the UNet moved weights it should have kept: {unexpected or missing}")
-    new_blocks = {key.split(".attn1.")[0].split(".attn2.")[0].split(".ff.")[0].split(".norm")[0] for key in missing}
+    new_blocks = {re.match(r"(.*\.transformer_blocks\.\d+)\.", key).group(1) for key in missing}
     modules = dict(grown.named_modules())
     with torch.no_grad():
         for name in new_blocks:
