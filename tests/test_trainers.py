@@ -1078,9 +1078,10 @@ def test_grown_stage1_draws_what_its_init_drew_and_has_the_new_layers(standardiz
     old, new = set(plain["net"].conditioner.index), set(grown["net"].conditioner.index)
     assert old < new and len(new - old) == 3 and all(".transformer_blocks.1." in name for name in new - old)
     sample = render_sample(3, 0, (64, 96))
+    scheduler_config = DDIMScheduler.from_pretrained(final / "scheduler").config
     sheets = []
     for models in (plain, grown):
-        pipe = train_standardize.make_pipeline(models, models["net"], DDIMScheduler.from_pretrained(final / "scheduler").config)
+        pipe = train_standardize.make_pipeline(models, models["net"], scheduler_config)
         pipe.set_progress_bar_config(disable=True)
         sheets.append(pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0,
                            reference_pose=sample.keypoints, height=96, width=64, num_inference_steps=2, seed=0,

@@ -460,7 +460,9 @@ def share_image_encoder(demo: Path) -> bool:
     import torch
     from safetensors.torch import load_file
 
-    own, shared = demo / "standardize" / "image_encoder", demo / "image_encoder"
+    from engine.pipelines.standardize import SHARED_IMAGE_ENCODER
+
+    own, shared = demo / "standardize" / "image_encoder", demo / SHARED_IMAGE_ENCODER
     if not (own / "model.safetensors").is_file() or not (shared / "model.safetensors").is_file():
         return False
     a, b = load_file(own / "model.safetensors"), load_file(shared / "model.safetensors")

@@ -26,7 +26,8 @@ from ..preprocess.pose import draw_pose_map
 from ..preprocess.standard import standard_keypoints
 
 
-# the folder, beside a Stage I folder, of the image encoder it shares with Stage II (StandardizePipeline.from_pretrained)
+# the folder, beside a Stage I folder, of the image encoder it shares with Stage II
+# (StandardizePipeline.from_pretrained; make_demo.share_image_encoder packages it so)
 SHARED_IMAGE_ENCODER = "image_encoder"
 
 
