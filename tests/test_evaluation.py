@@ -168,6 +168,33 @@ def test_stage1_quality_reads_appearance_with_the_probe(tiny_probe):
     assert 0 <= result["baseline_appearance_acc"] <= 1
 
 
+def test_stage1_quality_with_the_answer_as_reference():
+    """reference="standard": Stage I reads the standard render with its own mask and keypoints (a pipeline that
+    echoes its reference then scores perfectly); from the scene the same echo does not; an unknown view is refused."""
+    from trainer.evaluate import standardization_quality
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+
+    size, n = (64, 96), 2
+    samples = [render_sample(c, 50_000 + i, size) for i, c in enumerate(character_ids("test", n))]
+    standard = {s.standard.tobytes(): s for s in samples}
+
+    def echo(image, mask, reference_pose, **kwargs):  # a "Stage I" that draws its reference as it came
+        sample = standard.get(image.tobytes())
+        if sample is not None:
+            assert np.array_equal(mask, np.asarray(sample.standard_mask, np.float32) / 255.0)
+            assert np.array_equal(reference_pose, sample.standard_keypoints)
+        return SimpleNamespace(sheet=image)
+
+    result, shown = standardization_quality(echo, n=n, size=size, reference="standard", examples=1)
+    assert result["psnr"] == float("inf") and result["reference"] == "standard"
+    assert shown[0][0].tobytes() == samples[0].standard.tobytes()
+    scene, _ = standardization_quality(echo, n=n, size=size)
+    assert scene["psnr"] < 30 and scene["reference"] == "scene"
+    with pytest.raises(ValueError, match="scene, standard"):
+        standardization_quality(echo, n=n, size=size, reference="truth")
+
+
 def _fit_probe_on_fixed_renders(pool_grid, steps=30):
     import torch.nn.functional as F
 

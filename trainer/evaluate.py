@@ -64,7 +64,7 @@ def mean_standard(size: tuple[int, int], n: int = 200) -> Image.Image:
 
 
 def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20, guidance: float | None = None,
-                            seed: int = 0, examples: int = 0, probe=None):
+                            seed: int = 0, examples: int = 0, probe=None, reference: str = "scene"):
     """Mean PSNR/SSIM of ``pipe`` (a StandardizePipeline) on ``n`` test characters, with ground-truth mask and pose,
     and of the mean-standard baseline; also returns up to ``examples`` (reference, sheet, truth) triples.
     ``guidance`` defaults to the demo preset's Stage I CFG scale (what the studio uses).
@@ -72,8 +72,14 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
     With an attribute ``probe``: ``appearance_acc``, how often the probe reads the character's hair/skin/clothes
     from the sheet, next to the same read from the truth (``truth_appearance_acc``, the instrument's ceiling) and
     from the mean standard image (``baseline_appearance_acc``, what a sheet that ignores the reference scores).
-    PSNR rewards the blurry mean; this says whether the reference's appearance reached the sheet."""
+    PSNR rewards the blurry mean; this says whether the reference's appearance reached the sheet.
+
+    ``reference="standard"`` gives Stage I the answer as its reference (the standard render, its mask and pose):
+    what it loses then is lost in drawing the sheet, not in reading the scene (docs/training.md, 2026-12-05)."""
     from engine.presets import DEMO
+
+    if reference not in ("scene", "standard"):
+        raise ValueError(f"reference {reference!r} is not one of scene, standard")
 
     guidance = float(guidance if guidance is not None else DEMO.standardize_defaults["guidance_scale"])
     w, h = size
@@ -82,14 +88,16 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
     shown, sheets, truths, characters = [], [], [], []
     for i, cid in enumerate(character_ids("test", n)):
         sample = render_sample(cid, 50_000 + i, size)
-        out = pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
+        image, mask, pose = ((sample.image, sample.mask, sample.keypoints) if reference == "scene" else
+                             (sample.standard, sample.standard_mask, sample.standard_keypoints))
+        out = pipe(image, mask=np.asarray(mask, np.float32) / 255.0, reference_pose=pose,
                    height=h, width=w, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i)
         scores["psnr"].append(psnr(out.sheet, sample.standard))
         scores["ssim"].append(ssim(out.sheet, sample.standard))
         scores["baseline_psnr"].append(psnr(baseline, sample.standard))
         scores["baseline_ssim"].append(ssim(baseline, sample.standard))
         if len(shown) < examples:
-            shown.append((sample.image, out.sheet, sample.standard))
+            shown.append((image, out.sheet, sample.standard))
         sheets.append(out.sheet)
         truths.append(sample.standard)
         characters.append(sample.attributes["character"])
@@ -99,7 +107,7 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
             scores[key] = [sheet_appearance_accuracy(probe, images, characters)]
     result = {k: float(np.mean(v)) for k, v in scores.items()}
     result.update(own_character_retrieval(sheets, truths))
-    result.update(n=n, size=list(size), steps=steps, guidance=guidance)
+    result.update(n=n, size=list(size), steps=steps, guidance=guidance, reference=reference)
     return result, shown
 
 
@@ -709,6 +717,8 @@ def main(argv=None) -> int:
     st.add_argument("--probe", default=None, help="an AttributeProbe folder: also how much appearance the sheets carry")
     st.add_argument("--reading", type=int, default=64, metavar="N",
                     help="also the reference-reading instruments on N fixed test samples (0: off)")
+    st.add_argument("--reference", default="scene", choices=("scene", "standard"),
+                    help="what Stage I reads: the scene (default), or the standard render itself (drawing alone)")
     st.add_argument("--out", default=None, help="write the numbers as JSON here")
     run = sub.add_parser("run", help="the protocol and ablations (see the module docstring)")
     run.add_argument("--preset", default="demo")
@@ -793,7 +803,8 @@ def main(argv=None) -> int:
         from engine.models.probe import AttributeProbe
 
         probe = AttributeProbe.from_pretrained(args.probe).eval()
-    result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, args.guidance, probe=probe)
+    result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, args.guidance, probe=probe,
+                                        reference=args.reference)
     result["vae_ceiling"] = vae_ceiling(pipe.vae, args.n, (w, h), probe)
     if args.reading:
         result["reading"] = reference_reading(pipe, args.reading, (w, h))
