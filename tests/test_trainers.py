@@ -951,6 +951,67 @@ def test_learning_curve_continues_the_shipped_models_curve(tmp_path):
     assert make_demo.learning_curve(tmp_path / "none", tmp_path / "none.png") == []
 
 
+def test_adopt_makes_a_run_trained_outside_the_recipe_the_stages_run(tmp_path, monkeypatch):
+    """``make_demo --adopt standardize=DIR``: a run that continued the stage's model outside the recipe becomes the
+    stage's run with the lineage of the model it continued (budget, wall time, curve), its own training time and its
+    latest checkpoint; a run that started from other weights is refused."""
+    import pytest
+
+    from trainer import make_demo
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    monkeypatch.setitem(make_demo.OUTPUTS, "standardize", runs / "standardize" / "pipeline")
+
+    def weights(folder, content: bytes):
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(content)
+
+    def logs(folder, records):
+        (folder / "logs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    # the stage's run: 30 steps of batch 8 after a shipped model of 100 steps (800 samples, 50 s)
+    current = runs / "standardize"
+    weights(current / "pipeline", b"current")
+    (current / "config.json").write_text(json.dumps({"train_batch_size": 8}))
+    logs(current, [{"step": 30, "loss": 0.1}, {"step": 30, "val_psnr": 18.0, "val_retrieval": 0.5}])
+    (current / "lineage.json").write_text(json.dumps({"from": "shipped", "wall_s": 50.0, "budget": {
+        "steps": 100, "batch": 8, "samples": 800}, "curve": [{"samples": 800, "step": 100, "retrieval": 0.4}]}))
+    (runs / "timings.json").write_text(json.dumps({"standardize": 120.0, "pairs": 7.0}))
+    curve = make_demo.curve_points(current)
+
+    # trained elsewhere from a copy of that model: 20 steps of batch 8 (9 s, then 5 s, by its logged throughput)
+    start = tmp_path / "copy"
+    weights(start, b"current")
+    source = tmp_path / "ab"
+    weights(source / "pipeline", b"continued")
+    (source / "config.json").write_text(json.dumps({"init": str(start), "train_batch_size": 8}))
+    logs(source, [{"step": 1, "loss": 0.3}, {"step": 10, "loss": 0.2, "samples_per_s": 8.0},
+                  {"step": 20, "loss": 0.1, "samples_per_s": 16.0}])
+    for step in (10, 20):
+        (source / f"checkpoint-{step}").mkdir()
+        (source / f"checkpoint-{step}" / "state.bin").write_bytes(b"%d" % step)
+
+    replaced = make_demo.adopt_run("standardize", source)
+    assert (replaced / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"current"
+    assert (current / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"continued"
+    assert sorted(p.name for p in current.glob("checkpoint-*")) == ["checkpoint-20"]  # --continue-steps resumes it
+    lineage = json.loads((current / "lineage.json").read_text())
+    assert lineage["budget"]["steps"] == 30 and lineage["budget"]["previous_steps"] == 100
+    assert lineage["budget"]["samples"] == 800 + 30 * 8 and lineage["wall_s"] == 50.0 + 120.0
+    assert lineage["curve"] == curve and lineage["source"] == str(source)
+    assert json.loads((runs / "timings.json").read_text()) == {"standardize": 14.0, "pairs": 7.0}
+    budget = make_demo.run_budget(current, json.loads((current / "config.json").read_text()))
+    assert make_demo.life_steps(budget) == 20 + 30 + 100 and budget["samples"] == 800 + 50 * 8
+
+    # a run that did not start from the stage's model (now the adopted one) is refused, nothing moved
+    with pytest.raises(ValueError, match="did not start from standardize's model"):
+        make_demo.adopt_run("standardize", source)
+    with pytest.raises(ValueError, match="cannot be adopted"):
+        make_demo.adopt_run("clip", source)
+    assert sorted(p.name for p in runs.iterdir()) == ["standardize", "standardize.replaced-1", "timings.json"]
+
+
 def test_budgets_count_every_continuation(tmp_path, monkeypatch):
     """A Stage I continued from a shipped model that was itself a continuation: the card's budget keeps this run's
     steps and, as ``previous_steps``, all the steps before it (so the next continuation counts the model's life)."""

@@ -234,6 +234,98 @@ def seed_from_shipped(stage: str) -> bool:
     return True
 
 
+# Stages whose run can be one trained outside the recipe (an A/B arm, an experiment resumed by hand): ``adopt_run``.
+ADOPTABLE = ("base", "standardize", "personalizer")
+
+
+def _weights_digest(path: Path) -> str:
+    """sha256 over a model file, or over a model folder's weight files (with their relative paths)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".bin", ".pt", ".onnx"))
+    for f in files:
+        digest.update(str(f.relative_to(path) if f != path else f.name).encode())
+        with f.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def logged_wall_seconds(run: Path) -> float:
+    """A run's training time from its logs (one process): each record's samples/s covers the steps since the record
+    before it; validation (logged apart) and each start's seconds before its first record are not counted."""
+    logs = run / "logs.jsonl"
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    per_step = config.get("train_batch_size", 16) * config.get("gradient_accumulation_steps", 1)
+    records = [json.loads(line) for line in logs.read_text().splitlines() if line.strip()] if logs.is_file() else []
+    seconds, last = 0.0, None
+    for record in records:
+        if last is not None and record.get("samples_per_s") and record["step"] > last:
+            seconds += per_step * (record["step"] - last) / record["samples_per_s"]
+        last = record["step"]
+    return seconds
+
+
+def adopt_run(stage: str, source: Path) -> Path:
+    """Makes ``source``, a run of ``stage``'s trainer started outside the recipe from the stage's current model in
+    runs/ (the init its ``config.json`` names holds the same weights), the stage's run: its model, config, logs and
+    latest checkpoint (so ``--continue-steps`` resumes it), with a lineage that continues the current run's (the
+    budget and wall time before it, Stage I's learning curve), and its own training time in ``timings.json``. The
+    run it replaces is kept beside it as ``<stage>.replaced-N``; returns that folder. Raises ValueError, saying
+    what to do, where ``source`` is not such a run."""
+    from .common import latest_checkpoint
+
+    if stage not in ADOPTABLE:
+        raise ValueError(f"--adopt: {stage} cannot be adopted; choose one of {ADOPTABLE}")
+    run, output, source = RUNS / stage, OUTPUTS[stage], Path(source)
+    relative = output.relative_to(run)
+    if not output.exists():
+        raise ValueError(f"--adopt: {stage} has no model in {run} for {source} to continue; seed it first "
+                         f"(--from-shipped) or train it (--stages {stage})")
+    if not (source / relative).exists() or not (source / "config.json").is_file():
+        raise ValueError(f"--adopt: {source} is not a finished {stage} run (it needs {relative} and config.json)")
+    config = json.loads((source / "config.json").read_text())
+    key, expected = _init_value(stage, output)
+    started = config.get(key)
+    if not started or not Path(started).exists() or _weights_digest(Path(started)) != _weights_digest(Path(expected)):
+        raise ValueError(f"--adopt: {source} did not start from {stage}'s model in runs/ ({expected}): its {key} is "
+                         f"{started!r}, with other weights or gone. Only a continuation of that model keeps its "
+                         "lineage true; train from it and adopt that run.")
+    current = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    before = run_budget(run, {"max_train_steps": 0, "train_batch_size": _run_batch(run), **current})
+    kept = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
+    timings_path = RUNS / "timings.json"
+    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    trained_here = (run / "logs.jsonl").is_file()
+    wall = (kept.get("wall_s") or 0) + (timings.get(stage, 0) if trained_here else 0)
+    lineage = {"from": "adopted", "source": str(source), "wall_s": round(wall, 1),
+               "budget": {k: v for k, v in before.items() if k not in ("from", "wall_s")}}
+    if stage == "standardize":
+        lineage["curve"] = curve_points(run)
+    staging = RUNS / f".{stage}.adopting"
+    shutil.rmtree(staging, ignore_errors=True)
+    (staging / relative).parent.mkdir(parents=True)
+    (shutil.copytree if (source / relative).is_dir() else shutil.copy2)(source / relative, staging / relative)
+    for name in ("config.json", "logs.jsonl"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, staging / name)
+    checkpoint = latest_checkpoint(source)
+    if checkpoint is not None:
+        shutil.copytree(checkpoint, staging / checkpoint.name)
+    (staging / LINEAGE).write_text(json.dumps(lineage, indent=2))
+    replaced = next(RUNS / f"{stage}.replaced-{i}" for i in range(1, 10_000)
+                    if not (RUNS / f"{stage}.replaced-{i}").exists())
+    run.rename(replaced)
+    staging.rename(run)
+    timings[stage] = round(logged_wall_seconds(source), 1)
+    timings_path.write_text(json.dumps(timings, indent=2))
+    print(f"{stage}: adopted {source} (life {life_steps(run_budget(run, config))} steps); the run it replaced is in "
+          f"{replaced}")
+    return replaced
+
+
 def run_stage(stage: str, args, continuing: bool = False) -> None:
     from . import build_pairs
 
@@ -424,6 +516,18 @@ def learning_curve(run: Path, path: Path) -> list[dict]:
     points."""
     from .common import line_charts
 
+    points = curve_points(run)
+    keys = ("retrieval", "appearance_acc", "psnr", "ssim", "gap_bank", "attention_same_part_share")
+    panels = {k: [(p["samples"], p[k]) for p in points if k in p] for k in keys}
+    panels = {k: v for k, v in panels.items() if v}
+    if panels:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        line_charts(panels, path, references={"retrieval": 0.75, "appearance_acc": 0.40, "psnr": 20.0, "ssim": 0.85})
+    return points
+
+
+def curve_points(run: Path) -> list[dict]:
+    """The points ``learning_curve`` plots: the model's life's validation numbers, oldest first."""
     logs = run / "logs.jsonl"
     lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
     budget = lineage.get("budget", {})  # the shipped model's, where this run continued it
@@ -435,14 +539,7 @@ def learning_curve(run: Path, path: Path) -> list[dict]:
     points = [{"samples": before + step * steps_batch, "step": before_steps + step,
                **{k[4:]: v for k, v in r.items() if k.startswith("val_")}} for step, r in sorted(sizes.items())]
     # the shipped model's own curve (runs/ did not survive): the points up to where this run took over
-    points = [p for p in lineage.get("curve", []) if p.get("samples", 0) <= before] + points
-    keys = ("retrieval", "appearance_acc", "psnr", "ssim", "gap_bank", "attention_same_part_share")
-    panels = {k: [(p["samples"], p[k]) for p in points if k in p] for k in keys}
-    panels = {k: v for k, v in panels.items() if v}
-    if panels:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        line_charts(panels, path, references={"retrieval": 0.75, "appearance_acc": 0.40, "psnr": 20.0, "ssim": 0.85})
-    return points
+    return [p for p in lineage.get("curve", []) if p.get("samples", 0) <= before] + points
 
 
 def _run_batch(run: Path) -> int:
@@ -567,21 +664,24 @@ def stage_budgets(args) -> dict:
             continue
         module, trainer_args = trainer_invocation(stage, args)
         config = module.load_config(trainer_args, module.DEFAULTS)
-        run = Path(config["output_dir"])
-        steps = _last_logged_step(run) or config["max_train_steps"]
-        lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else None
-        if lineage and not (run / "logs.jsonl").is_file():  # seeded from the shipped model, not trained here
-            budgets[stage] = {**lineage["budget"], "from": "shipped", "wall_s": lineage.get("wall_s")}
-            continue
-        budgets[stage] = {"steps": steps, "batch": config["train_batch_size"],
-                          "samples": steps * config["train_batch_size"], "resolution": config.get("resolution")}
-        if lineage:  # continued from the shipped model
-            previous = lineage["budget"]
-            budgets[stage].update(previous_steps=life_steps(previous),
-                                  samples=budgets[stage]["samples"] + previous.get("samples", 0))
-        if "prediction_type" in config:
-            budgets[stage]["prediction_type"] = config["prediction_type"]
+        budgets[stage] = run_budget(Path(config["output_dir"]), config)
     return budgets
+
+
+def run_budget(run: Path, config: dict) -> dict:
+    """What the model in ``run`` (trained with ``config``) was given, over its whole life (see ``stage_budgets``)."""
+    lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else None
+    if lineage and not (run / "logs.jsonl").is_file():  # seeded from the shipped model, not trained here
+        return {**lineage["budget"], "from": "shipped", "wall_s": lineage.get("wall_s")}
+    steps = _last_logged_step(run) or config["max_train_steps"]
+    budget = {"steps": steps, "batch": config["train_batch_size"], "samples": steps * config["train_batch_size"],
+              "resolution": config.get("resolution")}
+    if lineage:  # continued from the shipped model (or from this stage's earlier run: ``adopt_run``)
+        previous = lineage["budget"]
+        budget.update(previous_steps=life_steps(previous), samples=budget["samples"] + previous.get("samples", 0))
+    if "prediction_type" in config:
+        budget["prediction_type"] = config["prediction_type"]
+    return budget
 
 
 def life_steps(budget: dict) -> int:
@@ -746,8 +846,9 @@ def model_card(card: dict) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.make_demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", default=",".join(STAGES),
-                        help=f"comma-separated subset of {STAGES} (the demo) and {EVAL_STAGES} (the evaluation)")
+    parser.add_argument("--stages", default=None,
+                        help=f"comma-separated subset of {STAGES} (the demo) and {EVAL_STAGES} (the evaluation); "
+                             "default: the whole demo, or none after --adopt")
     parser.add_argument("--profile", choices=sorted(PROFILES), default="gpu",
                         help="gpu: the configs as they are; cpu: trainer/configs/cpu_profile.yaml over them")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every config's max_train_steps")
@@ -765,13 +866,24 @@ def main(argv=None) -> int:
     parser.add_argument("--continue-steps", type=int, default=None, metavar="N",
                         help=f"train the selected stages of {CONTINUABLE} N more steps (flat learning rate): from "
                              "their latest checkpoint where runs/ survived, else from their current or shipped model")
+    parser.add_argument("--adopt", action="append", default=[], metavar="STAGE=DIR",
+                        help=f"make DIR, a run of one of {ADOPTABLE} trained outside the recipe from that stage's "
+                             "model in runs/, the stage's run (lineage, timings, checkpoint), before the stages run")
     args = parser.parse_args(argv)
+    if args.stages is None:
+        args.stages = "" if args.adopt else ",".join(STAGES)
     stages = [s for s in args.stages.split(",") if s]
     unknown = [s for s in stages if s not in STAGES + EVAL_STAGES]
     if unknown:
         parser.error(f"unknown stages {unknown}; choose from {STAGES + EVAL_STAGES}")
     if args.continue_steps is not None and args.continue_steps < 1:
         parser.error("--continue-steps must be at least 1")
+    for item in args.adopt:
+        stage, _, folder = item.partition("=")
+        try:
+            adopt_run(stage, Path(folder))
+        except ValueError as error:
+            parser.error(str(error))
     if args.from_shipped:
         for stage in STAGES:
             if stage not in stages and stage in OUTPUTS:
