@@ -955,6 +955,8 @@ def test_adopt_makes_a_run_trained_outside_the_recipe_the_stages_run(tmp_path, m
     """``make_demo --adopt standardize=DIR``: a run that continued the stage's model outside the recipe becomes the
     stage's run with the lineage of the model it continued (budget, wall time, curve), its own training time and its
     latest checkpoint; a run that started from other weights is refused."""
+    from types import SimpleNamespace
+
     import pytest
 
     from trainer import make_demo
@@ -992,7 +994,19 @@ def test_adopt_makes_a_run_trained_outside_the_recipe_the_stages_run(tmp_path, m
         (source / f"checkpoint-{step}").mkdir()
         (source / f"checkpoint-{step}" / "state.bin").write_bytes(b"%d" % step)
 
+    from trainer import build_pairs, train_standardize
+
+    validated = []
+    monkeypatch.setattr(build_pairs, "load_standardize", lambda path, device: SimpleNamespace(
+        set_progress_bar_config=lambda **kw: None, path=path))
+    monkeypatch.setattr(train_standardize, "validate", lambda pipe, config, step, out: validated.append(
+        (pipe.path, step)) or {"val_psnr": 19.0, "val_retrieval": 0.6})
     replaced = make_demo.adopt_run("standardize", source)
+    # the adopted run trained without validation: its endpoint is validated, so the curve ends where the model does
+    assert validated == [(str(current / "pipeline"), 20)]
+    assert make_demo.curve_points(current)[-1] == {"samples": 800 + 50 * 8, "step": 150, "psnr": 19.0,
+                                                   "retrieval": 0.6}
+    assert make_demo.validate_endpoint(current) is None and len(validated) == 1  # logged once
     assert (replaced / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"current"
     assert (current / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == b"continued"
     assert sorted(p.name for p in current.glob("checkpoint-*")) == ["checkpoint-20"]  # --continue-steps resumes it

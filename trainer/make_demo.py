@@ -321,9 +321,35 @@ def adopt_run(stage: str, source: Path) -> Path:
     staging.rename(run)
     timings[stage] = round(logged_wall_seconds(source), 1)
     timings_path.write_text(json.dumps(timings, indent=2))
+    if stage == "standardize":
+        validate_endpoint(run)
     print(f"{stage}: adopted {source} (life {life_steps(run_budget(run, config))} steps); the run it replaced is in "
           f"{replaced}")
     return replaced
+
+
+def validate_endpoint(run: Path) -> dict | None:
+    """Stage I's validation numbers (``train_standardize.validate``, with the run's config) for the model a run ends
+    with, logged at its last step where the run did not validate there (e.g. it trained with validation off), so the
+    model card's learning curve ends where the model does. Returns the numbers logged (None: they were there)."""
+    from .build_pairs import load_standardize
+    from .train_standardize import validate
+
+    logs = run / "logs.jsonl"
+    records = [json.loads(line) for line in logs.read_text().splitlines() if line.strip()] if logs.is_file() else []
+    last = _last_logged_step(run)
+    if last is None or any(r["step"] == last and "val_psnr" in r for r in records):
+        return None
+    config = json.loads((run / "config.json").read_text())
+    if config.get("validation_probe") and not Path(config["validation_probe"]).exists():
+        print(f"standardize: no probe at {config['validation_probe']}: the endpoint is validated without appearance")
+        config["validation_probe"] = None
+    pipe = load_standardize(str(run / OUTPUTS["standardize"].name), "cpu")
+    pipe.set_progress_bar_config(disable=True)
+    numbers = validate(pipe, config, last, run / "validation")
+    with logs.open("a") as f:
+        f.write(json.dumps({"step": last, **numbers}) + "\n")
+    return numbers
 
 
 def run_stage(stage: str, args, continuing: bool = False) -> None:
