@@ -119,6 +119,53 @@ def test_min_snr_weights_x0_errors_by_snr_plus_one_capped_at_gamma():
     assert float(diffusion_loss(scheduler, pred, x0, noise, t, snr_gamma=5.0)) < float(plain)
 
 
+def test_latent_direction_weights_weigh_errors_along_directions_of_little_variance_more():
+    """``latent_direction_weights``: an error along the latents' direction of least variance weighs (var_max /
+    var_min) ** power times one of the same size along the direction of most; power 0 is the plain MSE, and an
+    error of equal size along every direction costs what it did."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from trainer.common import diffusion_loss, diffusion_target, latent_direction_weights, noise_schedule_kwargs
+
+    torch.manual_seed(0)
+    mix = torch.linalg.qr(torch.randn(4, 4))[0]  # the directions are not the channels
+    scales = torch.tensor([2.0, 1.0, 0.5, 0.1])
+    latents = torch.einsum("ij,bjhw->bihw", mix, scales.view(1, 4, 1, 1) * torch.randn(64, 4, 8, 8))
+    directions = latent_direction_weights(latents, power=0.5)
+    metric = directions.T @ directions
+    torch.testing.assert_close(torch.trace(metric), torch.tensor(4.0), rtol=1e-4, atol=1e-4)  # isotropic: unchanged
+    small, large = mix[:, 3], mix[:, 0]
+    ratio = float(small @ metric @ small) / float(large @ metric @ large)
+    assert abs(ratio - (2.0 / 0.1) ** (2 * 0.5)) / 20.0 < 0.1  # variance ratio 400, ** 0.5
+
+    scheduler = DDPMScheduler(**noise_schedule_kwargs({"prediction_type": "v_prediction",
+                                                       "rescale_betas_zero_snr": True}))
+    x0, noise, t = latents[:3], torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 999])
+    target = diffusion_target(scheduler, x0, noise, t)
+    plain = latent_direction_weights(latents, power=0.0)
+    pred = target + 0.1 * torch.randn(3, 4, 8, 8)
+    torch.testing.assert_close(diffusion_loss(scheduler, pred, x0, noise, t, directions=plain),
+                               diffusion_loss(scheduler, pred, x0, noise, t), rtol=1e-5, atol=1e-7)
+    along = lambda v: target + 0.1 * v.view(1, 4, 1, 1)  # noqa: E731
+    assert float(diffusion_loss(scheduler, along(small), x0, noise, t, directions=directions)) > 10 * float(
+        diffusion_loss(scheduler, along(large), x0, noise, t, directions=directions))
+
+
+def test_standardize_trains_with_latent_direction_weights(standardize_run, tmp_path):
+    from trainer import train_standardize
+
+    root, cfg, _ = standardize_run
+    out = tmp_path / "directions"
+    train_standardize.main(train_standardize.parse_args([
+        "--config", cfg, "--output_dir", str(out), "--set", "latent_direction_power=0.5", "--set",
+        "latent_direction_samples=4", "--set", "validation_steps=100"]))
+    directions = np.array(json.loads((out / "latent_directions.json").read_text()))
+    assert directions.shape == (4, 4) and abs(np.trace(directions.T @ directions) - 4) < 1e-3
+    losses = [json.loads(line)["loss"] for line in (out / "logs.jsonl").read_text().splitlines() if "loss" in line]
+    assert len(losses) == 2 and np.isfinite(losses).all()
+
+
 def test_standardize_resumes_from_the_latest_checkpoint(standardize_run):
     from trainer import train_standardize
 

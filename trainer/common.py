@@ -129,16 +129,34 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"prediction_type {kind!r} is not one of epsilon, v_prediction, sample")
 
 
+def latent_direction_weights(latents: torch.Tensor, power: float) -> torch.Tensor:
+    """(C, C) projection for ``diffusion_loss``'s ``directions``: the principal directions of ``latents`` (N, C, ...),
+    row k being direction k scaled by sqrt(w_k) with w_k = (var_k / mean variance) ** -power, normalised to mean 1,
+    so an error along a direction of little variance weighs more and an error of equal size along every direction
+    costs what it did. Why: the demo VAE's two smallest latent directions hold 1% of the variance but carry
+    colour (yellow vs orange, green vs grey; docs/training.md, 2026-12-05), so the plain MSE learns them last."""
+    x = latents.detach().float().transpose(0, 1).reshape(latents.shape[1], -1)
+    variance, vectors = torch.linalg.eigh(torch.cov(x))
+    weight = (variance.clamp_min(1e-8) / variance.mean()) ** -power
+    weight = weight / weight.mean()
+    return (vectors * weight.sqrt()).T.contiguous()
+
+
 def diffusion_loss(scheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
-                   timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
-    """The denoiser's MSE against ``diffusion_target``; with ``snr_gamma`` Min-SNR-gamma weighted per sample.
+                   timesteps: torch.Tensor, snr_gamma: float | None = None,
+                   directions: torch.Tensor | None = None) -> torch.Tensor:
+    """The denoiser's MSE against ``diffusion_target``; with ``snr_gamma`` Min-SNR-gamma weighted per sample; with
+    ``directions`` (C, C, ``latent_direction_weights``) the error is projected on them first (channels mixed).
 
     Min-SNR caps the weight that low-noise timesteps get in x0 terms at gamma, so more of the gradient goes to the
     noisy timesteps that decide layout and colour. diffusers' recipe weights x0 errors by min(SNR, gamma); under a
     zero-terminal-SNR schedule that zeroes the last timestep, the one where the sheet's colours come from the
     reference alone. Here the x0 weight is min(SNR + 1, gamma) (the v-loss's own SNR + 1, capped), so no timestep
     weighs less than under the plain v-loss; for epsilon it is diffusers' min(SNR, gamma) / SNR."""
-    err = (pred.float() - diffusion_target(scheduler, latents, noise, timesteps).float()) ** 2
+    diff = pred.float() - diffusion_target(scheduler, latents, noise, timesteps).float()
+    if directions is not None:
+        diff = torch.einsum("ij,bj...->bi...", directions.to(diff.device, diff.dtype), diff)
+    err = diff ** 2
     if snr_gamma is None:
         return err.mean()
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()

@@ -13,6 +13,7 @@ EMA, resumable) and ``pipeline/`` (a StandardizePipeline with EMA weights, what 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from pathlib import Path
@@ -44,6 +45,7 @@ from .common import (
     base_parser,
     diffusion_loss,
     image_grid,
+    latent_direction_weights,
     load_config,
     noise_schedule_kwargs,
     prepare_training,
@@ -90,6 +92,11 @@ DEFAULTS = {
     # An easy-to-hard curriculum of references: at step s a sample's reference is its own standard render (the copy
     # task, where reading the bank is trivial) with probability max(0, 1 - s / curriculum_steps). 0 = off.
     "curriculum_steps": 0,
+    # > 0: the denoising loss weighs an error along each principal direction of the target latents by (its variance
+    # / the mean variance) ** -power (``latent_direction_weights``, from ``latent_direction_samples`` fixed standard
+    # renders of training characters): colour directions of small variance count more. 0 = the plain MSE.
+    "latent_direction_power": 0.0,
+    "latent_direction_samples": 64,
     "find_unused_parameters": True,  # DDP: the ReferenceNet's tail gets no gradient (trainer.common.setup_accelerator)
     "num_validation_samples": 4,
     "num_reading_samples": 32,  # fixed val samples for the reference-reading instruments at each validation
@@ -413,6 +420,21 @@ def make_pipeline(models: dict, net: StandardizeNet, scheduler_config, foregroun
 
 
 @torch.no_grad()
+@torch.no_grad()
+def target_latent_directions(vae, config: dict, device, dtype) -> torch.Tensor:
+    """``latent_direction_weights`` of the targets' latents (posterior means of the standard renders of the first
+    ``latent_direction_samples`` training characters, scaled as the trainer scales them)."""
+    from .synthetic.dataset import _image_tensor
+
+    w, h = config["resolution"]
+    ids = character_ids("train", config["latent_direction_samples"])
+    images = torch.stack([_image_tensor(render_sample(cid, i, (w, h)).standard.convert("RGB"))
+                          for i, cid in enumerate(ids)])
+    latents = torch.cat([vae.encode(images[i:i + 16].to(device, dtype)).latent_dist.mean
+                         for i in range(0, len(images), 16)]) * vae.config.scaling_factor
+    return latent_direction_weights(latents, config["latent_direction_power"])
+
+
 def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) -> dict:
     """The learning curve on held-out (val) characters: sheets with ground-truth mask and pose (PSNR/SSIM, own-
     character retrieval among 8 where there are 8 or more, appearance read by ``validation_probe``, a grid), and
@@ -473,6 +495,12 @@ def main(args) -> Path:
     loader = synthetic_batches(accelerator, config, start,
                                transform=reference_on_canvas if config["reference_canvas"] else None)
     rng = np.random.default_rng(config["seed"] + start)
+    directions = None
+    if config["latent_direction_power"]:
+        directions = target_latent_directions(models["vae"], config, accelerator.device, weight_dtype)
+        if accelerator.is_main_process:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "latent_directions.json").write_text(json.dumps(directions.tolist()))
 
     calls = [start]
 
@@ -497,7 +525,7 @@ def main(args) -> Path:
         record = (config["attention_loss_queries"] or True) if aux_loss else False
         pred, bank = denoise(net, noise_scheduler, inputs, noise, t, keep, record_attention=record,
                              keep_embedding=keep_embedding)
-        loss = diffusion_loss(noise_scheduler, pred, target, noise, t, config["snr_gamma"])
+        loss = diffusion_loss(noise_scheduler, pred, target, noise, t, config["snr_gamma"], directions)
         if bank is not None and bank.attention:
             if config["attention_loss_weight"] > 0:
                 aux = attention_correspondence(bank, inputs["reference_labels"], inputs["target_labels"])["loss"]
