@@ -133,8 +133,9 @@ def latent_direction_weights(latents: torch.Tensor, power: float) -> torch.Tenso
     """(C, C) projection for ``diffusion_loss``'s ``directions``: the principal directions of ``latents`` (N, C, ...),
     row k being direction k scaled by sqrt(w_k) with w_k = (var_k / mean variance) ** -power, normalised to mean 1,
     so an error along a direction of little variance weighs more and an error of equal size along every direction
-    costs what it did. Why: the demo VAE's two smallest latent directions hold 1% of the variance but carry
-    colour (yellow vs orange, green vs grey; docs/training.md, 2026-12-05), so the plain MSE learns them last."""
+    costs what it did. Tried because the demo VAE's two smallest latent directions hold 1% of the variance yet carry
+    colour (the greens Stage I loses); 1500 steps at power 0.5 left that loss where it was (docs/training.md,
+    2026-12-05), so Stage I's recipe keeps the plain MSE."""
     x = latents.detach().float().transpose(0, 1).reshape(latents.shape[1], -1)
     variance, vectors = torch.linalg.eigh(torch.cov(x))
     weight = (variance.clamp_min(1e-8) / variance.mean()) ** -power

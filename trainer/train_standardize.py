@@ -420,7 +420,6 @@ def make_pipeline(models: dict, net: StandardizeNet, scheduler_config, foregroun
 
 
 @torch.no_grad()
-@torch.no_grad()
 def target_latent_directions(vae, config: dict, device, dtype) -> torch.Tensor:
     """``latent_direction_weights`` of the targets' latents (posterior means of the standard renders of the first
     ``latent_direction_samples`` training characters, scaled as the trainer scales them)."""
@@ -435,6 +434,7 @@ def target_latent_directions(vae, config: dict, device, dtype) -> torch.Tensor:
     return latent_direction_weights(latents, config["latent_direction_power"])
 
 
+@torch.no_grad()
 def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) -> dict:
     """The learning curve on held-out (val) characters: sheets with ground-truth mask and pose (PSNR/SSIM, own-
     character retrieval among 8 where there are 8 or more, appearance read by ``validation_probe``, a grid), and
