@@ -181,7 +181,7 @@ def seed_from_shipped(stage: str) -> bool:
     out = OUTPUTS[stage]
     if out.exists() or not SHIPPED.is_dir():
         return False
-    card = json.loads((SHIPPED / "model_card.json").read_text()) if (SHIPPED / "model_card.json").is_file() else {}
+    card = _json_file(SHIPPED / "model_card.json", {})
     if stage == "vae":
         from diffusers import AutoencoderKL
 
@@ -256,12 +256,10 @@ def _weights_digest(path: Path) -> str:
 def logged_wall_seconds(run: Path) -> float:
     """A run's training time from its logs (one process): each record's samples/s covers the steps since the record
     before it; validation (logged apart) and each start's seconds before its first record are not counted."""
-    logs = run / "logs.jsonl"
-    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    config = _json_file(run / "config.json", {})
     per_step = config.get("train_batch_size", 16) * config.get("gradient_accumulation_steps", 1)
-    records = [json.loads(line) for line in logs.read_text().splitlines() if line.strip()] if logs.is_file() else []
     seconds, last = 0.0, None
-    for record in records:
+    for record in _log_records(run):
         if last is not None and record.get("samples_per_s") and record["step"] > last:
             seconds += per_step * (record["step"] - last) / record["samples_per_s"]
         last = record["step"]
@@ -286,18 +284,18 @@ def adopt_run(stage: str, source: Path) -> Path:
                          f"(--from-shipped) or train it (--stages {stage})")
     if not (source / relative).exists() or not (source / "config.json").is_file():
         raise ValueError(f"--adopt: {source} is not a finished {stage} run (it needs {relative} and config.json)")
-    config = json.loads((source / "config.json").read_text())
+    config = _json_file(source / "config.json")
     key, expected = _init_value(stage, output)
     started = config.get(key)
     if not started or not Path(started).exists() or _weights_digest(Path(started)) != _weights_digest(Path(expected)):
         raise ValueError(f"--adopt: {source} did not start from {stage}'s model in runs/ ({expected}): its {key} is "
                          f"{started!r}, with other weights or gone. Only a continuation of that model keeps its "
                          "lineage true; train from it and adopt that run.")
-    current = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
-    before = run_budget(run, {"max_train_steps": 0, "train_batch_size": _run_batch(run), **current})
-    kept = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
+    before = run_budget(run, {"max_train_steps": 0, "train_batch_size": _run_batch(run),
+                              **_json_file(run / "config.json", {})})
+    kept = _json_file(run / LINEAGE, {})
     timings_path = RUNS / "timings.json"
-    timings = json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+    timings = _json_file(timings_path, {})
     trained_here = (run / "logs.jsonl").is_file()
     wall = (kept.get("wall_s") or 0) + (timings.get(stage, 0) if trained_here else 0)
     lineage = {"from": "adopted", "source": str(source), "wall_s": round(wall, 1),
@@ -335,19 +333,17 @@ def validate_endpoint(run: Path) -> dict | None:
     from .build_pairs import load_standardize
     from .train_standardize import validate
 
-    logs = run / "logs.jsonl"
-    records = [json.loads(line) for line in logs.read_text().splitlines() if line.strip()] if logs.is_file() else []
-    last = _last_logged_step(run)
+    records, last = _log_records(run), _last_logged_step(run)
     if last is None or any(r["step"] == last and "val_psnr" in r for r in records):
         return None
-    config = json.loads((run / "config.json").read_text())
+    config = _json_file(run / "config.json")
     if config.get("validation_probe") and not Path(config["validation_probe"]).exists():
         print(f"standardize: no probe at {config['validation_probe']}: the endpoint is validated without appearance")
         config["validation_probe"] = None
     pipe = load_standardize(str(run / OUTPUTS["standardize"].name), "cpu")
     pipe.set_progress_bar_config(disable=True)
     numbers = validate(pipe, config, last, run / "validation")
-    with logs.open("a") as f:
+    with (run / "logs.jsonl").open("a") as f:
         f.write(json.dumps({"step": last, **numbers}) + "\n")
     return numbers
 
@@ -554,12 +550,11 @@ def learning_curve(run: Path, path: Path) -> list[dict]:
 
 def curve_points(run: Path) -> list[dict]:
     """The points ``learning_curve`` plots: the model's life's validation numbers, oldest first."""
-    logs = run / "logs.jsonl"
-    lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else {}
+    lineage = _json_file(run / LINEAGE, {})
     budget = lineage.get("budget", {})  # the shipped model's, where this run continued it
     before, before_steps = budget.get("samples", 0), life_steps(budget)
     # a Stage I taken from the shipped model and not trained here has no logs: its curve is the shipped one
-    records = [json.loads(line) for line in logs.read_text().splitlines() if line.strip()] if logs.is_file() else []
+    records = _log_records(run)
     sizes = {r["step"]: r for r in records if "val_psnr" in r}
     steps_batch = _run_batch(run)
     points = [{"samples": before + step * steps_batch, "step": before_steps + step,
@@ -570,10 +565,7 @@ def curve_points(run: Path) -> list[dict]:
 
 def _run_batch(run: Path) -> int:
     """The batch size a run trained with (the resolved config every trainer writes at its start)."""
-    config = run / "config.json"
-    if config.is_file():
-        return int(json.loads(config.read_text()).get("train_batch_size", 16))
-    return 16
+    return int(_json_file(run / "config.json", {}).get("train_batch_size", 16))
 
 
 def share_image_encoder(demo: Path) -> bool:
@@ -696,7 +688,7 @@ def stage_budgets(args) -> dict:
 
 def run_budget(run: Path, config: dict) -> dict:
     """What the model in ``run`` (trained with ``config``) was given, over its whole life (see ``stage_budgets``)."""
-    lineage = json.loads((run / LINEAGE).read_text()) if (run / LINEAGE).is_file() else None
+    lineage = _json_file(run / LINEAGE)
     if lineage and not (run / "logs.jsonl").is_file():  # seeded from the shipped model, not trained here
         return {**lineage["budget"], "from": "shipped", "wall_s": lineage.get("wall_s")}
     steps = _last_logged_step(run) or config["max_train_steps"]
@@ -716,11 +708,19 @@ def life_steps(budget: dict) -> int:
     return budget.get("steps", 0) + budget.get("previous_steps", 0)
 
 
-def _last_logged_step(run: Path) -> int | None:
+def _json_file(path: Path, default=None):
+    """A run's JSON file (config, lineage, timings), or ``default`` where it is not there."""
+    return json.loads(path.read_text()) if path.is_file() else default
+
+
+def _log_records(run: Path) -> list[dict]:
+    """A run's ``logs.jsonl`` records, oldest first (none where it has no logs)."""
     logs = run / "logs.jsonl"
-    if not logs.is_file():
-        return None
-    steps = [json.loads(line).get("step", 0) for line in logs.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in logs.read_text().splitlines() if line.strip()] if logs.is_file() else []
+
+
+def _last_logged_step(run: Path) -> int | None:
+    steps = [record.get("step", 0) for record in _log_records(run)]
     return max(steps) if steps else None
 
 
@@ -917,7 +917,7 @@ def main(argv=None) -> int:
     timings_path = RUNS / "timings.json"
 
     def timings() -> dict:  # re-read each time: two recipes may run side by side (the demo and the evaluation)
-        return json.loads(timings_path.read_text()) if timings_path.is_file() else {}
+        return _json_file(timings_path, {})
 
     for stage in stages:
         if stage == "package":
