@@ -7,6 +7,7 @@ from components import tiny_sd_unet, tiny_stage1_components
 
 from engine.models.stage1 import (
     PoseGuider,
+    ReferenceBank,
     ReferenceConditioner,
     StandardizeNet,
     pose_residual,
@@ -167,6 +168,26 @@ def test_models_round_trip_save_pretrained(tmp_path):
     assert set(loaded.state_dict()) == set(cond.state_dict())
     no_rpim = ReferenceConditioner.for_unet(tiny_sd_unet(), use_rpim=False)
     assert not any(k.startswith("pose") for k in no_rpim.state_dict())
+
+
+def test_reference_latent_path_adds_the_conv_of_the_resized_latent():
+    """use_reference_latent: f~ gains conv(latent area-resized to the block's grid); zero until trained; the bank
+    hands the reference latents to the conditioner."""
+    torch.manual_seed(0)
+    unet = tiny_sd_unet()
+    cond = ReferenceConditioner.for_unet(unet, use_fbdm=False, use_rpim=False, use_reference_latent=True)
+    name, i = next(iter(cond.index.items()))
+    dim = cond.latent_projections[i].out_channels
+    hidden, z = torch.randn(2, 4 * 6, dim), torch.randn(2, 4, 8, 12)
+    torch.testing.assert_close(cond.condition(name, hidden, (4, 6), None, None, z), hidden, rtol=0, atol=0)
+    with torch.no_grad():
+        cond.latent_projections[i].weight.normal_()
+        cond.latent_projections[i].bias.normal_()
+    pooled = z.reshape(2, 4, 4, 2, 6, 2).mean((3, 5))  # area resize 8x12 -> 4x6
+    expected = hidden + cond.latent_projections[i](pooled).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(cond.condition(name, hidden, (4, 6), None, None, z), expected)
+    bank = ReferenceBank((8, 12), cond, reference_latents=z)
+    torch.testing.assert_close(bank.write(name, hidden), expected)
 
 
 def test_processors_keep_unet_state_dict_keys():

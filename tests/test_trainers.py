@@ -1216,6 +1216,48 @@ def test_grown_stage1_draws_what_its_init_drew_and_has_the_new_layers(standardiz
         train_standardize.build_models({**config, "init": None, "grow_transformer_layers": [2, 1]})
 
 
+def test_reference_latent_path_starts_at_zero_then_trains_and_reloads(standardize_run, tmp_path):
+    """reference_latent turned on in a trained Stage I: the path starts at zero (the same sheet as its init), a
+    2-step run trains it (its convs leave zero), the saved pipeline reloads it, and a run from that model without
+    the option is refused with a message."""
+    from diffusers import DDIMScheduler
+
+    from engine.pipelines import StandardizePipeline
+    from trainer import train_standardize
+    from trainer.synthetic import render_sample
+
+    root, cfg, final = standardize_run
+    args = train_standardize.parse_args(["--config", cfg, "--set", f"init={final}"])
+    config = train_standardize.load_config(args, train_standardize.DEFAULTS)
+    plain = train_standardize.build_models(config)
+    latent = train_standardize.build_models({**config, "reference_latent": True})
+    latent.update(vae=plain["vae"], image_encoder=plain["image_encoder"])
+    assert latent["net"].conditioner.config.use_reference_latent
+    sample = render_sample(3, 0, (64, 96))
+    scheduler_config = DDIMScheduler.from_pretrained(final / "scheduler").config
+
+    def sheet(models):
+        pipe = train_standardize.make_pipeline(models, models["net"], scheduler_config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
+                    height=96, width=64, num_inference_steps=2, seed=0, output_type="latent").sheet
+
+    before = sheet(plain)
+    torch.testing.assert_close(sheet(latent), before, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        latent["net"].conditioner.latent_projections[0].weight.normal_()
+    assert (sheet(latent) - before).abs().max() > 1e-3  # the path reaches the sheet once it is not zero
+
+    trained = train_standardize.main(train_standardize.parse_args(
+        ["--config", cfg, "--set", f"init={final}", "--set", "reference_latent=true",
+         "--set", f"output_dir={tmp_path / 'run'}"]))
+    reloaded = StandardizePipeline.from_pretrained(trained).reference_conditioner
+    assert reloaded.config.use_reference_latent
+    assert any(bool(p.abs().sum() > 0) for p in reloaded.latent_projections.parameters())
+    with pytest.raises(ValueError, match="reference_latent"):
+        train_standardize.build_models({**config, "init": str(trained)})
+
+
 def test_packaged_stage1_shares_the_image_encoder_beside_it(tmp_path):
     """share_image_encoder removes Stage I's copy of the encoder only where it equals the shared one, and
     StandardizePipeline.from_pretrained then reads the shared folder: the same weights as before."""

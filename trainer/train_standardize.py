@@ -110,6 +110,10 @@ DEFAULTS = {
     # blocks mirror it, the mid block keeps the last entry), the new layers zero-initialised so the grown net computes
     # exactly what ``init`` did (grow_transformer_layers); their FBDM/RPIM entries start at zero too.
     "grow_transformer_layers": None,
+    # The reference's own VAE latent added to the bank's tokens of every block through zero-initialised convs
+    # (``ReferenceConditioner(use_reference_latent=True)``); with ``init`` the path is added at zero, so the model
+    # starts as it was. Needs FBDM or RPIM (the conditioner carries it).
+    "reference_latent": False,
     # Without ``init``: the denoiser starts as an exact copy of the ReferenceNet (Animate Anyone starts both from the
     # same SD1.5 weights), so at step 0 a denoiser query and the reference key of the same content already live in
     # one feature space. False: two independent random initialisations (the demo recipe up to 2026-12).
@@ -169,13 +173,19 @@ def grow_transformer_layers(unet: UNet2DConditionModel, layers: list[int]) -> UN
     return grown
 
 
-def grow_conditioner(conditioner: ReferenceConditioner, reference_unet: UNet2DConditionModel) -> ReferenceConditioner:
-    """FBDM/RPIM for a grown ReferenceNet: the trained entries kept by block name, the new blocks' at zero."""
-    grown = ReferenceConditioner.for_unet(reference_unet, use_fbdm=conditioner.config.use_fbdm,
-                                          use_rpim=conditioner.config.use_rpim,
-                                          pose_channels=conditioner.config.pose_channels,
-                                          pose_block_out_channels=tuple(conditioner.config.pose_block_out_channels),
-                                          pose_embedding_channels=conditioner.config.pose_embedding_channels)
+def grow_conditioner(conditioner: ReferenceConditioner, reference_unet: UNet2DConditionModel,
+                     use_reference_latent: bool | None = None) -> ReferenceConditioner:
+    """FBDM/RPIM for a grown ReferenceNet (or with the reference-latent path turned on): the trained entries kept by
+    block name, the new blocks' and the new path's at zero."""
+    old = conditioner.config
+    if use_reference_latent is None:
+        use_reference_latent = old.use_reference_latent
+    grown = ReferenceConditioner.for_unet(reference_unet, use_fbdm=old.use_fbdm, use_rpim=old.use_rpim,
+                                          pose_channels=old.pose_channels,
+                                          pose_block_out_channels=tuple(old.pose_block_out_channels),
+                                          pose_embedding_channels=old.pose_embedding_channels,
+                                          use_reference_latent=use_reference_latent,
+                                          latent_channels=old.latent_channels)
     with torch.no_grad():
         if conditioner.config.use_rpim:
             grown.pose_encoder.load_state_dict(conditioner.pose_encoder.state_dict())
@@ -185,6 +195,8 @@ def grow_conditioner(conditioner: ReferenceConditioner, reference_unet: UNet2DCo
                 grown.fbdm_tokens[j].copy_(conditioner.fbdm_tokens[i])
             if conditioner.config.use_rpim:
                 grown.pose_projections[j].load_state_dict(conditioner.pose_projections[i].state_dict())
+            if conditioner.config.use_reference_latent and use_reference_latent:
+                grown.latent_projections[j].load_state_dict(conditioner.latent_projections[i].state_dict())
     return grown
 
 
@@ -238,7 +250,8 @@ def build_models(config: dict) -> dict:
         conditioner = ReferenceConditioner.for_unet(
             reference_unet, use_fbdm=model["use_fbdm"], use_rpim=model["use_rpim"],
             pose_block_out_channels=tuple(cond["pose_block_out_channels"]),
-            pose_embedding_channels=cond["pose_embedding_channels"])
+            pose_embedding_channels=cond["pose_embedding_channels"],
+            use_reference_latent=bool(config.get("reference_latent")))
     if config.get("grow_transformer_layers"):
         if init is None:  # from scratch the config's model.unet.transformer_layers_per_block says it directly
             raise ValueError("grow_transformer_layers grows a trained Stage I: give it an init folder")
@@ -247,6 +260,10 @@ def build_models(config: dict) -> dict:
         denoising_unet = grow_transformer_layers(denoising_unet, layers)
         if conditioner is not None:
             conditioner = grow_conditioner(conditioner, reference_unet)
+    if conditioner is not None and bool(config.get("reference_latent")) != conditioner.config.use_reference_latent:
+        if not config.get("reference_latent"):
+            raise ValueError(f"init {init} reads the reference's latent in its bank: set reference_latent true")
+        conditioner = grow_conditioner(conditioner, reference_unet, True)  # the new path at zero: nothing changes yet
     size = encoder.config.image_size
     return {
         "vae": vae.requires_grad_(False).eval(),

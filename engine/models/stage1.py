@@ -73,12 +73,19 @@ class ReferenceConditioner(ModelMixin, ConfigMixin):
     mask resized to the block. RPIM (eq. 4): the reference pose map -> a light conv encoder (16, 32, 96, 256 -> 320,
     /8) -> per block a 1x1 conv to the block's width (our choice: the paper says "a convolutional layer") ->
     interpolated to the block's resolution -> added to ``f~``.
+
+    ``use_reference_latent`` (our addition, off in the paper's model): per block a zero-initialised 3x3 conv from the
+    reference's own VAE latent (area-resized to the block's grid) to the block's width, added to ``f~`` like RPIM. The
+    ReferenceNet's features reach the bank through GroupNorm and LayerNorm, which take out each channel's level over
+    the image and each token's over its channels; the latent puts the reference's absolute colours back into the
+    bank's tokens. Zero at first, so turning it on in a trained model changes nothing until it is trained.
     """
 
     @register_to_config
     def __init__(self, attention_names: list[str], attention_dims: list[int], use_fbdm: bool = True,
                  use_rpim: bool = True, pose_channels: int = 3,
-                 pose_block_out_channels: tuple[int, ...] = (16, 32, 96, 256), pose_embedding_channels: int = 320):
+                 pose_block_out_channels: tuple[int, ...] = (16, 32, 96, 256), pose_embedding_channels: int = 320,
+                 use_reference_latent: bool = False, latent_channels: int = 4):
         super().__init__()
         if len(attention_names) != len(attention_dims):
             raise ValueError("attention_names and attention_dims must have the same length")
@@ -90,6 +97,10 @@ class ReferenceConditioner(ModelMixin, ConfigMixin):
                                            zero_init_out=False)
             self.pose_projections = nn.ModuleList(
                 zero_module(nn.Conv2d(pose_embedding_channels, d, kernel_size=1)) for d in attention_dims
+            )
+        if use_reference_latent:
+            self.latent_projections = nn.ModuleList(
+                zero_module(nn.Conv2d(latent_channels, d, kernel_size=3, padding=1)) for d in attention_dims
             )
 
     @classmethod
@@ -107,13 +118,14 @@ class ReferenceConditioner(ModelMixin, ConfigMixin):
         return self(pose_map=pose_map)
 
     def condition(self, name: str, hidden: torch.Tensor, hw: tuple[int, int], background: torch.Tensor | None,
-                  pose_features: torch.Tensor | None) -> torch.Tensor:
+                  pose_features: torch.Tensor | None, reference_latents: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (B, h*w, C) -> f~ for block ``name``."""
-        return self(hidden, name=name, hw=hw, background=background, pose_features=pose_features)
+        return self(hidden, name=name, hw=hw, background=background, pose_features=pose_features,
+                    reference_latents=reference_latents)
 
     def forward(self, hidden: torch.Tensor | None = None, name: str | None = None, hw: tuple[int, int] | None = None,
                 background: torch.Tensor | None = None, pose_features: torch.Tensor | None = None,
-                pose_map: torch.Tensor | None = None) -> torch.Tensor:
+                pose_map: torch.Tensor | None = None, reference_latents: torch.Tensor | None = None) -> torch.Tensor:
         """``pose_map`` alone: encode it (RPIM); otherwise condition ``hidden`` of block ``name`` (FBDM + RPIM)."""
         if hidden is None:
             return self.pose_encoder(pose_map.to(self.dtype))
@@ -128,6 +140,11 @@ class ReferenceConditioner(ModelMixin, ConfigMixin):
             p = self.pose_projections[i](pose_features.to(hidden.dtype))
             p = F.interpolate(p, size=hw, mode="bilinear", align_corners=False)
             hidden = hidden + p.flatten(2).transpose(1, 2)
+        if self.config.use_reference_latent and reference_latents is not None:
+            z = reference_latents.to(hidden.dtype)
+            if tuple(z.shape[-2:]) != tuple(hw):
+                z = F.interpolate(z, size=hw, mode="area")
+            hidden = hidden + self.latent_projections[i](z).flatten(2).transpose(1, 2)
         return hidden
 
 
@@ -150,8 +167,10 @@ class ReferenceBank:
 
     def __init__(self, latent_hw: tuple[int, int], conditioner: ReferenceConditioner | None = None,
                  background: torch.Tensor | None = None, pose_features: torch.Tensor | None = None,
-                 record_shapes: bool = False, record_attention: bool | int = False):
+                 record_shapes: bool = False, record_attention: bool | int = False,
+                 reference_latents: torch.Tensor | None = None):
         self.latent_hw = tuple(latent_hw)
+        self.reference_latents = reference_latents  # for the conditioner's latent path (``use_reference_latent``)
         self.conditioner = conditioner
         self.background = background
         self.pose_features = pose_features
@@ -169,7 +188,8 @@ class ReferenceBank:
     def write(self, name: str, hidden: torch.Tensor) -> torch.Tensor:
         if self.conditioner is not None:
             hw = token_grid(hidden.shape[1], self.latent_hw)
-            hidden = self.conditioner.condition(name, hidden, hw, self.background, self.pose_features)
+            hidden = self.conditioner.condition(name, hidden, hw, self.background, self.pose_features,
+                                                self.reference_latents)
             if self.applied is not None:
                 self.applied[name] = (hw, self.background is not None, self.pose_features is not None)
         self.features[name] = hidden
@@ -378,7 +398,7 @@ class StandardizeNet(nn.Module):
         reference_latents, image_embeds = reference_latents.to(dtype), image_embeds.to(dtype)
         pose_features = self.conditioner.encode_pose(reference_pose) if self.conditioner is not None else None
         bank = ReferenceBank(reference_latents.shape[-2:], self.conditioner, background, pose_features, record_shapes,
-                             record_attention)
+                             record_attention, reference_latents)
         timestep = torch.zeros(reference_latents.shape[0], device=reference_latents.device, dtype=torch.long)
         self.reference_unet(reference_latents, timestep, encoder_hidden_states=image_embeds,
                             cross_attention_kwargs={"reference_bank": bank}, return_dict=False)
