@@ -112,7 +112,7 @@ DEFAULTS = {
     "grow_transformer_layers": None,
     # The reference's own VAE latent added to the bank's tokens of every block through zero-initialised convs
     # (``ReferenceConditioner(use_reference_latent=True)``); with ``init`` the path is added at zero, so the model
-    # starts as it was. Needs FBDM or RPIM (the conditioner carries it).
+    # starts as it was (an init that has it keeps it either way). Needs FBDM or RPIM (the conditioner carries it).
     "reference_latent": False,
     # Without ``init``: the denoiser starts as an exact copy of the ReferenceNet (Animate Anyone starts both from the
     # same SD1.5 weights), so at step 0 a denoiser query and the reference key of the same content already live in
@@ -260,9 +260,8 @@ def build_models(config: dict) -> dict:
         denoising_unet = grow_transformer_layers(denoising_unet, layers)
         if conditioner is not None:
             conditioner = grow_conditioner(conditioner, reference_unet)
-    if conditioner is not None and bool(config.get("reference_latent")) != conditioner.config.use_reference_latent:
-        if not config.get("reference_latent"):
-            raise ValueError(f"init {init} reads the reference's latent in its bank: set reference_latent true")
+    # an init that has the path keeps it (its convs are trained weights); reference_latent adds it to one that has not
+    if conditioner is not None and config.get("reference_latent") and not conditioner.config.use_reference_latent:
         conditioner = grow_conditioner(conditioner, reference_unet, True)  # the new path at zero: nothing changes yet
     size = encoder.config.image_size
     return {
