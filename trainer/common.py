@@ -366,6 +366,13 @@ def batch_digest(batch) -> str:
     return digest.hexdigest()[:16]
 
 
+def end_training(accelerator) -> None:
+    """Every process reaches this point before the process group goes: a rank that destroys it while rank 0 is still
+    writing the final weights can leave the run hanging at exit (seen once in two-process CI, pytorch#75097)."""
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
 def training_loop(*, accelerator, config: dict, model, optimizer, lr_scheduler, batches, loss_fn, start_step: int,
                   ema: EMA | None = None, ema_module=None, validate=None) -> int:
     """The loop every trainer shares: accumulate, clip, step, EMA, JSONL logs, checkpoints, validation.

@@ -44,6 +44,7 @@ from .common import (
     COMMON_DEFAULTS,
     base_parser,
     ema_weights,
+    end_training,
     load_config,
     prepare_training,
     setup_accelerator,
@@ -292,7 +293,7 @@ def main(args) -> Path:
             export(final, tokenizer, out)
         if unwrapped.heads is not None:
             unwrapped.heads.save_pretrained(out / "attribute_heads")
-    accelerator.end_training()
+    end_training(accelerator)
     return out
 
 

@@ -26,6 +26,7 @@ from .common import (
     COMMON_DEFAULTS,
     base_parser,
     ema_weights,
+    end_training,
     load_config,
     prepare_training,
     setup_accelerator,
@@ -248,7 +249,7 @@ def main(args) -> Path:
         (out / "detector_accuracy.json").write_text(json.dumps(
             held_out_accuracy(kind, path, config["num_validation_samples"], (w, h), figure=out / "held_out_photos.png"),
             indent=2))
-    accelerator.end_training()
+    end_training(accelerator)
     return path
 
 

@@ -36,6 +36,7 @@ from .common import (
     base_parser,
     diffusion_loss,
     ema_weights,
+    end_training,
     image_grid,
     load_config,
     prepare_training,
@@ -329,7 +330,7 @@ def main(args) -> Path:
     if accelerator.is_main_process:
         with ema_weights(accelerator.unwrap_model(model).adapter, ema) as adapter:
             adapter.save_pretrained(final)
-    accelerator.end_training()
+    end_training(accelerator)
     return final / "ip-adapter.safetensors"
 
 

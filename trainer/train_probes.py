@@ -23,6 +23,7 @@ from .common import (
     COMMON_DEFAULTS,
     base_parser,
     ema_weights,
+    end_training,
     load_config,
     prepare_training,
     setup_accelerator,
@@ -130,7 +131,7 @@ def main(args) -> Path:
             model.eval().save_pretrained(out / "probe")
             acc = accuracy(model, config["num_validation_samples"], tuple(config["resolution"]), seed=7)
         (out / "probe_accuracy.json").write_text(json.dumps(acc, indent=2))
-    accelerator.end_training()
+    end_training(accelerator)
     return out / "probe"
 
 

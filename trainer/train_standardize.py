@@ -44,6 +44,7 @@ from .common import (
     NOISE_DEFAULTS,
     base_parser,
     diffusion_loss,
+    end_training,
     image_grid,
     latent_direction_weights,
     load_config,
@@ -568,7 +569,7 @@ def main(args) -> Path:
                              config["foreground_embedding"])
         pipe.to(torch.float32)
         pipe.save_pretrained(final)
-    accelerator.end_training()
+    end_training(accelerator)
     return final
 
 

@@ -25,6 +25,7 @@ from .common import (
     base_parser,
     diffusion_loss,
     ema_weights,
+    end_training,
     image_grid,
     load_config,
     noise_schedule_kwargs,
@@ -163,7 +164,7 @@ def main(args) -> Path:
         with ema_weights(accelerator.unwrap_model(unet), ema):
             pipe.to(torch.float32)
             pipe.save_pretrained(out / "sdxl")
-    accelerator.end_training()
+    end_training(accelerator)
     return out / "sdxl"
 
 

@@ -31,6 +31,7 @@ from .common import (
     COMMON_DEFAULTS,
     base_parser,
     ema_weights,
+    end_training,
     image_grid,
     load_config,
     prepare_training,
@@ -288,7 +289,7 @@ def main(args) -> Path:
             if not config["train_decoder_only"]:  # the latent space is new: fit its scale (else it is unchanged)
                 vae.register_to_config(scaling_factor=fit_scaling_factor(vae, tuple(config["resolution"])))
             vae.save_pretrained(out / "vae")
-    accelerator.end_training()
+    end_training(accelerator)
     return out / "vae"
 
 
