@@ -7,6 +7,7 @@ accelerate sets up gloo on the CPU from its environment."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _run_or_show_the_hang(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a run still going after ``timeout`` gets SIGABRT in its whole process group, so each
+    rank's faulthandler (PYTHONFAULTHANDLER) prints where every thread of it stood, and the test fails with that."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)
+            try:
+                out, err = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                out, err = proc.communicate()
+            pytest.fail(f"{' '.join(cmd[2:])} still ran after {timeout} s; where its threads stood:\n{err[-6000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def launch(module: str, config: dict, tmp_path: Path, name: str) -> Path:
     out = tmp_path / name
     cfg = write_config(tmp_path / f"{name}.yaml", {**COMMON, **config, "output_dir": str(out)})
@@ -38,9 +57,9 @@ def launch(module: str, config: dict, tmp_path: Path, name: str) -> Path:
                  ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK")}
     env = {**inherited, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
            "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets: gloo on the CPU
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), "-m", module, "--config", cfg],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    run = _run_or_show_the_hang([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                                 "--master_port", str(_free_port()), "-m", module, "--config", cfg],
+                                cwd=ROOT, env={**env, "PYTHONFAULTHANDLER": "1"})
     if run.returncode != 0:  # show each rank's own error (the last lines are only the launcher's summary)
         ranks = [line for line in run.stderr.splitlines() if "rank1]" in line or "Error" in line]
         pytest.fail("\n".join(ranks[-40:]) + "\n" + run.stderr[-1500:])
@@ -125,3 +144,9 @@ def test_a_pair_folder_is_split_between_processes():
     parts = [list(shard(data, SimpleNamespace(num_processes=3, process_index=r))) for r in range(3)]
     assert sorted(sum(parts, [])) == data and all(not set(a) & set(b) for a in parts for b in parts if a is not b)
     assert shard(data, SimpleNamespace(num_processes=1, process_index=0)) is data
+
+
+def test_a_hung_launch_fails_with_where_its_threads_stood():
+    code = "import time\ndef stuck_here():\n    time.sleep(600)\nstuck_here()\n"
+    with pytest.raises(pytest.fail.Exception, match="in stuck_here"):
+        _run_or_show_the_hang([sys.executable, "-c", code], timeout=3, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
