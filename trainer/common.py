@@ -369,7 +369,7 @@ def batch_digest(batch) -> str:
 def end_training(accelerator) -> None:
     """Every process reaches this point before the process group goes (destroying it on one rank while another is
     still at work can hang, pytorch#75097): the two-process CLIP run in CI once hung after its last step, while rank 0
-    wrote the final weights and rank 1 had already destroyed the group. Not reproduced here in 10 runs either way."""
+    wrote the final weights and rank 1 could already destroy the group (not reproduced here in 4 runs before this)."""
     accelerator.wait_for_everyone()
     accelerator.end_training()
 
