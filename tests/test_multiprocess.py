@@ -30,11 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_or_show_the_hang(cmd: list[str], timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
+def _run_or_show_the_hang(cmd: list[str], env: dict, timeout: float = 600, **kwargs) -> subprocess.CompletedProcess:
     """subprocess.run, except that a run still going after ``timeout`` gets SIGABRT in its whole process group, so each
-    rank's faulthandler (PYTHONFAULTHANDLER) prints where every thread of it stood, and the test fails with that."""
+    rank's faulthandler (PYTHONFAULTHANDLER, set here) prints where every thread of it stood, and the test fails with
+    that."""
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
-                          **kwargs) as proc:
+                          env={**env, "PYTHONFAULTHANDLER": "1"}, **kwargs) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -59,7 +60,7 @@ def launch(module: str, config: dict, tmp_path: Path, name: str) -> Path:
            "ACCELERATE_USE_CPU": "true"}  # what `accelerate launch --cpu` sets: gloo on the CPU
     run = _run_or_show_the_hang([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                  "--master_port", str(_free_port()), "-m", module, "--config", cfg],
-                                cwd=ROOT, env={**env, "PYTHONFAULTHANDLER": "1"})
+                                env, cwd=ROOT)
     if run.returncode != 0:  # show each rank's own error (the last lines are only the launcher's summary)
         ranks = [line for line in run.stderr.splitlines() if "rank1]" in line or "Error" in line]
         pytest.fail("\n".join(ranks[-40:]) + "\n" + run.stderr[-1500:])
@@ -149,4 +150,4 @@ def test_a_pair_folder_is_split_between_processes():
 def test_a_hung_launch_fails_with_where_its_threads_stood():
     code = "import time\ndef stuck_here():\n    time.sleep(600)\nstuck_here()\n"
     with pytest.raises(pytest.fail.Exception, match="in stuck_here"):
-        _run_or_show_the_hang([sys.executable, "-c", code], timeout=3, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+        _run_or_show_the_hang([sys.executable, "-c", code], dict(os.environ), timeout=3)
