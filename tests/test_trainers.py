@@ -1260,6 +1260,49 @@ def test_reference_latent_path_starts_at_zero_then_trains_and_reloads(standardiz
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_standardize_trains_in_the_colour_basis_and_saves_it(standardize_run, tmp_path):
+    """latent_floor: the run's VAE encodes the basis samples with every principal variance at least the floor, the
+    trained Stage I starts folded from its init, latent_basis.json records W, and the saved pipeline carries the
+    folded VAE; latent_basis= reuses a saved basis."""
+    from engine.pipelines import StandardizePipeline
+    from trainer import train_standardize
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+    from trainer.synthetic.dataset import _image_tensor
+
+    from diffusers import AutoencoderKL
+
+    _, cfg, final = standardize_run
+    torch.manual_seed(0)
+    AutoencoderKL.from_config(TINY_VAE).save_pretrained(tmp_path / "vae")  # one VAE for every build below
+    common = ["--config", cfg, "--set", f"init={final}", "--set", f"vae={tmp_path / 'vae'}"]
+    args = train_standardize.parse_args(common + ["--set", "latent_floor=5.0", "--set", "latent_basis_samples=3"])
+    config = train_standardize.load_config(args, train_standardize.DEFAULTS)
+    models = train_standardize.build_models(config)
+    w = torch.tensor(models["latent_basis"]["W"])
+    assert min(models["latent_basis"]["variances"]) < 5.0 and w.diagonal().max() > 1.0
+    images = torch.stack([_image_tensor(im.convert("RGB")) for i, cid in enumerate(character_ids("train", 3))
+                          for s in [render_sample(cid, i, (64, 96))] for im in (s.standard, s.image)])
+    with torch.no_grad():
+        z = models["vae"].encode(images).latent_dist.mean * models["vae"].config.scaling_factor
+    variances = np.linalg.eigvalsh(np.cov(z.permute(0, 2, 3, 1).reshape(-1, 4).double().numpy().T))
+    assert variances.min() > 5.0 * 0.99
+    init = StandardizePipeline.from_pretrained(final)
+    expected = torch.einsum("ocij,cd->odij", init.reference_unet.conv_in.weight, torch.linalg.inv(w))
+    torch.testing.assert_close(models["net"].reference_unet.conv_in.weight, expected, atol=1e-5, rtol=1e-4)
+
+    out = tmp_path / "run"
+    trained = train_standardize.main(train_standardize.parse_args(
+        common + ["--set", "latent_floor=5.0", "--set", "latent_basis_samples=3", "--set", f"output_dir={out}"]))
+    saved = json.loads((out / "latent_basis.json").read_text())
+    torch.testing.assert_close(torch.tensor(saved["W"]), w)
+    vae = StandardizePipeline.from_pretrained(trained).vae
+    assert float(vae.quant_conv.weight[4:].detach().abs().max()) == 0  # the folded VAE, not the config's
+    again = train_standardize.build_models({**config, "latent_floor": 0.0,
+                                            "latent_basis": str(out / "latent_basis.json")})
+    torch.testing.assert_close(again["vae"].post_quant_conv.weight, models["vae"].post_quant_conv.weight)
+
+
 def test_packaged_stage1_shares_the_image_encoder_beside_it(tmp_path):
     """share_image_encoder removes Stage I's copy of the encoder only where it equals the shared one, and
     StandardizePipeline.from_pretrained then reads the shared folder: the same weights as before."""

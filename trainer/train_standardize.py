@@ -54,6 +54,7 @@ from .common import (
     synthetic_batches,
     training_loop,
 )
+from .latent_basis import colour_boost, fold_into_stage1, fold_into_vae, posterior_variance
 from .synthetic import reference_on_canvas, render_sample
 from .synthetic.character import character_ids
 
@@ -98,6 +99,14 @@ DEFAULTS = {
     # renders of training characters): colour directions of small variance count more. 0 = the plain MSE.
     "latent_direction_power": 0.0,
     "latent_direction_samples": 64,
+    # > 0: Stage I works in a latent basis where every principal direction of the world's latents (scenes and standard
+    # renders of ``latent_basis_samples`` training characters) has at least this variance (trainer.latent_basis:
+    # the hue's two directions, 0.017-0.021, are stretched; the others stay). The VAE is folded to encode to it, so
+    # the saved pipeline needs no change; with ``init`` the trained net is folded to start from what it computed.
+    # ``latent_basis``: a latent_basis.json to use instead of computing one.
+    "latent_floor": 0.0,
+    "latent_basis_samples": 128,
+    "latent_basis": None,
     "find_unused_parameters": True,  # DDP: the ReferenceNet's tail gets no gradient (trainer.common.setup_accelerator)
     "num_validation_samples": 4,
     "num_reading_samples": 32,  # fixed val samples for the reference-reading instruments at each validation
@@ -264,13 +273,45 @@ def build_models(config: dict) -> dict:
     # an init that has the path keeps it (its convs are trained weights); reference_latent adds it to one that has not
     if conditioner is not None and config.get("reference_latent") and not conditioner.config.use_reference_latent:
         conditioner = grow_conditioner(conditioner, reference_unet, True)  # the new path at zero: nothing changes yet
+    net = StandardizeNet(reference_unet, denoising_unet, pose_guider, conditioner)
+    basis = None
+    if config.get("latent_floor") or config.get("latent_basis"):
+        basis = change_latent_basis(vae, net if init is not None else None, config)
     size = encoder.config.image_size
     return {
+        "latent_basis": basis,
         "vae": vae.requires_grad_(False).eval(),
         "image_encoder": encoder.requires_grad_(False).eval(),
         "feature_extractor": clip_processor(size),
-        "net": StandardizeNet(reference_unet, denoising_unet, pose_guider, conditioner),
+        "net": net,
     }
+
+
+@torch.no_grad()
+def change_latent_basis(vae: AutoencoderKL, net: StandardizeNet | None, config: dict) -> dict:
+    """Folds the ``latent_floor`` basis (or the saved ``latent_basis``) into ``vae`` and, when given, a trained
+    ``net``; returns it as saved to latent_basis.json (W, floor, the variances it was computed from)."""
+    from .synthetic.dataset import _image_tensor
+
+    if config.get("latent_basis"):
+        data = json.loads(Path(config["latent_basis"]).read_text())
+        w = torch.tensor(data["W"])
+    else:
+        w_, h_ = config["resolution"]
+        samples = [render_sample(cid, i, (w_, h_)) for i, cid in
+                   enumerate(character_ids("train", config["latent_basis_samples"]))]
+        images = torch.stack([_image_tensor(im.convert("RGB")) for s in samples for im in (s.standard, s.image)])
+        latents = torch.cat([vae.encode(images[i:i + 16]).latent_dist.mean
+                             for i in range(0, len(images), 16)]) * vae.config.scaling_factor
+        flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+        w = colour_boost(flat, config["latent_floor"])
+        data = {"W": w.tolist(), "floor": config["latent_floor"],
+                "variances": torch.linalg.eigvalsh(torch.cov(flat.T.double())).tolist(),
+                "posterior_var": posterior_variance(vae, images).tolist()}
+    fold_into_vae(vae, w, torch.tensor(data["posterior_var"]))
+    if net is not None:
+        fold_into_stage1(net, w)
+    return data
 
 
 class ClipPreprocess:
@@ -518,6 +559,10 @@ def main(args) -> Path:
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "latent_directions.json").write_text(json.dumps(directions.tolist()))
+
+    if models["latent_basis"] is not None and accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "latent_basis.json").write_text(json.dumps(models["latent_basis"], indent=1))
 
     calls = [start]
 
