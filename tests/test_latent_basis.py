@@ -1,6 +1,7 @@
 """trainer.latent_basis: the colour-stretching latent basis, folded into a VAE and into a trained Stage I."""
 
 import copy
+import tempfile
 import numpy as np
 import pytest
 import torch
@@ -88,3 +89,40 @@ def test_a_folded_stage1_reads_the_same_bank_and_predicts_w_times_what_it_did():
             new = folded(a * rotate(z) + s * rotate(noise), t, embeds, pose, bank=bank_f)
             torch.testing.assert_close(new, rotate(old), atol=1e-4, rtol=1e-4)
             assert (new - old).abs().max() > 1e-2  # the prediction is in the new basis, not the old one
+
+
+def test_basis_between_recovers_the_fold_and_refuses_unrelated_vaes():
+    from trainer.latent_basis import basis_between
+
+    vae = tiny_stage1_components()["vae"]
+    folded = copy.deepcopy(vae)
+    w = torch.tensor([[2.0, 0.5, 0, 0], [0.5, 3.0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.5]])
+    fold_into_vae(folded, w, torch.full((4,), 1e-4))
+    torch.testing.assert_close(basis_between(vae, folded), w, atol=1e-4, rtol=1e-4)
+    assert basis_between(vae, copy.deepcopy(vae)) is None
+    with pytest.raises(ValueError, match="encoder"):
+        basis_between(vae, tiny_stage1_components(seed=5)["vae"])
+
+
+def test_a_decoder_fitted_in_the_old_basis_follows_a_folded_stage1():
+    """adopt_decoder: Stage I's own decoder was fitted to the old basis; given a pipeline whose VAE is folded, it is
+    folded the same way before it is swapped in, so the pipeline decodes a latent as that decoder decoded W^-1 of it."""
+    from engine.pipelines import StandardizePipeline
+    from trainer.common import adopt_decoder
+
+    c = tiny_stage1_components()
+    decoder = copy.deepcopy(c["vae"])
+    with torch.no_grad():
+        for p in decoder.decoder.parameters():  # a decoder-only fine-tune: same encoder, other decoder
+            p.add_(0.05 * torch.randn_like(p))
+    w = torch.tensor([[2.0, 0.5, 0, 0], [0.5, 3.0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.5]])
+    fold_into_vae(c["vae"], w, torch.full((4,), 1e-4))
+    pipe = StandardizePipeline(**c)
+    with tempfile.TemporaryDirectory() as folder:
+        decoder.save_pretrained(folder)
+        assert adopt_decoder(pipe, folder, strict=True)
+    z = torch.randn(1, 4, 8, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.vae.decode(z).sample,
+                                   decoder.decode(torch.einsum("dc,bchw->bdhw", torch.linalg.inv(w), z)).sample,
+                                   atol=1e-4, rtol=1e-4)

@@ -1301,6 +1301,13 @@ def test_standardize_trains_in_the_colour_basis_and_saves_it(standardize_run, tm
     again = train_standardize.build_models({**config, "latent_floor": 0.0,
                                             "latent_basis": str(out / "latent_basis.json")})
     torch.testing.assert_close(again["vae"].post_quant_conv.weight, models["vae"].post_quant_conv.weight)
+    # a run from the folded model (no option) finds the basis in its init's VAE: the config's VAE is folded to it,
+    # the net is taken as it is
+    onward = train_standardize.build_models({**config, "latent_floor": 0.0, "init": str(trained)})
+    torch.testing.assert_close(torch.tensor(onward["latent_basis"]["W"]), w, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(onward["vae"].quant_conv.weight[:4], vae.quant_conv.weight[:4], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(onward["net"].reference_unet.conv_in.weight,
+                               StandardizePipeline.from_pretrained(trained).reference_unet.conv_in.weight)
 
 
 def test_packaged_stage1_shares_the_image_encoder_beside_it(tmp_path):

@@ -527,11 +527,21 @@ def line_charts(panels: dict[str, list[tuple[float, float]]], path, x_label: str
 def adopt_decoder(pipe, vae_folder, strict: bool = False) -> bool:
     """Give ``pipe`` the VAE at ``vae_folder`` where it only differs in its decoder (``train_vae
     --set train_decoder_only=true``: the same encoder, quant_conv and scaling factor, so the pipeline's latents mean
-    the same and only decode better); a VAE with another latent space is left alone (its pipelines are retrained
-    on it instead), or refused with ``strict``. True where it was swapped in."""
+    the same and only decode better), also where the pipeline's VAE is that VAE folded into a latent basis (the
+    decoder is folded the same way first: ``trainer.latent_basis``); a VAE with another latent space is left alone
+    (its pipelines are retrained on it instead), or refused with ``strict``. True where it was swapped in."""
     from diffusers import AutoencoderKL
 
+    from .latent_basis import basis_between, fold_into_vae
+
     vae = AutoencoderKL.from_pretrained(vae_folder, dtype=torch.float32)
+    try:  # a Stage I folded into a latent basis (train_standardize latent_floor): the decoder follows it there
+        w = basis_between(vae, pipe.vae)
+    except ValueError:
+        w = None
+    if w is not None:
+        fold_into_vae(vae, w)
+        vae.quant_conv.load_state_dict({k: v.float() for k, v in pipe.vae.quant_conv.state_dict().items()})
     old, new = pipe.vae.state_dict(), vae.state_dict()
     encoder = [k for k in old if k.startswith(("encoder.", "quant_conv."))]
     same_space = (vae.config.scaling_factor == pipe.vae.config.scaling_factor and old.keys() == new.keys()

@@ -17,7 +17,8 @@ simply encodes to, and decodes from, the new basis (encode -> decode gives the s
 rewrites a trained Stage I's input and output convolutions so that it starts from what it computed in the old basis:
 exactly for the ReferenceNet and the reference-latent path (clean latents); the denoiser sees the old signal with
 less noise along the stretched directions (the diffusion noise is isotropic in the new basis), which training adapts
-it to.
+it to. ``basis_between`` recovers W from two VAEs (an init's and the config's, a pipeline's and a decoder fitted in
+the old basis), so a folded Stage I carries its basis in its own VAE and needs no side file.
 """
 from __future__ import annotations
 
@@ -81,3 +82,30 @@ def fold_into_stage1(net, w: torch.Tensor) -> None:
     w = w.to(out.weight)
     out.weight.copy_(torch.einsum("dc,cnij->dnij", w, out.weight))
     out.bias.copy_(w @ out.bias)
+
+
+def _same_encoder(a, b, tol: float = 1e-3) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    keys = [k for k in sa if k.startswith("encoder.")]
+    return all(k in sb and sa[k].shape == sb[k].shape
+               and torch.allclose(sa[k].float(), sb[k].float(), rtol=tol, atol=tol) for k in keys)
+
+
+@torch.no_grad()
+def basis_between(old_vae, new_vae, tol: float = 1e-3) -> torch.Tensor | None:
+    """W such that ``new_vae`` encodes to W times what ``old_vae`` encodes to, where ``new_vae`` is ``old_vae`` (or a
+    decoder fine-tune of it) folded into a basis (``fold_into_vae``); None where both encode alike. Raises ValueError
+    where the two do not share an encoder, or their latents are not related by a linear map (up to ``tol``, fp16
+    weights)."""
+    if not _same_encoder(old_vae, new_vae, tol) or old_vae.config.scaling_factor != new_vae.config.scaling_factor:
+        raise ValueError("the two VAEs do not share an encoder and scaling factor: their latent spaces are unrelated")
+    c = old_vae.config.latent_channels
+    old = torch.cat([old_vae.quant_conv.weight[:c, :, 0, 0], old_vae.quant_conv.bias[:c, None]], 1).double()
+    new = torch.cat([new_vae.quant_conv.weight[:c, :, 0, 0], new_vae.quant_conv.bias[:c, None]], 1).double()
+    scale = old.abs().max()
+    if torch.allclose(old, new, rtol=0, atol=tol * float(scale)):
+        return None
+    w = new @ torch.linalg.pinv(old)
+    if (w @ old - new).abs().max() > tol * 4 * float(new.abs().max()):
+        raise ValueError("the two VAEs' latents are not related by a linear map: not one VAE folded into a new basis")
+    return w.float()

@@ -54,7 +54,7 @@ from .common import (
     synthetic_batches,
     training_loop,
 )
-from .latent_basis import colour_boost, fold_into_stage1, fold_into_vae, posterior_variance
+from .latent_basis import basis_between, colour_boost, fold_into_stage1, fold_into_vae, posterior_variance
 from .synthetic import reference_on_canvas, render_sample
 from .synthetic.character import character_ids
 
@@ -275,8 +275,19 @@ def build_models(config: dict) -> dict:
         conditioner = grow_conditioner(conditioner, reference_unet, True)  # the new path at zero: nothing changes yet
     net = StandardizeNet(reference_unet, denoising_unet, pose_guider, conditioner)
     basis = None
+    if init is not None and (init / "vae").is_dir():  # an init folded into a latent basis keeps working in it
+        try:
+            init_basis = basis_between(vae, AutoencoderKL.from_pretrained(init / "vae", dtype=torch.float32))
+        except ValueError:  # another VAE altogether: the config's is used as it is (as before latent bases)
+            init_basis = None
+        if init_basis is not None:
+            basis = change_latent_basis(vae, None, {**config, "latent_basis": None, "latent_floor": 0.0},
+                                        init_basis)
     if config.get("latent_floor") or config.get("latent_basis"):
-        basis = change_latent_basis(vae, net if init is not None else None, config)
+        more = change_latent_basis(vae, net if init is not None else None, config)
+        if basis is not None:  # recorded relative to the config's VAE
+            more["W"] = (torch.tensor(more["W"]) @ torch.tensor(basis["W"])).tolist()
+        basis = more
     size = encoder.config.image_size
     return {
         "latent_basis": basis,
@@ -288,12 +299,15 @@ def build_models(config: dict) -> dict:
 
 
 @torch.no_grad()
-def change_latent_basis(vae: AutoencoderKL, net: StandardizeNet | None, config: dict) -> dict:
-    """Folds the ``latent_floor`` basis (or the saved ``latent_basis``) into ``vae`` and, when given, a trained
+def change_latent_basis(vae: AutoencoderKL, net: StandardizeNet | None, config: dict,
+                        w: torch.Tensor | None = None) -> dict:
+    """Folds ``w``, the saved ``latent_basis`` or the ``latent_floor`` basis into ``vae`` and, when given, a trained
     ``net``; returns it as saved to latent_basis.json (W, floor, the variances it was computed from)."""
     from .synthetic.dataset import _image_tensor
 
-    if config.get("latent_basis"):
+    if w is not None:
+        data = {"W": w.tolist(), "floor": None, "from": "init"}
+    elif config.get("latent_basis"):
         data = json.loads(Path(config["latent_basis"]).read_text())
         w = torch.tensor(data["W"])
     else:
@@ -308,6 +322,11 @@ def change_latent_basis(vae: AutoencoderKL, net: StandardizeNet | None, config: 
         data = {"W": w.tolist(), "floor": config["latent_floor"],
                 "variances": torch.linalg.eigvalsh(torch.cov(flat.T.double())).tolist(),
                 "posterior_var": posterior_variance(vae, images).tolist()}
+    if "posterior_var" not in data:
+        w_, h_ = config["resolution"]
+        images = torch.stack([_image_tensor(render_sample(cid, i, (w_, h_)).image.convert("RGB"))
+                              for i, cid in enumerate(character_ids("train", 16))])
+        data["posterior_var"] = posterior_variance(vae, images).tolist()
     fold_into_vae(vae, w, torch.tensor(data["posterior_var"]))
     if net is not None:
         fold_into_stage1(net, w)
