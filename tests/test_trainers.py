@@ -1308,6 +1308,10 @@ def test_standardize_trains_in_the_colour_basis_and_saves_it(standardize_run, tm
     torch.testing.assert_close(onward["vae"].quant_conv.weight[:4], vae.quant_conv.weight[:4], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(onward["net"].reference_unet.conv_in.weight,
                                StandardizePipeline.from_pretrained(trained).reference_unet.conv_in.weight)
+    # asked for the same floor again from there: nothing left to stretch, and the basis is still recorded against the
+    # config's VAE
+    twice = train_standardize.build_models({**config, "init": str(trained)})
+    torch.testing.assert_close(torch.tensor(twice["latent_basis"]["W"]), w, atol=1e-3, rtol=1e-3)
 
 
 def test_packaged_stage1_shares_the_image_encoder_beside_it(tmp_path):

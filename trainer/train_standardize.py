@@ -285,8 +285,9 @@ def build_models(config: dict) -> dict:
                                         init_basis)
     if config.get("latent_floor") or config.get("latent_basis"):
         more = change_latent_basis(vae, net if init is not None else None, config)
-        if basis is not None:  # recorded relative to the config's VAE
+        if basis is not None:  # recorded relative to the config's VAE (W and the posterior's spread)
             more["W"] = (torch.tensor(more["W"]) @ torch.tensor(basis["W"])).tolist()
+            more["posterior_var"] = basis["posterior_var"]
         basis = more
     size = encoder.config.image_size
     return {
