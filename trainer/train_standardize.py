@@ -276,13 +276,17 @@ def build_models(config: dict) -> dict:
     net = StandardizeNet(reference_unet, denoising_unet, pose_guider, conditioner)
     basis = None
     if init is not None and (init / "vae").is_dir():  # an init folded into a latent basis keeps working in it
+        init_vae = AutoencoderKL.from_pretrained(init / "vae", dtype=torch.float32)
         try:
-            init_basis = basis_between(vae, AutoencoderKL.from_pretrained(init / "vae", dtype=torch.float32))
+            init_basis = basis_between(vae, init_vae)
         except ValueError:  # another VAE altogether: the config's is used as it is (as before latent bases)
             init_basis = None
         if init_basis is not None:
             basis = change_latent_basis(vae, None, {**config, "latent_basis": None, "latent_floor": 0.0},
                                         init_basis)
+            # encode exactly as the init does (W above is recovered from fp16 weights): its own decoder, seeded
+            # beside it, then shares this encoder bit for bit (adopt_decoder)
+            vae.quant_conv.load_state_dict(init_vae.quant_conv.state_dict())
     if config.get("latent_floor") or config.get("latent_basis"):
         more = change_latent_basis(vae, net if init is not None else None, config)
         if basis is not None:  # recorded relative to the config's VAE (W and the posterior's spread)
