@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.components import tiny_stage1_components
-from trainer.latent_basis import colour_boost, fold_into_stage1, fold_into_vae, posterior_variance
+from trainer.latent_basis import colour_boost, encode_posteriors, fold_into_stage1, fold_into_vae
 
 
 def _anisotropic_latents(n=4000, seed=0):
@@ -39,10 +39,12 @@ def test_a_folded_vae_encodes_to_the_new_basis_and_decodes_the_same_image():
     g = torch.Generator().manual_seed(1)
     images = torch.rand(3, 3, 64, 48, generator=g) * 2 - 1
     w = torch.tensor([[2.0, 0.5, 0, 0], [0.5, 3.0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
-    var = posterior_variance(vae, images)
+    means, var = encode_posteriors(vae, images, batch=2)  # two batches, one of them short
     fold_into_vae(folded, w, var)
     with torch.no_grad():
         old, new = vae.encode(images).latent_dist, folded.encode(images).latent_dist
+        torch.testing.assert_close(means, old.mean * vae.config.scaling_factor)
+        torch.testing.assert_close(var, old.var.mean((0, 2, 3)))
         torch.testing.assert_close(new.mean, torch.einsum("dc,bchw->bdhw", w, old.mean), atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(folded.decode(new.mean).sample, vae.decode(old.mean).sample, atol=1e-5, rtol=1e-4)
         # the posterior's spread: the old mean variance carried through W, the same at every position

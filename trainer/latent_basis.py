@@ -35,16 +35,22 @@ def colour_boost(latents: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def posterior_variance(vae, images: torch.Tensor) -> torch.Tensor:
-    """Mean posterior variance per latent channel (unscaled) over ``images`` (N, 3, H, W) in [-1, 1]."""
-    return torch.cat([vae.encode(images[i:i + 16]).latent_dist.var.mean((2, 3))
-                      for i in range(0, len(images), 16)]).mean(0)
+def encode_posteriors(vae, images: torch.Tensor, batch: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """``images`` (N, 3, H, W) in [-1, 1], encoded in batches on the VAE's device and dtype, once -> (the posterior
+    means scaled by the VAE's scaling factor, as the trainers scale latents; the mean posterior variance per channel,
+    unscaled, ``fold_into_vae``'s ``posterior_var``)."""
+    means, variances = [], []
+    for i in range(0, len(images), batch):
+        dist = vae.encode(images[i:i + batch].to(vae.device, vae.dtype)).latent_dist
+        means.append(dist.mean)
+        variances.append(dist.var.mean((2, 3)))
+    return torch.cat(means) * vae.config.scaling_factor, torch.cat(variances).mean(0)
 
 
 @torch.no_grad()
 def fold_into_vae(vae, w: torch.Tensor, posterior_var: torch.Tensor | None = None) -> None:
     """In place: ``vae`` encodes to ``W z`` and decodes from it. With ``posterior_var`` (the old mean variance per
-    channel, ``posterior_variance``) the posterior's log-variance becomes that variance carried through W, a constant
+    channel, ``encode_posteriors``) the posterior's log-variance becomes that variance carried through W, a constant
     per channel (a rotation mixes the channels; only the trainers draw samples of the posterior)."""
     if not (vae.config.use_quant_conv and vae.config.use_post_quant_conv):
         raise ValueError("fold_into_vae needs a VAE with quant_conv and post_quant_conv")

@@ -54,7 +54,7 @@ from .common import (
     synthetic_batches,
     training_loop,
 )
-from .latent_basis import basis_between, colour_boost, fold_into_stage1, fold_into_vae, posterior_variance
+from .latent_basis import basis_between, colour_boost, encode_posteriors, fold_into_stage1, fold_into_vae
 from .synthetic import reference_on_canvas, render_sample
 from .synthetic.character import character_ids
 
@@ -320,18 +320,17 @@ def change_latent_basis(vae: AutoencoderKL, net: StandardizeNet | None, config: 
         samples = [render_sample(cid, i, (w_, h_)) for i, cid in
                    enumerate(character_ids("train", config["latent_basis_samples"]))]
         images = torch.stack([_image_tensor(im.convert("RGB")) for s in samples for im in (s.standard, s.image)])
-        latents = torch.cat([vae.encode(images[i:i + 16]).latent_dist.mean
-                             for i in range(0, len(images), 16)]) * vae.config.scaling_factor
+        latents, posterior_var = encode_posteriors(vae, images)
         flat = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
         w = colour_boost(flat, config["latent_floor"])
         data = {"W": w.tolist(), "floor": config["latent_floor"],
                 "variances": torch.linalg.eigvalsh(torch.cov(flat.T.double())).tolist(),
-                "posterior_var": posterior_variance(vae, images).tolist()}
+                "posterior_var": posterior_var.tolist()}
     if "posterior_var" not in data:
         w_, h_ = config["resolution"]
         images = torch.stack([_image_tensor(render_sample(cid, i, (w_, h_)).image.convert("RGB"))
                               for i, cid in enumerate(character_ids("train", 16))])
-        data["posterior_var"] = posterior_variance(vae, images).tolist()
+        data["posterior_var"] = encode_posteriors(vae, images)[1].tolist()
     fold_into_vae(vae, w, torch.tensor(data["posterior_var"]))
     if net is not None:
         fold_into_stage1(net, w)
@@ -502,7 +501,7 @@ def make_pipeline(models: dict, net: StandardizeNet, scheduler_config, foregroun
 
 
 @torch.no_grad()
-def target_latent_directions(vae, config: dict, device, dtype) -> torch.Tensor:
+def target_latent_directions(vae, config: dict) -> torch.Tensor:
     """``latent_direction_weights`` of the targets' latents (posterior means of the standard renders of the first
     ``latent_direction_samples`` training characters, scaled as the trainer scales them)."""
     from .synthetic.dataset import _image_tensor
@@ -511,9 +510,7 @@ def target_latent_directions(vae, config: dict, device, dtype) -> torch.Tensor:
     ids = character_ids("train", config["latent_direction_samples"])
     images = torch.stack([_image_tensor(render_sample(cid, i, (w, h)).standard.convert("RGB"))
                           for i, cid in enumerate(ids)])
-    latents = torch.cat([vae.encode(images[i:i + 16].to(device, dtype)).latent_dist.mean
-                         for i in range(0, len(images), 16)]) * vae.config.scaling_factor
-    return latent_direction_weights(latents, config["latent_direction_power"])
+    return latent_direction_weights(encode_posteriors(vae, images)[0], config["latent_direction_power"])
 
 
 @torch.no_grad()
@@ -579,7 +576,7 @@ def main(args) -> Path:
     rng = np.random.default_rng(config["seed"] + start)
     directions = None
     if config["latent_direction_power"]:
-        directions = target_latent_directions(models["vae"], config, accelerator.device, weight_dtype)
+        directions = target_latent_directions(models["vae"], config)
         if accelerator.is_main_process:
             out.mkdir(parents=True, exist_ok=True)
             (out / "latent_directions.json").write_text(json.dumps(directions.tolist()))
