@@ -1,6 +1,7 @@
 """Each trainer: 2 steps on CPU with tiny configs, loadable artifacts, resume from the saved step."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -889,6 +890,13 @@ def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tm
     (runs / "standardize" / "checkpoint-120").mkdir()
     assert make_demo.continue_overrides("standardize", config, 300) == {"lr_schedule": "constant",
                                                                           "max_train_steps": 420}
+    # a run that started from a model (the seeded shipped one) resumes into that model's architecture and latent
+    # basis: its recorded init comes along, unless the command gives one
+    seeded = str(runs / "standardize" / "pipeline")
+    (runs / "standardize" / "config.json").write_text(json.dumps({"init": seeded, "max_train_steps": 120}))
+    assert make_demo.continue_overrides("standardize", config, 300) == {"lr_schedule": "constant",
+                                                                          "max_train_steps": 420, "init": seeded}
+    assert "init" not in make_demo.continue_overrides("standardize", {**config, "init": "other"}, 300)
 
 
 def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_it(standardize_run, tmp_path,
@@ -1312,6 +1320,18 @@ def test_standardize_trains_in_the_colour_basis_and_saves_it(standardize_run, tm
     # config's VAE
     twice = train_standardize.build_models({**config, "init": str(trained)})
     torch.testing.assert_close(torch.tensor(twice["latent_basis"]["W"]), w, atol=1e-3, rtol=1e-3)
+    # the run's checkpoint resumes only in the basis it was trained in (latent_basis.json): from the folded model
+    # it does; into the config's own VAE (the init forgotten) it is refused before a step undoes it
+    resume = {**config, "output_dir": str(out), "resume_from_checkpoint": "latest"}
+    train_standardize.check_resume_basis(resume, onward["latent_basis"])
+    with pytest.raises(ValueError, match="was trained in the latent basis of .*latent_basis.json, but this run "
+                                         "encodes in the VAE's own latents: resume it with the init"):
+        train_standardize.check_resume_basis(resume, None)
+    plain = {**config, "output_dir": str(Path(final).parent), "resume_from_checkpoint": "latest"}
+    assert not (Path(final).parent / "latent_basis.json").exists() and list(Path(final).parent.glob("checkpoint-*"))
+    train_standardize.check_resume_basis(plain, None)  # trained and resumed in the VAE's own latents
+    with pytest.raises(ValueError, match="was trained in the VAE's own latents, but this run encodes in another"):
+        train_standardize.check_resume_basis(plain, onward["latent_basis"])
 
 
 def test_packaged_stage1_shares_the_image_encoder_beside_it(tmp_path):

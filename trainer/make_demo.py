@@ -129,20 +129,21 @@ def trainer_invocation(stage: str, args, continuing: bool = False):
 
 
 # How a trained stage starts from a given model: stage -> (config key, value for a model at ``path``).
+INIT_KEYS = {"standardize": "init", "personalizer": "init_adapter", "base": "init_unet", "vae": "init_vae",
+             "clip": "init"}
+
+
 def _init_value(stage: str, path: Path):
-    if stage.startswith("standardize"):
-        return "init", str(path)
-    if stage.startswith("personalizer"):
-        return "init_adapter", str(path)
-    if stage == "base":
-        return "init_unet", str(path / "unet")
-    if stage == "vae":  # e.g. --set train_decoder_only=true: a better decoder for the same latent space
-        return "init_vae", str(path)
-    if stage == "clip":
+    kind = stage.split("_")[0]
+    if kind not in INIT_KEYS:
+        raise ValueError(f"stage {stage} cannot be continued (it has no init option)")
+    if kind == "base":
+        return INIT_KEYS[kind], str(path / "unet")
+    if kind == "clip":
         folder = path.parent
-        return "init", {"image_encoder": str(folder / "image_encoder"), "text_encoder_2": str(folder / "text_encoder_2"),
-                        "tokenizer": str(folder / "tokenizer")}
-    raise ValueError(f"stage {stage} cannot be continued (it has no init option)")
+        return INIT_KEYS[kind], {"image_encoder": str(folder / "image_encoder"),
+                                 "text_encoder_2": str(folder / "text_encoder_2"), "tokenizer": str(folder / "tokenizer")}
+    return INIT_KEYS[kind], str(path)  # vae: e.g. --set train_decoder_only=true, a better decoder for the same latents
 
 
 def continue_overrides(stage: str, config: dict, steps: int) -> dict:
@@ -155,6 +156,12 @@ def continue_overrides(stage: str, config: dict, steps: int) -> dict:
     overrides = {"lr_schedule": "constant"}
     if checkpoint is not None:
         overrides["max_train_steps"] = int(checkpoint.name.split("-")[1]) + steps
+        # the checkpoint holds trained weights only: the model they load into is built from the run's recorded init
+        # (a seeded shipped model: its architecture and latent basis), not from scratch as the recipe's config says
+        key = INIT_KEYS.get(stage.split("_")[0])
+        recorded = _json_file(Path(config["output_dir"]) / "config.json", {}).get(key)
+        if recorded and not config.get(key):
+            overrides[key] = recorded
         return overrides
     source = OUTPUTS[stage] if OUTPUTS[stage].exists() else _shipped_output(stage)
     if source is None:

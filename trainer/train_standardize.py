@@ -50,6 +50,7 @@ from .common import (
     load_config,
     noise_schedule_kwargs,
     prepare_training,
+    resolve_resume,
     setup_accelerator,
     synthetic_batches,
     training_loop,
@@ -337,6 +338,28 @@ def change_latent_basis(vae: AutoencoderKL, net: StandardizeNet | None, config: 
     return data
 
 
+def check_resume_basis(config: dict, basis: dict | None) -> None:
+    """Refuses to resume a checkpoint into a VAE whose latent basis is not the one it was trained in (the run's
+    latent_basis.json; none there: the config VAE's own). Its weights would then denoise latents of another scale
+    and direction: the loss jumps twentyfold and training undoes the model (seen resuming a run seeded from a folded
+    model without its init)."""
+    checkpoint, _ = resolve_resume(config)
+    if checkpoint is None:
+        return
+    recorded = Path(config["output_dir"]) / "latent_basis.json"
+    trained = torch.tensor(json.loads(recorded.read_text())["W"]) if recorded.is_file() else None
+    current = torch.tensor(basis["W"]) if basis is not None else None
+    if trained is None and current is None:
+        return
+    if trained is None or current is None or not torch.allclose(trained, current, rtol=1e-3, atol=1e-3):
+        own = "in the VAE's own latents"
+        was = own if trained is None else f"in the latent basis of {recorded}"
+        now = own if current is None else "in another basis"
+        raise ValueError(f"{checkpoint} was trained {was}, but this run encodes {now}: resume it with the init (and "
+                         "latent_floor / latent_basis) it started from (the init in the run's config.json), or start "
+                         "a new output_dir")
+
+
 class ClipPreprocess:
     """Batch (B, 3, H, W) in [-1, 1] -> CLIP pixel values: squashed to a square (as the pipeline does) and normalised."""
 
@@ -570,6 +593,7 @@ def main(args) -> Path:
     models["image_encoder"].to(accelerator.device, weight_dtype)
     noise_scheduler = DDPMScheduler(**noise_schedule_kwargs(config))
     clip_preprocess = ClipPreprocess(models["feature_extractor"])
+    check_resume_basis(config, models["latent_basis"])
     net, optimizer, lr_scheduler, ema, start = prepare_training(accelerator, config, net, parts)
     loader = synthetic_batches(accelerator, config, start,
                                transform=reference_on_canvas if config["reference_canvas"] else None)
