@@ -128,3 +128,37 @@ def test_a_decoder_fitted_in_the_old_basis_follows_a_folded_stage1():
         torch.testing.assert_close(pipe.vae.decode(z).sample,
                                    decoder.decode(torch.einsum("dc,bchw->bdhw", torch.linalg.inv(w), z)).sample,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_evaluate_stage1_measures_a_folded_run_with_the_shipped_decoder(tmp_path, monkeypatch, capsys):
+    """``python -m trainer.evaluate stage1 --decoder VAE``: a training run's pipeline (folded into a basis) is measured
+    through Stage I's own decoder, folded the same way; a VAE of another latent space is refused in one line."""
+    from engine.pipelines import StandardizePipeline
+    from trainer import evaluate
+
+    c = tiny_stage1_components()
+    decoder = copy.deepcopy(c["vae"])
+    with torch.no_grad():
+        for p in decoder.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    decoder.save_pretrained(tmp_path / "decoder")
+    tiny_stage1_components(seed=5)["vae"].save_pretrained(tmp_path / "unrelated")
+    w = torch.tensor([[2.0, 0.5, 0, 0], [0.5, 3.0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1.5]])
+    fold_into_vae(c["vae"], w, torch.full((4,), 1e-4))
+    StandardizePipeline(**c).save_pretrained(tmp_path / "run")
+    measured = []
+    monkeypatch.setattr(evaluate, "standardization_quality", lambda pipe, *a, **k: measured.append(pipe) or ({}, []))
+    monkeypatch.setattr(evaluate, "vae_ceiling", lambda *a, **k: {})
+    args = ["stage1", "--standardize", str(tmp_path / "run"), "--n", "1", "--reading", "0", "--size", "48x64"]
+    assert evaluate.main(args + ["--decoder", str(tmp_path / "decoder")]) == 0
+    z = torch.randn(1, 4, 8, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(measured[0].vae.decode(z).sample,
+                                   decoder.decode(torch.einsum("dc,bchw->bdhw", torch.linalg.inv(w), z)).sample,
+                                   atol=1e-4, rtol=1e-4)
+    with pytest.raises(SystemExit):
+        evaluate.main(args + ["--decoder", str(tmp_path / "unrelated")])
+    assert "--decoder: " in capsys.readouterr().err and len(measured) == 1
+    with pytest.raises(SystemExit):
+        evaluate.main(args + ["--decoder", str(tmp_path / "missing")])
+    assert "missing is not a VAE folder" in capsys.readouterr().err

@@ -719,6 +719,10 @@ def main(argv=None) -> int:
                     help="also the reference-reading instruments on N fixed test samples (0: off)")
     st.add_argument("--reference", default="scene", choices=("scene", "standard"),
                     help="what Stage I reads: the scene (default), or the standard render itself (drawing alone)")
+    st.add_argument("--decoder", default=None, metavar="VAE",
+                    help="decode the sheets with this VAE (Stage I's own decoder, e.g. the shipped standardize/vae), "
+                         "folded into the pipeline's latent basis where the pipeline has one: how a training run's "
+                         "pipeline is measured as it would be packaged")
     st.add_argument("--out", default=None, help="write the numbers as JSON here")
     run = sub.add_parser("run", help="the protocol and ablations (see the module docstring)")
     run.add_argument("--preset", default="demo")
@@ -797,6 +801,16 @@ def main(argv=None) -> int:
 
     pipe = load_standardize(args.standardize, "cpu")  # a shipped fp16 folder runs in float32
     pipe.set_progress_bar_config(disable=True)
+    if args.decoder:
+        from .common import adopt_decoder
+
+        if not (Path(args.decoder) / "config.json").is_file():
+            parser.error(f"--decoder: {args.decoder} is not a VAE folder (an AutoencoderKL saved with its config.json, "
+                         "e.g. assets/models/demo/standardize/vae)")
+        try:
+            adopt_decoder(pipe, args.decoder, strict=True)
+        except (OSError, ValueError) as e:
+            parser.error(f"--decoder: {e}")
     w, h = (int(v) for v in args.size.split("x"))
     probe = None
     if args.probe:
