@@ -1268,6 +1268,66 @@ def test_reference_latent_path_starts_at_zero_then_trains_and_reloads(standardiz
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
+def test_colour_hint_starts_at_zero_trains_and_reloads(standardize_run, tmp_path, monkeypatch):
+    """colour_hint turned on in a trained Stage I: its pose guider reads 7 channels with the new ones at zero (the same
+    sheet as its init), the trainer gives it each sample's hint (dropped with the reference), the saved pipeline's
+    pose guider reads 7 channels, and a run from that model without the option keeps them."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    from engine.pipelines import StandardizePipeline
+    from trainer import train_standardize
+    from trainer.synthetic import render_sample
+
+    root, cfg, final = standardize_run
+    args = train_standardize.parse_args(["--config", cfg, "--set", f"init={final}"])
+    config = train_standardize.load_config(args, train_standardize.DEFAULTS)
+    plain = train_standardize.build_models(config)
+    hinted = train_standardize.build_models({**config, "colour_hint": True})
+    hinted.update(vae=plain["vae"], image_encoder=plain["image_encoder"])
+    assert hinted["net"].reads_colour_hint and not plain["net"].reads_colour_hint
+    sample = render_sample(3, 0, (64, 96))
+    scheduler_config = DDIMScheduler.from_pretrained(final / "scheduler").config
+
+    def sheet(models):
+        pipe = train_standardize.make_pipeline(models, models["net"], scheduler_config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
+                    height=96, width=64, num_inference_steps=2, seed=0, output_type="latent").sheet
+
+    torch.testing.assert_close(sheet(hinted), sheet(plain), atol=1e-4, rtol=0)
+
+    # denoise: the hint is the reference's, zero where the reference is dropped, swapped with its embedding
+    seen = []
+    net = hinted["net"]
+    monkeypatch.setattr(net, "forward", lambda latents, t, context, target_pose, *a, **k: seen.append(target_pose)
+                        or (torch.zeros_like(latents), None))
+    hint = torch.rand(2, 4, 96, 64)
+    inputs = {"target": torch.randn(2, 4, 12, 8), "embeds": torch.randn(2, 1, 32),
+              "target_pose": torch.cat([torch.rand(2, 3, 96, 64), hint], 1),
+              "reference_latents": torch.randn(2, 4, 12, 8), "background": torch.rand(2, 1, 96, 64),
+              "reference_pose": torch.rand(2, 3, 96, 64)}
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    t, noise = torch.tensor([10, 500]), torch.randn(2, 4, 12, 8)
+    train_standardize.denoise(net, scheduler, inputs, noise, t, torch.tensor([True, False]))
+    train_standardize.denoise(net, scheduler, inputs, noise, t, torch.tensor([True, True]), swap=torch.tensor([1, 0]),
+                              swap_embedding=True)
+    torch.testing.assert_close(seen[0][0, 3:], hint[0])
+    assert not seen[0][1, 3:].any()
+    torch.testing.assert_close(seen[1][0, 3:], hint[1])
+    torch.testing.assert_close(seen[1][:, :3], inputs["target_pose"][:, :3])
+
+    calls = []
+    original = train_standardize.batch_colour_hints
+    monkeypatch.setattr(train_standardize, "batch_colour_hints", lambda batch: calls.append(1) or original(batch))
+    trained = train_standardize.main(train_standardize.parse_args(
+        ["--config", cfg, "--set", f"init={final}", "--set", "colour_hint=true",
+         "--set", f"output_dir={tmp_path / 'run'}"]))
+    assert len(calls) >= 2  # every training step's batch got its hints
+    assert StandardizePipeline.from_pretrained(trained).pose_guider.config.conditioning_channels == 7
+    kept = train_standardize.build_models({**config, "init": str(trained)})["net"]  # option unset
+    assert kept.reads_colour_hint
+
+
 def test_standardize_trains_in_the_colour_basis_and_saves_it(standardize_run, tmp_path):
     """latent_floor: the run's VAE encodes the basis samples with every principal variance at least the floor, the
     trained Stage I starts folded from its init, latent_basis.json records W, and the saved pipeline carries the

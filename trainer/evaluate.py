@@ -217,7 +217,8 @@ def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed:
         data = torch.utils.data.default_collate([{k: v for k, v in item.items() if torch.is_tensor(v)}
                                                  for item in items])
         inputs = stage1_inputs(models, preprocess, data, device, dtype, sample_target=False,
-                               foreground_embedding=pipe.config.foreground_embedding)
+                               foreground_embedding=pipe.config.foreground_embedding,
+                               with_hint=net.reads_colour_hint)
         b = inputs["target"].shape[0]
         noise = torch.randn(inputs["target"].shape, generator=generator).to(device, inputs["target"].dtype)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)

@@ -36,6 +36,7 @@ from engine.models.stage1 import (
     token_grid,
 )
 from engine.pipelines.standardize import StandardizePipeline
+from engine.preprocess.colour_hint import HINT_CHANNELS, colour_hint
 from engine.preprocess.image import clip_processor
 
 from .common import (
@@ -129,6 +130,11 @@ DEFAULTS = {
     # same SD1.5 weights), so at step 0 a denoiser query and the reference key of the same content already live in
     # one feature space. False: two independent random initialisations (the demo recipe up to 2026-12).
     "identical_init": False,
+    # The reference's colours read along its skeleton and painted along the standard pose (engine.preprocess.
+    # colour_hint) as 4 more pose-guider input channels, zero-initialised (with ``init``, the model first draws
+    # exactly what it did); the saved pipeline's pose guider then reads 7 channels and StandardizePipeline makes the
+    # hint itself. An init that reads it keeps it either way.
+    "colour_hint": False,
     "model": {"use_fbdm": True, "use_rpim": True, "pose_guider": {"block_out_channels": [16, 32, 96, 256]},
               "conditioner": {"pose_block_out_channels": [16, 32, 96, 256], "pose_embedding_channels": 320}},
 }
@@ -250,6 +256,8 @@ def build_models(config: dict) -> dict:
     else:
         pose_guider = PoseGuider(conditioning_embedding_channels=denoising_unet.config.block_out_channels[0],
                                  block_out_channels=tuple(model["pose_guider"]["block_out_channels"]))
+    if config.get("colour_hint") and pose_guider.config.conditioning_channels == 3:
+        pose_guider = PoseGuider.widened(pose_guider, 3 + HINT_CHANNELS)  # at zero: the init draws as it did
     conditioner = None
     if init is not None and (init / "reference_conditioner").is_dir():
         conditioner = ReferenceConditioner.from_pretrained(init / "reference_conditioner")
@@ -374,13 +382,27 @@ class ClipPreprocess:
         return (x - self.mean.to(x)) / self.std.to(x)
 
 
+def batch_colour_hints(batch: dict) -> torch.Tensor:
+    """(B, 4, H, W): each sample's colour hint (``engine.preprocess.colour_hint``) from its reference image, mask and
+    keypoints, painted along its standard pose, as StandardizePipeline makes it from the canvas."""
+    images = ((batch["image"].float().clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).cpu().numpy()
+    masks = batch["mask"].float()[:, 0].cpu().numpy()
+    hints = [colour_hint(image, mask, kp.numpy(), target.numpy())
+             for image, mask, kp, target in zip(images, masks, batch["keypoints"], batch["standard_keypoints"])]
+    return torch.from_numpy(np.stack(hints))
+
+
 def stage1_inputs(models: dict, clip_preprocess, batch: dict, device, dtype, sample_target: bool = True,
-                  foreground_embedding: bool = False) -> dict:
+                  foreground_embedding: bool = False, with_hint: bool = False) -> dict:
     """A synthetic batch -> what Stage I trains on: reference and target latents, the reference's image embedding
     (of the figure on white with ``foreground_embedding``), background mask, both pose maps in [0, 1], and both
     body-part label maps (for the attention loss and instruments). ``sample_target`` False takes the VAE posterior
-    mean (fixed measurement batches)."""
+    mean (fixed measurement batches). ``with_hint``: the target pose carries the reference's colour hint as 4
+    more channels (a net whose ``reads_colour_hint``)."""
     sf = models["vae"].config.scaling_factor
+    target_pose = (batch["standard_pose_map"] + 1) / 2
+    if with_hint:
+        target_pose = torch.cat([target_pose, batch_colour_hints(batch)], 1)
     with torch.no_grad():
         image = batch["image"].to(device, dtype)
         mask = batch["mask"].to(device, dtype)
@@ -392,7 +414,7 @@ def stage1_inputs(models: dict, clip_preprocess, batch: dict, device, dtype, sam
             "embeds": models["image_encoder"](clip_preprocess(embed_input)).image_embeds.unsqueeze(1),
             "background": 1.0 - mask,
             "reference_pose": ((batch["pose_map"] + 1) / 2).to(device, dtype),
-            "target_pose": ((batch["standard_pose_map"] + 1) / 2).to(device, dtype),
+            "target_pose": target_pose.to(device, dtype),
             "reference_labels": batch["labels"].to(device),
             "target_labels": batch["standard_labels"].to(device),
             "target_image": batch["standard"].to(device, dtype),
@@ -432,11 +454,15 @@ def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention
     Returns (prediction, bank or None)."""
     b = noise.shape[0]
     noisy = noise_scheduler.add_noise(inputs["target"], noise, t)
+    target_pose = inputs["target_pose"]
+    if target_pose.shape[1] > 3:  # the colour hint is the reference's: dropped with it, swapped with its embedding
+        hint = target_pose[:, 3:][swap] if swap is not None and swap_embedding else target_pose[:, 3:]
+        target_pose = torch.cat([target_pose[:, :3], hint * keep.view(b, 1, 1, 1).to(hint.dtype)], 1)
     embeds = inputs["embeds"] * keep.view(b, 1, 1).to(inputs["embeds"].dtype)
     if keep_embedding is not None:
         embeds = embeds * keep_embedding.view(b, 1, 1).to(embeds.dtype)
     if not bool(keep.any()):
-        return net(noisy, t, embeds, inputs["target_pose"], None), None
+        return net(noisy, t, embeds, target_pose, None), None
     idx = keep.nonzero().flatten()
     ref_index = torch.full((b,), -1, device=noise.device, dtype=torch.long)
     ref_index[idx] = torch.arange(len(idx), device=noise.device)
@@ -448,7 +474,7 @@ def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention
     reference = {"reference_latents": inputs["reference_latents"][idx], "image_embeds": inputs["embeds"][idx],
                  "background": inputs["background"][idx], "reference_pose": inputs["reference_pose"][idx],
                  "record_attention": record_attention}
-    return net(noisy, t, context, inputs["target_pose"], ref_index=ref_index, reference=reference)
+    return net(noisy, t, context, target_pose, ref_index=ref_index, reference=reference)
 
 
 def part_grid(labels: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -616,7 +642,8 @@ def main(args) -> Path:
         if config["curriculum_steps"]:
             batch = copy_task_references(batch, 1 - calls[0] / config["curriculum_steps"], rng)
         inputs = stage1_inputs(models, clip_preprocess, batch, accelerator.device, weight_dtype,
-                               foreground_embedding=config["foreground_embedding"])
+                               foreground_embedding=config["foreground_embedding"],
+                               with_hint=accelerator.unwrap_model(net).reads_colour_hint)
         target = inputs["target"]
         b = target.shape[0]
         noise = torch.randn_like(target)

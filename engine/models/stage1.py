@@ -52,6 +52,21 @@ class PoseGuider(ModelMixin, ConfigMixin):
         if zero_init_out:
             zero_module(self.conv_out)
 
+    @classmethod
+    def widened(cls, guider: "PoseGuider", conditioning_channels: int) -> "PoseGuider":
+        """``guider`` reading ``conditioning_channels`` inputs, the new ones at zero weight in ``conv_in``: it computes
+        exactly what ``guider`` did whatever the new channels hold (Stage I's colour hint, ``colour_hint``)."""
+        old = guider.config.conditioning_channels
+        if conditioning_channels < old:
+            raise ValueError(f"cannot narrow a pose guider from {old} to {conditioning_channels} input channels")
+        config = {k: v for k, v in guider.config.items() if not k.startswith("_")}  # not _use_default_values
+        wide = cls(**{**config, "conditioning_channels": conditioning_channels})
+        state = guider.state_dict()
+        weight = state["conv_in.weight"]
+        extra = weight.new_zeros(weight.shape[0], conditioning_channels - old, *weight.shape[2:])
+        wide.load_state_dict({**state, "conv_in.weight": torch.cat([weight, extra], 1)})
+        return wide.to(weight.dtype)
+
     def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
         x = F.silu(self.conv_in(conditioning))
         for block in self.blocks:
@@ -388,6 +403,11 @@ class StandardizeNet(nn.Module):
         set_reference_processors(reference_unet, "write")
         set_reference_processors(denoising_unet, "read")
         install_pose_hook(denoising_unet)
+
+    @property
+    def reads_colour_hint(self) -> bool:
+        """Whether the pose guider reads the reference's colour hint beside the pose map (engine.preprocess.colour_hint)."""
+        return self.pose_guider.config.conditioning_channels > 3
 
     def encode_reference(self, reference_latents, image_embeds, background=None, reference_pose=None,
                          record_shapes=False, record_attention=False) -> ReferenceBank:

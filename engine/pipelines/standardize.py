@@ -20,7 +20,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ..models.stage1 import PoseGuider, ReferenceConditioner, StandardizeNet
-from ..preprocess.canvas import MIN_SIDE, fit_to_canvas
+from ..preprocess.canvas import MIN_SIDE, Canvas, fit_to_canvas
+from ..preprocess.colour_hint import HINT_CHANNELS, colour_hint
 from ..preprocess.image import clip_processor, load_image
 from ..preprocess.pose import draw_pose_map
 from ..preprocess.standard import standard_keypoints
@@ -218,7 +219,7 @@ class StandardizePipeline(DiffusionPipeline):
         target_kp = standard_keypoints((width, height), whole_body=whole) if target_pose is None \
             else np.asarray(target_pose, float)
         target_pose_map = draw_pose_map(target_kp, (width, height))
-        pose_features = net.encode_target_pose(pil_to_tensor(target_pose_map, normalize=False).to(device))
+        pose_features, uncond_pose_features = self.encode_target_pose(canvas, target_kp, target_pose_map)
 
         # 3. ReferenceNet, once (t = 0)
         bank = net.encode_reference(ref_latents, embeds, background, ref_pose_tensor)
@@ -233,7 +234,7 @@ class StandardizePipeline(DiffusionPipeline):
         if do_cfg:
             context = torch.cat([torch.zeros_like(embeds), embeds])
             ref_index = torch.tensor([-1, 0], device=device)  # unconditional half: plain self-attention
-            pose_features = torch.cat([pose_features] * 2)
+            pose_features = torch.cat([uncond_pose_features, pose_features])
         else:
             context, ref_index = embeds, torch.tensor([0], device=device)
 
@@ -265,6 +266,25 @@ class StandardizePipeline(DiffusionPipeline):
                                            reference_pose_map=ref_pose_map, target_pose_map=target_pose_map,
                                            keypoints=canvas.keypoints, seed=seed)
         return output if return_dict else (sheet,)
+
+    def encode_target_pose(self, canvas: Canvas, target_keypoints: np.ndarray, target_pose_map: PIL.Image.Image):
+        """The pose guider's features for the conditional and the unconditional pass: the target pose map, and where
+        the pose guider reads 7 channels, the reference's colour hint beside it (``engine.preprocess.colour_hint``;
+        zeros in the unconditional pass, which sees nothing of the reference)."""
+        net, device = self.net, self._execution_device
+        pose = pil_to_tensor(target_pose_map, normalize=False).to(device)
+        extra = net.pose_guider.config.conditioning_channels - pose.shape[1]
+        if extra == 0:
+            features = net.encode_target_pose(pose)
+            return features, features
+        if extra != HINT_CHANNELS:
+            raise ValueError(f"the pose guider reads {pose.shape[1] + extra} channels: expected 3 (pose map) or "
+                             f"{3 + HINT_CHANNELS} (pose map and colour hint)")
+        hint = colour_hint(canvas.image, canvas.mask, canvas.keypoints, target_keypoints)
+        hint = torch.from_numpy(hint)[None].to(device, pose.dtype)
+        both = net.encode_target_pose(torch.cat([torch.cat([pose, torch.zeros_like(hint)], 1),
+                                                 torch.cat([pose, hint], 1)]))
+        return both[1:], both[:1]
 
     @torch.no_grad()
     def decode_sheet(self, latents: torch.Tensor, output_type: str = "pil"):
