@@ -80,25 +80,30 @@ def _random_guider(seed=0):
     return guider
 
 
-def test_a_widened_pose_guider_computes_what_it_did_whatever_the_hint_holds():
+def test_a_pose_guider_given_a_hint_computes_what_it_did_until_the_hint_is_trained():
     guider = _random_guider()
-    wide = PoseGuider.widened(guider, 3 + HINT_CHANNELS)
-    assert wide.config.conditioning_channels == 7 and guider.config.conditioning_channels == 3
+    hinted = PoseGuider.with_hint(guider, HINT_CHANNELS)
+    assert hinted.config.hint_channels == HINT_CHANNELS and guider.config.hint_channels == 0
     pose = torch.rand(2, 3, 96, 64)
+    hint = torch.rand(2, HINT_CHANNELS, 96, 64)
     with torch.no_grad():
         before = guider(pose)
-        torch.testing.assert_close(wide(torch.cat([pose, torch.rand(2, 4, 96, 64)], 1)), before, rtol=0, atol=0)
-        wide.conv_in.weight[:, 3:].normal_()
-        assert (wide(torch.cat([pose, torch.rand(2, 4, 96, 64)], 1)) - before).abs().max() > 1e-3
-    with pytest.raises(ValueError, match="cannot narrow"):
-        PoseGuider.widened(wide, 3)
+        torch.testing.assert_close(hinted(torch.cat([pose, hint], 1)), before, rtol=0, atol=0)
+        hinted.hint_proj.weight.normal_()
+        after = hinted(torch.cat([pose, hint], 1))
+        # the hint, area-averaged to the latent grid, through one conv added to what the pose gives
+        expected = before + hinted.hint_proj(torch.nn.functional.avg_pool2d(hint, 8))
+        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+        assert (after - before).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="already reads"):
+        PoseGuider.with_hint(hinted, HINT_CHANNELS)
 
 
 def test_the_pipeline_gives_a_hint_reading_stage1_the_hint_and_its_unconditional_pass_zeros():
     components = tiny_stage1_components()
     components["pose_guider"] = _random_guider()
     plain = StandardizePipeline(**components)
-    wide = StandardizePipeline(**{**components, "pose_guider": PoseGuider.widened(components["pose_guider"], 7)})
+    wide = StandardizePipeline(**{**components, "pose_guider": PoseGuider.with_hint(components["pose_guider"], 4)})
     for pipe in (plain, wide):
         pipe.set_progress_bar_config(disable=True)
     sample = render_sample(3, 1, SIZE)
@@ -107,7 +112,7 @@ def test_the_pipeline_gives_a_hint_reading_stage1_the_hint_and_its_unconditional
     before = plain(sample.image, **kwargs).sheet
     torch.testing.assert_close(wide(sample.image, **kwargs).sheet, before, rtol=0, atol=1e-4)  # new channels at zero
     with torch.no_grad():
-        wide.pose_guider.conv_in.weight[:, 3:].normal_()
+        wide.pose_guider.hint_proj.weight.normal_()
     assert (wide(sample.image, **kwargs).sheet - before).abs().max() > 1e-3  # the hint reaches the sheet
 
     # what the pose guider is given: the hint beside the pose map, zeros in the unconditional pass

@@ -1269,9 +1269,9 @@ def test_reference_latent_path_starts_at_zero_then_trains_and_reloads(standardiz
 
 
 def test_colour_hint_starts_at_zero_trains_and_reloads(standardize_run, tmp_path, monkeypatch):
-    """colour_hint turned on in a trained Stage I: its pose guider reads 7 channels with the new ones at zero (the same
+    """colour_hint turned on in a trained Stage I: its pose guider reads the hint through a conv at zero (the same
     sheet as its init), the trainer gives it each sample's hint (dropped with the reference), the saved pipeline's
-    pose guider reads 7 channels, and a run from that model without the option keeps them."""
+    pose guider reads the hint, and a run from that model without the option keeps it."""
     from diffusers import DDIMScheduler, DDPMScheduler
 
     from engine.pipelines import StandardizePipeline
@@ -1323,7 +1323,7 @@ def test_colour_hint_starts_at_zero_trains_and_reloads(standardize_run, tmp_path
         ["--config", cfg, "--set", f"init={final}", "--set", "colour_hint=true",
          "--set", f"output_dir={tmp_path / 'run'}"]))
     assert len(calls) >= 2  # every training step's batch got its hints
-    assert StandardizePipeline.from_pretrained(trained).pose_guider.config.conditioning_channels == 7
+    assert StandardizePipeline.from_pretrained(trained).pose_guider.config.hint_channels == 4
     kept = train_standardize.build_models({**config, "init": str(trained)})["net"]  # option unset
     assert kept.reads_colour_hint
 

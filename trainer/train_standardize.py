@@ -131,9 +131,9 @@ DEFAULTS = {
     # one feature space. False: two independent random initialisations (the demo recipe up to 2026-12).
     "identical_init": False,
     # The reference's colours read along its skeleton and painted along the standard pose (engine.preprocess.
-    # colour_hint) as 4 more pose-guider input channels, zero-initialised (with ``init``, the model first draws
-    # exactly what it did); the saved pipeline's pose guider then reads 7 channels and StandardizePipeline makes the
-    # hint itself. An init that reads it keeps it either way.
+    # colour_hint), read by the pose guider through a zero-initialised conv at the latent grid (``PoseGuider(
+    # hint_channels=4)``; with ``init``, the model first draws exactly what it did); StandardizePipeline makes the
+    # hint itself for a model that reads it. An init that reads it keeps it either way.
     "colour_hint": False,
     "model": {"use_fbdm": True, "use_rpim": True, "pose_guider": {"block_out_channels": [16, 32, 96, 256]},
               "conditioner": {"pose_block_out_channels": [16, 32, 96, 256], "pose_embedding_channels": 320}},
@@ -256,8 +256,8 @@ def build_models(config: dict) -> dict:
     else:
         pose_guider = PoseGuider(conditioning_embedding_channels=denoising_unet.config.block_out_channels[0],
                                  block_out_channels=tuple(model["pose_guider"]["block_out_channels"]))
-    if config.get("colour_hint") and pose_guider.config.conditioning_channels == 3:
-        pose_guider = PoseGuider.widened(pose_guider, 3 + HINT_CHANNELS)  # at zero: the init draws as it did
+    if config.get("colour_hint") and not pose_guider.config.hint_channels:
+        pose_guider = PoseGuider.with_hint(pose_guider, HINT_CHANNELS)  # at zero: the init draws as it did
     conditioner = None
     if init is not None and (init / "reference_conditioner").is_dir():
         conditioner = ReferenceConditioner.from_pretrained(init / "reference_conditioner")

@@ -37,11 +37,18 @@ def zero_module(module: nn.Module) -> nn.Module:
 
 class PoseGuider(ModelMixin, ConfigMixin):
     """Pose map -> latent-resolution features (/8). Same layout and keys as Animate Anyone's pose guider:
-    ``conv_in``, ``blocks.{2i}`` (c -> c), ``blocks.{2i+1}`` (c -> c', stride 2), ``conv_out`` (zero-initialised)."""
+    ``conv_in``, ``blocks.{2i}`` (c -> c), ``blocks.{2i+1}`` (c -> c', stride 2), ``conv_out`` (zero-initialised).
+
+    ``hint_channels`` > 0: the input carries that many more channels after the pose map (Stage I's colour hint,
+    ``engine.preprocess.colour_hint``), area-averaged to the latent grid and added to the output through one
+    zero-initialised 3x3 conv (``hint_proj``): one layer from the hint to the denoiser's first features, so its
+    gradient is there from the first step (through ``conv_in`` and the pose stack, 500 steps left the new weights at
+    the noise level: docs/training.md)."""
 
     @register_to_config
     def __init__(self, conditioning_embedding_channels: int = 320, conditioning_channels: int = 3,
-                 block_out_channels: tuple[int, ...] = (16, 32, 96, 256), zero_init_out: bool = True):
+                 block_out_channels: tuple[int, ...] = (16, 32, 96, 256), zero_init_out: bool = True,
+                 hint_channels: int = 0):
         super().__init__()
         self.conv_in = nn.Conv2d(conditioning_channels, block_out_channels[0], kernel_size=3, padding=1)
         self.blocks = nn.ModuleList()
@@ -51,27 +58,32 @@ class PoseGuider(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(block_out_channels[-1], conditioning_embedding_channels, kernel_size=3, padding=1)
         if zero_init_out:
             zero_module(self.conv_out)
+        self.hint_proj = None
+        if hint_channels:
+            self.hint_proj = zero_module(nn.Conv2d(hint_channels, conditioning_embedding_channels, 3, padding=1))
 
     @classmethod
-    def widened(cls, guider: "PoseGuider", conditioning_channels: int) -> "PoseGuider":
-        """``guider`` reading ``conditioning_channels`` inputs, the new ones at zero weight in ``conv_in``: it computes
-        exactly what ``guider`` did whatever the new channels hold (Stage I's colour hint, ``colour_hint``)."""
-        old = guider.config.conditioning_channels
-        if conditioning_channels < old:
-            raise ValueError(f"cannot narrow a pose guider from {old} to {conditioning_channels} input channels")
+    def with_hint(cls, guider: "PoseGuider", hint_channels: int) -> "PoseGuider":
+        """``guider`` reading ``hint_channels`` more input channels through a zero ``hint_proj``: it computes exactly
+        what ``guider`` did whatever the new channels hold, until ``hint_proj`` is trained."""
+        if guider.config.hint_channels:
+            raise ValueError(f"the pose guider already reads {guider.config.hint_channels} hint channels")
         config = {k: v for k, v in guider.config.items() if not k.startswith("_")}  # not _use_default_values
-        wide = cls(**{**config, "conditioning_channels": conditioning_channels})
-        state = guider.state_dict()
-        weight = state["conv_in.weight"]
-        extra = weight.new_zeros(weight.shape[0], conditioning_channels - old, *weight.shape[2:])
-        wide.load_state_dict({**state, "conv_in.weight": torch.cat([weight, extra], 1)})
-        return wide.to(weight.dtype)
+        hinted = cls(**{**config, "hint_channels": hint_channels})
+        missing, unexpected = hinted.load_state_dict(guider.state_dict(), strict=False)
+        assert not unexpected and all(key.startswith("hint_proj.") for key in missing), (missing, unexpected)
+        return hinted.to(guider.dtype)
 
     def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
-        x = F.silu(self.conv_in(conditioning))
+        pose = conditioning[:, :self.config.conditioning_channels]
+        x = F.silu(self.conv_in(pose))
         for block in self.blocks:
             x = F.silu(block(x))
-        return self.conv_out(x)
+        out = self.conv_out(x)
+        if self.hint_proj is not None:
+            hint = conditioning[:, self.config.conditioning_channels:]
+            out = out + self.hint_proj(F.adaptive_avg_pool2d(hint, out.shape[-2:]))
+        return out
 
 
 def self_attention_layers(unet: UNet2DConditionModel) -> dict[str, Attention]:
@@ -407,7 +419,7 @@ class StandardizeNet(nn.Module):
     @property
     def reads_colour_hint(self) -> bool:
         """Whether the pose guider reads the reference's colour hint beside the pose map (engine.preprocess.colour_hint)."""
-        return self.pose_guider.config.conditioning_channels > 3
+        return bool(self.pose_guider.config.hint_channels)
 
     def encode_reference(self, reference_latents, image_embeds, background=None, reference_pose=None,
                          record_shapes=False, record_attention=False) -> ReferenceBank:

@@ -269,17 +269,16 @@ class StandardizePipeline(DiffusionPipeline):
 
     def encode_target_pose(self, canvas: Canvas, target_keypoints: np.ndarray, target_pose_map: PIL.Image.Image):
         """The pose guider's features for the conditional and the unconditional pass: the target pose map, and where
-        the pose guider reads 7 channels, the reference's colour hint beside it (``engine.preprocess.colour_hint``;
+        the pose guider reads a hint (``hint_channels``), the reference's colour hint beside it (``engine.preprocess.colour_hint``;
         zeros in the unconditional pass, which sees nothing of the reference)."""
         net, device = self.net, self._execution_device
         pose = pil_to_tensor(target_pose_map, normalize=False).to(device)
-        extra = net.pose_guider.config.conditioning_channels - pose.shape[1]
-        if extra == 0:
+        extra = net.pose_guider.config.hint_channels
+        if not extra:
             features = net.encode_target_pose(pose)
             return features, features
         if extra != HINT_CHANNELS:
-            raise ValueError(f"the pose guider reads {pose.shape[1] + extra} channels: expected 3 (pose map) or "
-                             f"{3 + HINT_CHANNELS} (pose map and colour hint)")
+            raise ValueError(f"the pose guider reads {extra} hint channels; the colour hint has {HINT_CHANNELS}")
         hint = colour_hint(canvas.image, canvas.mask, canvas.keypoints, target_keypoints)
         hint = torch.from_numpy(hint)[None].to(device, pose.dtype)
         both = net.encode_target_pose(torch.cat([torch.cat([pose, torch.zeros_like(hint)], 1),

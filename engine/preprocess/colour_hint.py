@@ -6,9 +6,9 @@ low; the probe reads 0.42 of top colours against 0.93 on the truth). The pose al
 both pictures, so the colours can be carried across directly: for each part (torso, upper arms, forearms, thighs,
 shins, face, hair) the median foreground colour along that part in the reference is painted, as a thick stroke, along
 the same part of the target pose. The result is 4 channels at the canvas size: RGB in [0, 1] and a mask of where a
-colour was painted. Stage I's pose guider reads it beside the pose map (``PoseGuider(conditioning_channels=7)``): a
-model whose pose guider has 7 input channels gets the hint from StandardizePipeline, one with 3 (the published
-Animate Anyone weights, Stage I models before 2026-12) does not. It is a property of the reference, so CFG's
+colour was painted. Stage I's pose guider reads it beside the pose map (``PoseGuider(hint_channels=4)``): a model
+whose pose guider reads a hint gets it from StandardizePipeline, one without (the published Animate Anyone weights,
+Stage I models before 2026-12) does not. It is a property of the reference, so CFG's
 unconditional half gets zeros in its place, as it gets no bank and no image embedding.
 
 Keypoints are OpenPose-18 (x, y, visible) in pixels of their picture (engine.preprocess.pose); a part whose keypoints
