@@ -1417,3 +1417,24 @@ def test_packaged_stage1_shares_the_image_encoder_beside_it(tmp_path):
     c["image_encoder"].save_pretrained(tmp_path / "other" / "image_encoder")
     assert not share_image_encoder(tmp_path / "other")  # a different encoder stays with Stage I
     assert (tmp_path / "other" / "standardize" / "image_encoder").is_dir()
+
+
+def test_lr_multipliers_give_a_prefix_its_own_rate_under_the_shared_schedule():
+    from trainer.common import COMMON_DEFAULTS, cosine_with_warmup, param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    config = {**COMMON_DEFAULTS, "learning_rate": 1e-3, "lr_multipliers": {"1.0": 30.0}}
+    groups = param_groups(model, list(model.parameters()), config)
+    assert [len(g["params"]) for g in groups] == [2, 2] and groups[1]["lr"] == pytest.approx(3e-2)
+    assert all(p is q for p, q in zip(groups[1]["params"], model[1][0].parameters()))
+    optimizer = torch.optim.AdamW(groups, lr=config["learning_rate"])
+    schedule = cosine_with_warmup(optimizer, 0, 10)
+    for _ in range(5):
+        optimizer.step()
+        schedule.step()
+    ratio = optimizer.param_groups[1]["lr"] / optimizer.param_groups[0]["lr"]
+    assert ratio == pytest.approx(30.0) and optimizer.param_groups[0]["lr"] < 1e-3  # the schedule scales both
+    assert param_groups(model, list(model.parameters()), {**config, "lr_multipliers": {}}) == [
+        {"params": list(model.parameters())}]
+    with pytest.raises(ValueError, match="no trained parameter is under 2"):
+        param_groups(model, list(model.parameters()), {**config, "lr_multipliers": {"2": 5.0}})

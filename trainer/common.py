@@ -81,6 +81,9 @@ COMMON_DEFAULTS = {
     # continued with more steps (make_demo --continue-steps) without a schedule that already reached zero
     "lr_schedule": "cosine",
     "adam_weight_decay": 1e-2,
+    # {parameter-name prefix: factor}: those parameters learn at learning_rate x factor (the schedule scales all
+    # alike), e.g. a zero-initialised path added to a trained model ({"pose_guider.hint_proj": 30}); {}: one rate
+    "lr_multipliers": {},
     "max_grad_norm": 1.0,
     "mixed_precision": "no",
     "checkpointing_steps": 500,
@@ -449,13 +452,34 @@ class ema_weights:
         return False
 
 
+def param_groups(model: torch.nn.Module, params: list, config: dict) -> list[dict]:
+    """AdamW's parameter groups: ``params`` at the learning rate, those under an ``lr_multipliers`` prefix at that
+    rate times its factor (the first prefix that matches; one that matches no trained parameter is refused)."""
+    multipliers = config.get("lr_multipliers") or {}
+    if not multipliers:
+        return [{"params": params}]
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = {prefix: [] for prefix in multipliers}
+    plain = []
+    for p in params:
+        name = names.get(id(p), "")
+        prefix = next((k for k in multipliers if name == k or name.startswith(k + ".")), None)
+        (groups[prefix] if prefix is not None else plain).append(p)
+    unused = [prefix for prefix, group in groups.items() if not group]
+    if unused:
+        raise ValueError(f"lr_multipliers: no trained parameter is under {', '.join(unused)}")
+    return [{"params": plain}] + [{"params": groups[k], "lr": config["learning_rate"] * float(multipliers[k])}
+                                  for k in multipliers]
+
+
 def prepare_training(accelerator, config: dict, model: torch.nn.Module, parts: dict[str, str],
                      params=None, ema_target=None):
     """The setup every trainer shares: AdamW over ``params`` (default: the model's trainable parameters), the
     warm-up + cosine schedule, EMA of ``ema_target`` (default: the model), checkpoint hooks writing ``parts``,
     accelerate's prepare, and resume. Returns (model, optimizer, lr_scheduler, ema, start step)."""
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["adam_weight_decay"])
+    optimizer = torch.optim.AdamW(param_groups(model, params, config), lr=config["learning_rate"],
+                                  weight_decay=config["adam_weight_decay"])
     if config["lr_schedule"] not in ("cosine", "constant"):
         raise ValueError(f"lr_schedule {config['lr_schedule']!r} is not one of cosine, constant")
     # accelerate steps a prepared scheduler once per process for every optimizer step (the batch is num_processes
