@@ -418,7 +418,7 @@ class StandardizeNet(nn.Module):
 
     @property
     def reads_colour_hint(self) -> bool:
-        """Whether the pose guider reads the reference's colour hint beside the pose map (engine.preprocess.colour_hint)."""
+        """Whether the pose guider reads the reference's colour hint (engine.preprocess.colour_hint)."""
         return bool(self.pose_guider.config.hint_channels)
 
     def encode_reference(self, reference_latents, image_embeds, background=None, reference_pose=None,

@@ -269,8 +269,8 @@ class StandardizePipeline(DiffusionPipeline):
 
     def encode_target_pose(self, canvas: Canvas, target_keypoints: np.ndarray, target_pose_map: PIL.Image.Image):
         """The pose guider's features for the conditional and the unconditional pass: the target pose map, and where
-        the pose guider reads a hint (``hint_channels``), the reference's colour hint beside it (``engine.preprocess.colour_hint``;
-        zeros in the unconditional pass, which sees nothing of the reference)."""
+        the pose guider reads a hint (``hint_channels``), the reference's colour hint beside it
+        (``engine.preprocess.colour_hint``; zeros in the unconditional pass, which sees nothing of the reference)."""
         net, device = self.net, self._execution_device
         pose = pil_to_tensor(target_pose_map, normalize=False).to(device)
         extra = net.pose_guider.config.hint_channels
