@@ -130,3 +130,52 @@ def test_the_pipeline_gives_a_hint_reading_stage1_the_hint_and_its_unconditional
 
     expected = colour_hint(canvas.image, canvas.mask, canvas.keypoints, standard_keypoints((64, 96)))
     np.testing.assert_allclose(given[1, 3:].numpy(), expected, atol=1e-6)
+
+
+def test_colour_match_moves_each_painted_part_toward_the_reference_colour_and_leaves_the_rest():
+    from engine.preprocess.colour_hint import match_colours
+
+    h, w = 192, 128
+    sheet = torch.ones(1, 3, h, w)  # white ...
+    sheet[:, :, 60:120, 40:90] = 0.0  # ... with a grey block (0 in [-1, 1] is mid grey)
+    hint = torch.zeros(4, h, w)
+    hint[0, 70:110, 50:80] = 0.9  # the reference's part is red: (0.9, 0.1, 0.1) where painted
+    hint[1:3, 70:110, 50:80] = 0.1
+    hint[3, 70:110, 50:80] = 1.0
+    torch.testing.assert_close(match_colours(sheet, hint, 0.0), sheet)
+    torch.testing.assert_close(match_colours(sheet, torch.zeros(4, h, w), 0.5), sheet)
+    half, full = match_colours(sheet, hint, 0.5), match_colours(sheet, hint, 1.0)
+    centre = (slice(None), slice(None), slice(85, 95), slice(60, 70))
+    rgb = lambda x: ((x[centre] + 1) / 2).mean((0, 2, 3))  # noqa: E731
+    torch.testing.assert_close(rgb(half), torch.tensor([0.7, 0.3, 0.3]), atol=0.02, rtol=0)  # half way from grey
+    torch.testing.assert_close(rgb(full), torch.tensor([0.9, 0.1, 0.1]), atol=0.02, rtol=0)
+    far = (slice(None), slice(None), slice(0, 40), slice(None))  # well away from the painted part
+    torch.testing.assert_close(half[far], sheet[far])
+
+
+def test_the_pipeline_corrects_colours_only_when_asked_and_refuses_a_strength_out_of_range():
+    pipe = StandardizePipeline(**tiny_stage1_components())
+    pipe.set_progress_bar_config(disable=True)
+    sample = render_sample(3, 1, SIZE)
+    kwargs = {"mask": np.asarray(sample.mask, np.float32) / 255.0, "reference_pose": sample.keypoints,
+              "height": 96, "width": 64, "num_inference_steps": 2, "seed": 0, "output_type": "np"}
+    plain = pipe(sample.image, **kwargs)
+    corrected = pipe(sample.image, colour_match=0.5, **kwargs)
+    from engine.preprocess.standard import standard_keypoints
+
+    hint = colour_hint(plain.canvas, np.asarray(plain.mask, np.float32) / 255.0, plain.keypoints,
+                       standard_keypoints((64, 96)))
+    diff = np.abs(corrected.sheet.astype(int) - plain.sheet.astype(int)).max(-1)
+    assert diff[hint[3] > 0.5].mean() > 2  # the painted parts moved toward the reference's colours
+    assert diff[:8].max() == 0  # the top rows, far from any part, did not
+    torch.testing.assert_close(pipe(sample.image, colour_match=0.5, **{**kwargs, "output_type": "latent"}).sheet,
+                               pipe(sample.image, **{**kwargs, "output_type": "latent"}).sheet)  # latents: untouched
+    with pytest.raises(ValueError, match="colour_match must be between 0 and 1"):
+        pipe(sample.image, colour_match=1.5, **kwargs)
+
+
+def test_the_demo_preset_corrects_colours_half_way():
+    from engine.presets import DEMO, FULL
+
+    assert DEMO.standardize_defaults["colour_match"] == 0.5
+    assert "colour_match" not in FULL.standardize_defaults

@@ -64,7 +64,8 @@ def mean_standard(size: tuple[int, int], n: int = 200) -> Image.Image:
 
 
 def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20, guidance: float | None = None,
-                            seed: int = 0, examples: int = 0, probe=None, reference: str = "scene"):
+                            seed: int = 0, examples: int = 0, probe=None, reference: str = "scene",
+                            colour_match: float = 0.0):
     """Mean PSNR/SSIM of ``pipe`` (a StandardizePipeline) on ``n`` test characters, with ground-truth mask and pose,
     and of the mean-standard baseline; also returns up to ``examples`` (reference, sheet, truth) triples.
     ``guidance`` defaults to the demo preset's Stage I CFG scale (what the studio uses).
@@ -75,7 +76,8 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
     PSNR rewards the blurry mean; this says whether the reference's appearance reached the sheet.
 
     ``reference="standard"`` gives Stage I the answer as its reference (the standard render, its mask and pose):
-    what it loses then is lost in drawing the sheet, not in reading the scene (docs/training.md, 2026-12-05)."""
+    what it loses then is lost in drawing the sheet, not in reading the scene (docs/training.md, 2026-12-05).
+    ``colour_match``: the pipeline's colour correction after the model (0, the default: the model alone)."""
     from engine.presets import DEMO
 
     if reference not in ("scene", "standard"):
@@ -91,7 +93,8 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
         image, mask, pose = ((sample.image, sample.mask, sample.keypoints) if reference == "scene" else
                              (sample.standard, sample.standard_mask, sample.standard_keypoints))
         out = pipe(image, mask=np.asarray(mask, np.float32) / 255.0, reference_pose=pose,
-                   height=h, width=w, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i)
+                   height=h, width=w, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i,
+                   colour_match=colour_match)
         scores["psnr"].append(psnr(out.sheet, sample.standard))
         scores["ssim"].append(ssim(out.sheet, sample.standard))
         scores["baseline_psnr"].append(psnr(baseline, sample.standard))
@@ -715,6 +718,8 @@ def main(argv=None) -> int:
     st.add_argument("--size", default="128x192")
     st.add_argument("--steps", type=int, default=20)
     st.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the demo preset's)")
+    st.add_argument("--colour-match", type=float, default=0.0, metavar="S",
+                    help="the pipeline's colour correction after the model, 0..1 (default 0: the model alone)")
     st.add_argument("--probe", default=None, help="an AttributeProbe folder: also how much appearance the sheets carry")
     st.add_argument("--reading", type=int, default=64, metavar="N",
                     help="also the reference-reading instruments on N fixed test samples (0: off)")
@@ -819,7 +824,8 @@ def main(argv=None) -> int:
 
         probe = AttributeProbe.from_pretrained(args.probe).eval()
     result, _ = standardization_quality(pipe, args.n, (w, h), args.steps, args.guidance, probe=probe,
-                                        reference=args.reference)
+                                        reference=args.reference, colour_match=args.colour_match)
+    result["colour_match"] = args.colour_match
     result["vae_ceiling"] = vae_ceiling(pipe.vae, args.n, (w, h), probe)
     if args.reading:
         result["reading"] = reference_reading(pipe, args.reading, (w, h))

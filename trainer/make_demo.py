@@ -464,7 +464,14 @@ def package(args, timings: dict) -> Path:
         from engine.models.probe import AttributeProbe
 
         probe = AttributeProbe.from_pretrained(OUTPUTS["probe"]).eval()
-    quality, shown = standardization_quality(engine.standardize, n=args.eval_n, examples=2, probe=probe)
+    # the sheets as the studio draws them (the preset's colour correction after the model), and the model alone
+    colour_match = engine.preset.standardize_defaults.get("colour_match", 0.0)
+    quality, shown = standardization_quality(engine.standardize, n=args.eval_n, examples=2, probe=probe,
+                                             colour_match=colour_match)
+    quality["colour_match"] = colour_match
+    if colour_match:
+        alone, _ = standardization_quality(engine.standardize, n=args.eval_n, probe=probe)
+        quality["model_alone"] = {k: alone[k] for k in ("psnr", "ssim", "appearance_acc", "retrieval") if k in alone}
     from .evaluate import vae_ceiling
 
     # the ceiling of the world's VAE (the base's decoder): Stage I's own decoder is fitted to its latents, not truths'
@@ -757,6 +764,12 @@ def verdict(q: dict, gpu: bool = False) -> str:
     return words + "."
 
 
+def _colour_match_label(q: dict) -> str:
+    cm = q.get("colour_match")
+    return (f" (as the studio draws it: the preset's colour correction after the model, `colour_match` {cm:g}, moves "
+            "each part's colour that far toward the reference's)") if cm else ""
+
+
 def _acc(q: dict, key: str) -> str:
     return f"{q[key]:.3f}" if key in q else "-"
 
@@ -852,7 +865,10 @@ def model_card(card: dict) -> str:
         f"## Stage I on {q['n']} held-out test characters ({q['size'][0]}x{q['size'][1]}, {q['steps']} DDIM steps)", "",
         "| | PSNR (dB) | SSIM | appearance acc. (probe) | own-character retrieval among 8 |",
         "|---|---|---|---|---|",
-        f"| our Stage I | {q['psnr']:.2f} | {q['ssim']:.3f} | {_acc(q, 'appearance_acc')} | {_acc(q, 'retrieval')} |",
+        f"| our Stage I{_colour_match_label(q)} | {q['psnr']:.2f} | {q['ssim']:.3f} | {_acc(q, 'appearance_acc')} | "
+        f"{_acc(q, 'retrieval')} |",
+        *([f"| the model alone (no colour correction) | {a['psnr']:.2f} | {a['ssim']:.3f} | "
+           f"{_acc(a, 'appearance_acc')} | {_acc(a, 'retrieval')} |"] if (a := q.get("model_alone")) else []),
         f"| mean standard image (trivial baseline) | {q['baseline_psnr']:.2f} | {q['baseline_ssim']:.3f} | "
         f"{_acc(q, 'baseline_appearance_acc')} | 0.125 (chance) |",
         f"| ground-truth standard render | - | - | {_acc(q, 'truth_appearance_acc')} | 1 |",

@@ -21,7 +21,7 @@ from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ..models.stage1 import PoseGuider, ReferenceConditioner, StandardizeNet
 from ..preprocess.canvas import MIN_SIDE, Canvas, fit_to_canvas
-from ..preprocess.colour_hint import HINT_CHANNELS, colour_hint
+from ..preprocess.colour_hint import HINT_CHANNELS, colour_hint, match_colours
 from ..preprocess.image import clip_processor, load_image
 from ..preprocess.pose import draw_pose_map
 from ..preprocess.standard import standard_keypoints
@@ -188,6 +188,7 @@ class StandardizePipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end=None,
+        colour_match: float = 0.0,
     ):
         r"""Standardizes ``reference`` (PIL/np/path, any mode) into a character sheet.
 
@@ -197,9 +198,14 @@ class StandardizePipeline(DiffusionPipeline):
             target_pose: (18, 3) keypoints on the canvas; default: the standard pose in ``assets/``.
             seed: noise seed (drawn on the CPU, so it gives the same sheet on any device); None draws one.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict``.
+            colour_match: 0..1, how far the decoded sheet's part colours are moved toward the reference's, read along
+                its pose (``engine.preprocess.colour_hint.match_colours``; a correction after the model, 0: none;
+                not applied to ``output_type="latent"``).
         """
         # 1. Check inputs and prepare the canvas
         self.check_inputs(height, width, num_inference_steps, guidance_scale, seed, mask, reference_pose)
+        if not 0.0 <= float(colour_match) <= 1.0:
+            raise ValueError(f"colour_match must be between 0 and 1 (how far colours are corrected); got {colour_match}")
         canvas = self.prepare_reference(reference, (width, height), mask, reference_pose)
         seed = int(np.random.default_rng().integers(0, 2**31 - 1)) if seed is None else int(seed)
         device = self._execution_device
@@ -257,7 +263,14 @@ class StandardizePipeline(DiffusionPipeline):
             bank.clear()  # 6. the bank lives for one call only
 
         # 7. Decode ("latent": the scaled latents as the denoiser made them, e.g. to fit a decoder to them)
-        sheet = latents if output_type == "latent" else self.decode_sheet(latents, output_type)
+        if output_type == "latent":
+            sheet = latents
+        else:
+            sheet = self.decode_sheet(latents, "pt")
+            if colour_match > 0:
+                hint = colour_hint(canvas.image, canvas.mask, canvas.keypoints, target_kp)
+                sheet = match_colours(sheet, torch.from_numpy(hint), float(colour_match))
+            sheet = sheet if output_type == "pt" else self._postprocess(sheet, output_type)
         self.maybe_free_model_hooks()
         mask_image = None
         if canvas.mask is not None:

@@ -19,6 +19,8 @@ reference gives a face and hair and nothing else.
 from __future__ import annotations
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 HINT_CHANNELS = 4  # RGB + painted mask
@@ -143,4 +145,43 @@ def colour_hint(image, mask: np.ndarray | None, keypoints: np.ndarray | None, ta
     return paint_hint(part_colours(array, mask, keypoints), target_keypoints, size)
 
 
-__all__ = ["HINT_CHANNELS", "colour_hint", "paint_hint", "part_colours"]
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) blurred by a separable Gaussian (reflected borders)."""
+    radius = max(1, int(round(3 * sigma)))
+    taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                    groups=c)
+
+
+def match_colours(image: torch.Tensor, hint: torch.Tensor, strength: float) -> torch.Tensor:
+    """Shifts the figure's local colour toward the reference's part colours where the hint paints them.
+
+    ``image`` (1, 3, H, W) in [-1, 1] (a decoded sheet), ``hint`` (4, H, W) (``colour_hint`` on the sheet's pose and
+    size). Around each painted part the sheet's mean colour there is moved ``strength`` of the way to the hint's (both
+    taken as Gaussian-weighted means over the painted pixels, so shading and edges inside a part stay the sheet's),
+    weighted by the softened paint mask; the rest of the sheet is left as it is. A colour correction after the model,
+    not the model: docs/training.md (2026-12-05, seventh session) measures both.
+    """
+    if strength <= 0 or not bool(hint[3].any()):
+        return image
+    h, w = image.shape[-2:]
+    scale = w / 128.0  # measured at 128x192; the blur widths follow the sheet's size
+    hint = hint.to(image.device, torch.float32)[None]
+    paint = hint[:, 3:]
+    x = (image.float() + 1) / 2
+
+    def part_mean(values, sigma):
+        return _gaussian_blur(values * paint, sigma) / _gaussian_blur(paint, sigma).clamp_min(1e-3)
+
+    weight = _gaussian_blur(paint, 1.5 * scale)
+    target = part_mean(hint[:, :3], 2.0 * scale)
+    local = part_mean(x, 2.0 * scale)
+    out = (x + strength * weight * (target - local)).clamp(0, 1)
+    return (out * 2 - 1).to(image.dtype)
+
+
+__all__ = ["HINT_CHANNELS", "colour_hint", "match_colours", "paint_hint", "part_colours"]
