@@ -221,7 +221,7 @@ def reference_reading(pipe, n: int = 64, size=(128, 192), batch: int = 16, seed:
                                                  for item in items])
         inputs = stage1_inputs(models, preprocess, data, device, dtype, sample_target=False,
                                foreground_embedding=pipe.config.foreground_embedding,
-                               with_hint=net.reads_colour_hint)
+                               with_hint=getattr(net, "reads_colour_hint", False))  # a test oracle has no pose guider
         b = inputs["target"].shape[0]
         noise = torch.randn(inputs["target"].shape, generator=generator).to(device, inputs["target"].dtype)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator).to(device)

@@ -455,7 +455,7 @@ def denoise(net, noise_scheduler, inputs: dict, noise, t, keep, record_attention
     b = noise.shape[0]
     noisy = noise_scheduler.add_noise(inputs["target"], noise, t)
     target_pose = inputs["target_pose"]
-    if target_pose.shape[1] > 3:  # the colour hint is the reference's: dropped with it, swapped with its embedding
+    if target_pose is not None and target_pose.shape[1] > 3:  # the hint is the reference's: dropped and swapped with it
         hint = target_pose[:, 3:][swap] if swap is not None and swap_embedding else target_pose[:, 3:]
         target_pose = torch.cat([target_pose[:, :3], hint * keep.view(b, 1, 1, 1).to(hint.dtype)], 1)
     embeds = inputs["embeds"] * keep.view(b, 1, 1).to(inputs["embeds"].dtype)
