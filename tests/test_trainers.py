@@ -1224,13 +1224,11 @@ def test_grown_stage1_draws_what_its_init_drew_and_has_the_new_layers(standardiz
         train_standardize.build_models({**config, "init": None, "grow_transformer_layers": [2, 1]})
 
 
-def test_reference_latent_path_starts_at_zero_then_trains_and_reloads(standardize_run, tmp_path):
-    """reference_latent turned on in a trained Stage I: the path starts at zero (the same sheet as its init), a
-    2-step run trains it (its convs leave zero), the saved pipeline reloads it, and a run from that model without
-    the option keeps the trained path."""
+def _init_with_option(standardize_run, **option):
+    """The trained tiny Stage I as an ``init``: (config, its models, its models built with ``option`` on, sharing the
+    first's VAE and encoder, ``sheet(models)``: the latents one fixed sample's sheet gets through those models)."""
     from diffusers import DDIMScheduler
 
-    from engine.pipelines import StandardizePipeline
     from trainer import train_standardize
     from trainer.synthetic import render_sample
 
@@ -1238,9 +1236,8 @@ def test_reference_latent_path_starts_at_zero_then_trains_and_reloads(standardiz
     args = train_standardize.parse_args(["--config", cfg, "--set", f"init={final}"])
     config = train_standardize.load_config(args, train_standardize.DEFAULTS)
     plain = train_standardize.build_models(config)
-    latent = train_standardize.build_models({**config, "reference_latent": True})
-    latent.update(vae=plain["vae"], image_encoder=plain["image_encoder"])
-    assert latent["net"].conditioner.config.use_reference_latent
+    grown = train_standardize.build_models({**config, **option})
+    grown.update(vae=plain["vae"], image_encoder=plain["image_encoder"])
     sample = render_sample(3, 0, (64, 96))
     scheduler_config = DDIMScheduler.from_pretrained(final / "scheduler").config
 
@@ -1249,6 +1246,20 @@ def test_reference_latent_path_starts_at_zero_then_trains_and_reloads(standardiz
         pipe.set_progress_bar_config(disable=True)
         return pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
                     height=96, width=64, num_inference_steps=2, seed=0, output_type="latent").sheet
+
+    return config, plain, grown, sheet
+
+
+def test_reference_latent_path_starts_at_zero_then_trains_and_reloads(standardize_run, tmp_path):
+    """reference_latent turned on in a trained Stage I: the path starts at zero (the same sheet as its init), a
+    2-step run trains it (its convs leave zero), the saved pipeline reloads it, and a run from that model without
+    the option keeps the trained path."""
+    from engine.pipelines import StandardizePipeline
+    from trainer import train_standardize
+
+    root, cfg, final = standardize_run
+    config, plain, latent, sheet = _init_with_option(standardize_run, reference_latent=True)
+    assert latent["net"].conditioner.config.use_reference_latent
 
     before = sheet(plain)
     torch.testing.assert_close(sheet(latent), before, atol=1e-5, rtol=1e-5)
@@ -1272,27 +1283,14 @@ def test_colour_hint_starts_at_zero_trains_and_reloads(standardize_run, tmp_path
     """colour_hint turned on in a trained Stage I: its pose guider reads the hint through a conv at zero (the same
     sheet as its init), the trainer gives it each sample's hint (dropped with the reference), the saved pipeline's
     pose guider reads the hint, and a run from that model without the option keeps it."""
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDPMScheduler
 
     from engine.pipelines import StandardizePipeline
     from trainer import train_standardize
-    from trainer.synthetic import render_sample
 
     root, cfg, final = standardize_run
-    args = train_standardize.parse_args(["--config", cfg, "--set", f"init={final}"])
-    config = train_standardize.load_config(args, train_standardize.DEFAULTS)
-    plain = train_standardize.build_models(config)
-    hinted = train_standardize.build_models({**config, "colour_hint": True})
-    hinted.update(vae=plain["vae"], image_encoder=plain["image_encoder"])
+    config, plain, hinted, sheet = _init_with_option(standardize_run, colour_hint=True)
     assert hinted["net"].reads_colour_hint and not plain["net"].reads_colour_hint
-    sample = render_sample(3, 0, (64, 96))
-    scheduler_config = DDIMScheduler.from_pretrained(final / "scheduler").config
-
-    def sheet(models):
-        pipe = train_standardize.make_pipeline(models, models["net"], scheduler_config)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
-                    height=96, width=64, num_inference_steps=2, seed=0, output_type="latent").sheet
 
     torch.testing.assert_close(sheet(hinted), sheet(plain), atol=1e-4, rtol=0)
 

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ..models.stage1 import PoseGuider, ReferenceConditioner, StandardizeNet
-from ..preprocess.canvas import MIN_SIDE, Canvas, fit_to_canvas
+from ..preprocess.canvas import MIN_SIDE, fit_to_canvas
 from ..preprocess.colour_hint import HINT_CHANNELS, colour_hint, match_colours
 from ..preprocess.image import clip_processor, load_image
 from ..preprocess.pose import draw_pose_map
@@ -120,7 +120,8 @@ class StandardizePipeline(DiffusionPipeline):
         return StandardizeNet(self.reference_unet, self.denoising_unet, self.pose_guider, self.reference_conditioner)
 
     # ------------------------------------------------------------------ inputs
-    def check_inputs(self, height, width, num_inference_steps, guidance_scale, seed, mask, reference_pose):
+    def check_inputs(self, height, width, num_inference_steps, guidance_scale, seed, mask, reference_pose,
+                     colour_match=0.0):
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value < MIN_SIDE or value % 8 != 0:
                 raise ValueError(f"{name}={value!r} must be a multiple of 8 and at least {MIN_SIDE} (e.g. 512x768)")
@@ -130,6 +131,9 @@ class StandardizePipeline(DiffusionPipeline):
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 0")
         if seed is not None and (not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0):
             raise ValueError(f"seed={seed!r} must be a non-negative integer")
+        if not isinstance(colour_match, (int, float, np.floating)) or not 0.0 <= colour_match <= 1.0:
+            raise ValueError(f"colour_match must be between 0 and 1 (how far colours are corrected); got "
+                             f"{colour_match!r}")
         if reference_pose is not None and np.asarray(reference_pose).shape not in ((18, 3), (128, 3)):
             raise ValueError(f"reference_pose must be (18, 3) OpenPose or (128, 3) whole-body keypoints; got "
                              f"{np.asarray(reference_pose).shape}")
@@ -203,9 +207,7 @@ class StandardizePipeline(DiffusionPipeline):
                 not applied to ``output_type="latent"``).
         """
         # 1. Check inputs and prepare the canvas
-        self.check_inputs(height, width, num_inference_steps, guidance_scale, seed, mask, reference_pose)
-        if not 0.0 <= float(colour_match) <= 1.0:
-            raise ValueError(f"colour_match must be between 0 and 1 (how far colours are corrected); got {colour_match}")
+        self.check_inputs(height, width, num_inference_steps, guidance_scale, seed, mask, reference_pose, colour_match)
         canvas = self.prepare_reference(reference, (width, height), mask, reference_pose)
         seed = int(np.random.default_rng().integers(0, 2**31 - 1)) if seed is None else int(seed)
         device = self._execution_device
@@ -225,7 +227,10 @@ class StandardizePipeline(DiffusionPipeline):
         target_kp = standard_keypoints((width, height), whole_body=whole) if target_pose is None \
             else np.asarray(target_pose, float)
         target_pose_map = draw_pose_map(target_kp, (width, height))
-        pose_features, uncond_pose_features = self.encode_target_pose(canvas, target_kp, target_pose_map)
+        hint = None  # the reference's colours along the target pose, for a model that reads them and the correction
+        if net.reads_colour_hint or colour_match > 0:
+            hint = torch.from_numpy(colour_hint(canvas.image, canvas.mask, canvas.keypoints, target_kp))
+        pose_features, uncond_pose_features = self.encode_target_pose(target_pose_map, hint)
 
         # 3. ReferenceNet, once (t = 0)
         bank = net.encode_reference(ref_latents, embeds, background, ref_pose_tensor)
@@ -268,8 +273,7 @@ class StandardizePipeline(DiffusionPipeline):
         else:
             sheet = self.decode_sheet(latents, "pt")
             if colour_match > 0:
-                hint = colour_hint(canvas.image, canvas.mask, canvas.keypoints, target_kp)
-                sheet = match_colours(sheet, torch.from_numpy(hint), float(colour_match))
+                sheet = match_colours(sheet, hint, float(colour_match))
             sheet = sheet if output_type == "pt" else self._postprocess(sheet, output_type)
         self.maybe_free_model_hooks()
         mask_image = None
@@ -280,9 +284,9 @@ class StandardizePipeline(DiffusionPipeline):
                                            keypoints=canvas.keypoints, seed=seed)
         return output if return_dict else (sheet,)
 
-    def encode_target_pose(self, canvas: Canvas, target_keypoints: np.ndarray, target_pose_map: PIL.Image.Image):
+    def encode_target_pose(self, target_pose_map: PIL.Image.Image, hint: torch.Tensor | None = None):
         """The pose guider's features for the conditional and the unconditional pass: the target pose map, and where
-        the pose guider reads a hint (``hint_channels``), the reference's colour hint beside it
+        the pose guider reads a hint (``hint_channels``), the reference's colour ``hint`` (4, H, W) beside it
         (``engine.preprocess.colour_hint``; zeros in the unconditional pass, which sees nothing of the reference)."""
         net, device = self.net, self._execution_device
         pose = pil_to_tensor(target_pose_map, normalize=False).to(device)
@@ -292,8 +296,7 @@ class StandardizePipeline(DiffusionPipeline):
             return features, features
         if extra != HINT_CHANNELS:
             raise ValueError(f"the pose guider reads {extra} hint channels; the colour hint has {HINT_CHANNELS}")
-        hint = colour_hint(canvas.image, canvas.mask, canvas.keypoints, target_keypoints)
-        hint = torch.from_numpy(hint)[None].to(device, pose.dtype)
+        hint = hint[None].to(device, pose.dtype)
         both = net.encode_target_pose(torch.cat([torch.cat([pose, torch.zeros_like(hint)], 1),
                                                  torch.cat([pose, hint], 1)]))
         return both[1:], both[:1]

@@ -152,9 +152,9 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
     kernel = kernel / kernel.sum()
     c = x.shape[1]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
-                    groups=c)
+    for pad, shape in (((radius, radius, 0, 0), (1, 1, 1, -1)), ((0, 0, radius, radius), (1, 1, -1, 1))):
+        x = F.conv2d(F.pad(x, pad, mode="reflect"), kernel.view(shape).repeat(c, 1, 1, 1), groups=c)
+    return x
 
 
 def match_colours(image: torch.Tensor, hint: torch.Tensor, strength: float) -> torch.Tensor:
@@ -168,8 +168,7 @@ def match_colours(image: torch.Tensor, hint: torch.Tensor, strength: float) -> t
     """
     if strength <= 0 or not bool(hint[3].any()):
         return image
-    h, w = image.shape[-2:]
-    scale = w / 128.0  # measured at 128x192; the blur widths follow the sheet's size
+    scale = image.shape[-1] / 128.0  # measured at 128x192; the blur widths follow the sheet's size
     hint = hint.to(image.device, torch.float32)[None]
     paint = hint[:, 3:]
     x = (image.float() + 1) / 2
