@@ -30,8 +30,9 @@ class ModelWork:
         self.engine, self.status = engine, status
 
         @gpu(duration=lambda *a, **k: 30)
-        def standardize(image, seed, steps, guidance, progress=None, cancel=None):
-            return service.standardize(self.need(), image, seed, steps, guidance, progress or service._noop, cancel)
+        def standardize(image, seed, steps, guidance, colour, progress=None, cancel=None):
+            return service.standardize(self.need(), image, seed, steps, guidance, colour, progress or service._noop,
+                                       cancel)
 
         @gpu(duration=lambda prompts, *a, **k: int(min(120, 20 + 2 * len(prompts))))
         def render(prompts, sheets, regions, seeds, negative, steps, strength, progress=None, cancel=None):
@@ -39,7 +40,7 @@ class ModelWork:
                                          progress or service._noop, cancel)
 
         if on_zero_gpu():  # callbacks cannot cross into the GPU process: no step progress or cancel there
-            self.standardize = lambda *args: standardize(*args[:4])
+            self.standardize = lambda *args: standardize(*args[:5])
             self.render = lambda *args: render(*args[:7])
         else:
             self.standardize, self.render = standardize, render
@@ -112,22 +113,24 @@ class Handlers:
 
     # ------------------------------------------------------------------------------------------------ characters
     @friendly
-    def standardize(self, story, name, image, seed, steps, strength, request: gr.Request = None,
+    def standardize(self, story, name, image, seed, steps, strength, colour, request: gr.Request = None,
                     progress=gr.Progress()):
         if image is None:
             raise ValueError("Upload a picture of the character first (or pick an example).")
         name = service.check_name(name)
         flag = self.cancels.start(request)
-        result = self.work.standardize(image, seed, steps, strength, lambda f, t: progress(f, desc=t), flag.is_set)
+        result = self.work.standardize(image, seed, steps, strength, colour, lambda f, t: progress(f, desc=t),
+                                       flag.is_set)
         if result["note"]:
             gr.Warning(result["note"])
-        service.set_character(story, name, result, service.steps_value(steps), strength)
+        service.set_character(story, name, result, service.steps_value(steps), strength, colour)
         # the seed box keeps what the person typed (-1 stays random); the seed used is shown here and in the table
         return (story, result["reference"], result["review"], result["sheet"], characters_table(story),
                 f"**{name}**: sheet ready (seed {result['seed']}). Accept it, or regenerate with another seed.")
 
-    def regenerate(self, story, name, image, steps, strength, request: gr.Request = None, progress=gr.Progress()):
-        return self.standardize(story, name, image, -1, steps, strength, request, progress)
+    def regenerate(self, story, name, image, steps, strength, colour, request: gr.Request = None,
+                   progress=gr.Progress()):
+        return self.standardize(story, name, image, -1, steps, strength, colour, request, progress)
 
     @friendly
     def accept(self, story, name):
@@ -264,12 +267,12 @@ class Api:
         self.work, self.files = work, files
 
     @friendly
-    def standardize(self, image, seed=None, steps=None, guidance=None):
+    def standardize(self, image, seed=None, steps=None, guidance=None, colour=None):
         """A character sheet from one picture: (sheet, review, target_pose, info {seed, note}). seed -1 or empty:
-        random."""
+        random; colour: the colour correction after the model, 0-1 (empty: the preset's)."""
         if image is None:
             raise ValueError("image is required: give the picture of the character")
-        r = self.work.standardize(image, seed, steps, guidance)
+        r = self.work.standardize(image, seed, steps, guidance, colour)
         return r["sheet"], r["review"], r["target_pose"], {"seed": r["seed"], "note": r["note"]}
 
     def _story(self, sheets, names, script, options: dict) -> Story:

@@ -32,6 +32,7 @@ MAX_PAGES_PER_REQUEST = 50
 MAX_UPLOAD_BYTES = 25 * 2**20
 MAX_UPLOAD_PIXELS = MAX_PIXELS  # 40 MP, the engine's own limit
 GUIDANCE_RANGE = (1.0, 10.0)  # Stage I's classifier-free guidance
+COLOUR_RANGE = (0.0, 1.0)  # Stage I's colour correction after the model (colour_match: 0 off, 1 the reference's)
 STRENGTH_RANGE = (0.0, 1.5)  # Stage II's adapter scale ("character strength")
 MAX_SEED = 2**32 - 1
 # Uploads are opened by these Pillow plugins only: no EPS/PS (Ghostscript), PDF, SVG or exotic formats.
@@ -184,29 +185,31 @@ def review_image(canvas: Image.Image, mask: Image.Image | None, pose_map: Image.
     return base
 
 
-def standardize(engine, image, seed=None, steps=None, guidance=None, progress: Progress = _noop,
+def standardize(engine, image, seed=None, steps=None, guidance=None, colour=None, progress: Progress = _noop,
                 cancel: Callable[[], bool] | None = None) -> dict:
     """Reference -> sheet and what the reviewer sees; pure (inputs in, images out), so it can run as a ZeroGPU
-    function. ValueError for bad input (checked before any model runs)."""
+    function. ValueError for bad input (checked before any model runs). ``colour``: how far each body part's colour
+    is moved toward the reference's after the model (Stage I's ``colour_match``; None: the preset's)."""
     reference, note = read_reference(image)
     seed, steps = seed_value(seed), steps_value(steps)
     guidance = number(guidance, "guidance", *GUIDANCE_RANGE)
+    colour = number(colour, "colour correction", *COLOUR_RANGE)
     total = steps or engine.preset.standardize_defaults.get("num_inference_steps", 20)
     on_step = step_callback(progress, lambda pipe, i: (i + 1) / total, "standardizing", cancel)
     out = engine.standardize_reference(reference, seed=seed, num_inference_steps=steps, guidance_scale=guidance,
-                                       callback_on_step_end=on_step)
+                                       colour_match=colour, callback_on_step_end=on_step)
     return {"reference": reference, "sheet": out.sheet, "review": review_image(out.canvas, out.mask,
                                                                               out.reference_pose_map),
             "target_pose": out.target_pose_map, "seed": out.seed, "note": note}
 
 
-def set_character(story: Story, name: str, result: dict, steps, guidance) -> Character:
+def set_character(story: Story, name: str, result: dict, steps, guidance, colour=None) -> Character:
     """Adds (or replaces) a character with a freshly standardized, not yet accepted, sheet. A replaced character's
     revision goes up, so panels drawn from its old sheet become stale once the new one is accepted."""
     name = check_name(name)
     old = story.characters.get(name)
     character = Character(name=name, reference=result["reference"], sheet=result["sheet"], accepted=False,
-                          seed=result["seed"], steps=steps, guidance=guidance, review=result["review"],
+                          seed=result["seed"], steps=steps, guidance=guidance, colour=colour, review=result["review"],
                           revision=0 if old is None else old.revision + 1)
     story.characters[name] = character
     return character

@@ -56,6 +56,7 @@ class Character:
     seed: int | None = None
     steps: int | None = None
     guidance: float | None = None
+    colour: float | None = None  # the colour correction the sheet was drawn with (None: the preset's)
     review: Image.Image | None = None  # canvas with mask and pose drawn over it
     revision: int = 0  # counts the sheets this character has had: panels drawn from an older one are stale
 
@@ -126,7 +127,7 @@ def save_archive(story: Story) -> bytes:
     characters = []
     for i, c in enumerate(story.characters.values()):
         entry = {"name": c.name, "accepted": c.accepted, "seed": c.seed, "steps": c.steps, "guidance": c.guidance,
-                 "revision": c.revision, "files": {}}
+                 "colour": c.colour, "revision": c.revision, "files": {}}
         for key in ("reference", "sheet", "review"):
             image = getattr(c, key)
             if image is not None:
@@ -271,6 +272,7 @@ def load_archive(data: bytes) -> Story:
                 accepted=bool(entry.get("accepted", False)), seed=_optional(entry.get("seed"), int, "a seed"),
                 steps=_optional(entry.get("steps"), int, "steps"),
                 guidance=_optional(entry.get("guidance"), (int, float), "guidance"),
+                colour=_optional(entry.get("colour"), (int, float), "a colour correction"),
                 revision=_expect(entry.get("revision", 0), int, "a character revision"))
         if story.script.strip():
             try:

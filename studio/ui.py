@@ -79,6 +79,12 @@ def build_demo(engine, status: str = "", files: TempFiles | None = None) -> gr.B
                                                label="Steps")
                         char_strength = gr.Slider(*service.GUIDANCE_RANGE, value=sdefaults.get("guidance_scale", 3.5), step=0.5,
                                                   label="Strength (guidance)")
+                    # the sheet's part colours moved toward the picture's (Stage I's colour_match); turned down
+                    # where a bag or scarf over a part would tint it
+                    char_colour = gr.Slider(*service.COLOUR_RANGE, value=sdefaults.get("colour_match", 0.0), step=0.1,
+                                            label="Colour correction", elem_id="char-colour",
+                                            info="0: the model's colours; 1: each body part takes the picture's "
+                                                 "colour. Turn down if a bag or scarf tints a part.")
                     with gr.Row():
                         btn_std = gr.Button("Standardize", variant="primary", elem_id="btn-standardize")
                         btn_regen = gr.Button("Regenerate (new seed)")
@@ -151,6 +157,7 @@ def build_demo(engine, status: str = "", files: TempFiles | None = None) -> gr.B
         with gr.Row(visible=False):  # the named API's components (explicit inputs; no session state)
             a_image = gr.File(type="filepath", label="image")
             a_seed, a_steps, a_guidance = gr.Number(label="seed"), gr.Number(label="steps"), gr.Number(label="guidance")
+            a_colour = gr.Number(label="colour")
             a_sheet, a_review = gr.Image(type="pil", format="png", label="sheet"), \
                 gr.Image(type="pil", format="png", label="review")
             a_target, a_info = gr.Image(type="pil", format="png", label="target_pose"), gr.JSON(label="info")
@@ -175,10 +182,10 @@ def build_demo(engine, status: str = "", files: TempFiles | None = None) -> gr.B
         # the UI's and the API's calls never run one pipeline at once.
         std_out = [story, view_ref, view_review, view_sheet, char_table, char_status]
         std_events = [
-            btn_std.click(h.standardize, [story, char_name, char_image, char_seed, char_steps, char_strength], std_out,
-                          **ui("standardize", True)),
-            btn_regen.click(h.regenerate, [story, char_name, char_image, char_steps, char_strength], std_out,
-                            **ui("regenerate", True))]
+            btn_std.click(h.standardize, [story, char_name, char_image, char_seed, char_steps, char_strength,
+                                          char_colour], std_out, **ui("standardize", True)),
+            btn_regen.click(h.regenerate, [story, char_name, char_image, char_steps, char_strength, char_colour],
+                            std_out, **ui("regenerate", True))]
         btn_cancel_std.click(h.cancel, None, None, cancels=std_events, **ui("cancel_standardize"))
         char_image.change(h.preview, [char_image], [view_ref], **ui("preview"))
         btn_accept.click(h.accept, [story, char_name], [story, char_table, char_status], **ui("accept"))
@@ -199,7 +206,8 @@ def build_demo(engine, status: str = "", files: TempFiles | None = None) -> gr.B
                                                   panel_status], **ui("load"))
 
         a_std, a_pan, a_page, a_exp = a_buttons
-        a_std.click(api.standardize, [a_image, a_seed, a_steps, a_guidance], [a_sheet, a_review, a_target, a_info],
+        a_std.click(api.standardize, [a_image, a_seed, a_steps, a_guidance, a_colour],
+                    [a_sheet, a_review, a_target, a_info],
                     api_name="standardize", concurrency_id="gpu")
         a_pan.click(api.panels, [a_sheets, a_names, a_script, a_seed, a_options], [a_panels_out, a_panels_info],
                     api_name="panels", concurrency_id="gpu")

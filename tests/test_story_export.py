@@ -16,7 +16,7 @@ def make_story():
                   negative_prompt="blurry", layout="2x3", page_size="square", gutter=30, border=4)
     ref = Image.new("RGB", (80, 120), (10, 200, 30))
     story.characters["Mia"] = Character("Mia", ref, sheet=Image.new("RGB", (64, 96), (200, 10, 10)), accepted=True,
-                                        seed=7, steps=20, guidance=3.5, review=Image.new("RGB", (64, 96), (1, 2, 3)))
+                                        seed=7, steps=20, guidance=3.5, colour=0.3, review=Image.new("RGB", (64, 96), (1, 2, 3)))
     story.characters["Leo"] = Character("Leo", Image.new("RGB", (70, 70), (5, 5, 250)))
     mask = np.zeros((96, 64), np.float32)
     mask[10:50, 20:40] = 1
@@ -35,6 +35,7 @@ def test_archive_round_trip_is_identical():
     assert np.array_equal(np.asarray(loaded.characters["Mia"].sheet), np.asarray(story.characters["Mia"].sheet))
     np.testing.assert_array_equal(loaded.panels[0].mask, story.panels[0].mask)
     assert loaded.characters["Leo"].sheet is None and not loaded.characters["Leo"].accepted
+    assert loaded.characters["Mia"].colour == 0.3 and loaded.characters["Leo"].colour is None
 
 
 def _zip(entries: dict) -> bytes:

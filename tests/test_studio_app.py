@@ -77,7 +77,7 @@ def test_api_errors_are_clear_messages(client, tmp_path):
 
 def test_ui_flow_in_one_session_and_isolation_between_sessions(app, tmp_path):
     alice, bob = Client(app.local_url, verbose=False), Client(app.local_url, verbose=False)
-    out = alice.predict("Mia", handle_file(EXAMPLE), 5, 2, 3.5, api_name="/ui_standardize")
+    out = alice.predict("Mia", handle_file(EXAMPLE), 5, 2, 3.5, 0.5, api_name="/ui_standardize")
     assert "sheet ready" in out[4]
     table, status = alice.predict("Mia", api_name="/ui_accept")
     assert table["data"] == [["Mia", "accepted", 5]]
@@ -129,6 +129,8 @@ def test_every_endpoint_caps_what_one_request_may_cost(client, tmp_path):
         client.predict(handle_file(EXAMPLE), 1, 900, 3.5, api_name="/standardize")
     with pytest.raises(Exception, match="guidance 1000 is out of range: choose 1 to 10"):
         client.predict(handle_file(EXAMPLE), 1, 2, 1000, api_name="/standardize")
+    with pytest.raises(Exception, match="colour correction 2 is out of range: choose 0 to 1"):
+        client.predict(handle_file(EXAMPLE), 1, 2, 3.5, 2, api_name="/standardize")
     sheet = _sheet(client)
     with pytest.raises(Exception, match="steps 999 is out of range"):
         client.predict([handle_file(sheet)], "Mia", "[Mia] waving", 1, {"steps": 999}, api_name="/panels")
@@ -184,7 +186,7 @@ def test_bad_arguments_get_answers_in_the_studios_words(client, tmp_path):
 def test_unexpected_failures_and_out_of_memory_get_a_message_and_keep_the_story(app, tiny_full_engine, monkeypatch,
                                                                                 caplog):
     alice = Client(app.local_url, verbose=False)
-    alice.predict("Mia", handle_file(EXAMPLE), 5, 2, 3.5, api_name="/ui_standardize")
+    alice.predict("Mia", handle_file(EXAMPLE), 5, 2, 3.5, 0.5, api_name="/ui_standardize")
     alice.predict("Mia", api_name="/ui_accept")
 
     def broken(*args, **kwargs):
@@ -259,13 +261,13 @@ def test_archives_are_held_to_the_studios_own_rules(app, tmp_path):
 def test_a_new_accepted_sheet_makes_its_panels_stale_and_draw_redraws_them(app):
     alice = Client(app.local_url, verbose=False)
     script = "[Mia] waving\n[NC] a street"
-    alice.predict("Mia", handle_file(EXAMPLE), 5, 2, 3.5, api_name="/ui_standardize")
+    alice.predict("Mia", handle_file(EXAMPLE), 5, 2, 3.5, 0.5, api_name="/ui_standardize")
     alice.predict("Mia", api_name="/ui_accept")
     *_, status = alice.predict(script, "none", "", 1, 2, 1.0, api_name="/ui_draw")
     assert "2 of 2 panels drawn" in status
     *_, status = alice.predict(script, "none", "", 1, 2, 1.0, api_name="/ui_draw")
     assert "All panels are drawn" in status
-    out = alice.predict("Mia", handle_file(EXAMPLE), 6, 2, 3.5, api_name="/ui_standardize")
+    out = alice.predict("Mia", handle_file(EXAMPLE), 6, 2, 3.5, 0.5, api_name="/ui_standardize")
     assert "seed 6" in out[-1]
     assert len(out) == 5  # reference, review, sheet, table, status: the seed box is not written (-1 stays random)
     _, status = alice.predict("Mia", api_name="/ui_accept")

@@ -143,8 +143,8 @@ def test_on_zero_gpu_the_model_work_gets_only_picklable_inputs(monkeypatch, tiny
     work = ModelWork(tiny_full_engine)
     out = work.render(["a street"], [[]], [[]], [3], None, 2, None, lambda f, t: None, lambda: False)
     assert len(out["images"]) == 1 and received == [7]
-    sheet = work.standardize("assets/examples/mia.png", 1, 2, 3.5, lambda f, t: None, lambda: False)["sheet"]
-    assert sheet.size == (64, 96) and received == [7, 4]
+    sheet = work.standardize("assets/examples/mia.png", 1, 2, 3.5, 0.5, lambda f, t: None, lambda: False)["sheet"]
+    assert sheet.size == (64, 96) and received == [7, 5]
 
 
 def test_group_panels_are_drawn_scored_per_character_and_go_stale_per_character(tiny_full_engine):
@@ -191,3 +191,22 @@ def test_flag_drift_per_character_in_group_panels():
         story.panels.append(Panel(PanelSpec(i, i + 1, ["Mia", "Kai"], "x"), scores={"Mia": mia, "Kai": kai}))
     service.flag_drift(story)
     assert [p.drifted for p in story.panels] == [False, False, True, True]
+
+
+def test_the_colour_correction_is_the_persons_choice_and_the_presets_by_default(tiny_full_engine):
+    """The Characters tab's "Colour correction" reaches Stage I's colour_match: empty keeps the preset's (the demo
+    preset's 0.5), 0 is the model alone, another value moves the sheet's colours; the character keeps its value."""
+    from studio.story import Story
+
+    def sheet(colour):
+        out = service.standardize(tiny_full_engine, "assets/examples/mia.png", 1, 2, 3.5, colour)
+        return out, np.asarray(out["sheet"], np.int16)
+
+    (result, preset), (_, half), (_, alone), (_, full) = (sheet(c) for c in (None, 0.5, 0.0, 1.0))
+    assert tiny_full_engine.preset.standardize_defaults["colour_match"] == 0.5
+    assert np.array_equal(preset, half)
+    assert np.abs(alone - half).max() > 0 and np.abs(full - half).max() > 0
+    with pytest.raises(ValueError, match="colour correction 1.5 is out of range: choose 0 to 1"):
+        service.standardize(tiny_full_engine, "assets/examples/mia.png", 1, 2, 3.5, 1.5)
+    story = Story()
+    assert service.set_character(story, "Mia", result, 2, 3.5, 0.5).colour == 0.5

@@ -308,6 +308,21 @@ def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
 
     assert Image.open(out / records[0]["sheet"]).size == (64, 96)
     assert Image.open(out / records[0]["target"]).size == (64, 96)
+    # --colour-match: the sheets as the studio draws them, the pipeline's correction after the model
+    matched = build_pairs.main(build_pairs.parse_args(
+        ["--standardize", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "matched"),
+         "--size", "64x96", "--steps", "2", "--ground-truth", "--limit", "1", "--colour-match", "1.0"]))
+    item = build_pairs.list_items(tmp_path / "images", ground_truth=True)[0]
+    pipe = build_pairs.load_standardize(final, "cpu")
+    mask = np.asarray(Image.open(item["mask"]), np.float32) / 255.0
+    expected = pipe(Image.open(item["image"]).convert("RGB"), mask=mask, reference_pose=np.asarray(item["keypoints"]),
+                    height=96, width=64, num_inference_steps=2, seed=records[0]["seed"], colour_match=1.0).sheet
+    corrected = np.asarray(Image.open(matched / "000000_sheet.png"), np.int16)
+    assert np.array_equal(corrected, np.asarray(expected, np.int16))
+    assert np.abs(corrected - np.asarray(Image.open(out / records[0]["sheet"]), np.int16)).max() > 0
+    with pytest.raises(ValueError, match="leave --colour-match out with --latents"):
+        build_pairs.main(build_pairs.parse_args(["--standardize", str(final), "--images", str(tmp_path / "images"),
+                                                 "--out", str(tmp_path / "x"), "--latents", "--colour-match", "0.5"]))
 
 
 def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_path):

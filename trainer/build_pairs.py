@@ -32,6 +32,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--colour-match", type=float, default=0.0, help="the pipeline's colour correction after the "
+                        "model (0..1; the demo preset's is 0.5): sheets as the studio draws them")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--ground-truth", action="store_true", help="use the export's masks/keypoints, no detectors")
     parser.add_argument("--latents", action="store_true", help="also keep each sheet's latents (and, with "
@@ -91,6 +93,9 @@ def main(args) -> Path:
     folder, out = Path(args.images), Path(args.out)
     if not folder.is_dir():
         raise ValueError(f"--images {folder} is not a folder")
+    if args.latents and args.colour_match:
+        raise ValueError("--latents keeps the model's latents, before any colour correction: leave --colour-match "
+                         "out with --latents")
     items = list_items(folder, args.ground_truth)[: args.limit]
     if not items:
         raise ValueError(f"no images found in {folder}")
@@ -115,6 +120,7 @@ def main(args) -> Path:
             with torch.no_grad():
                 result = pipe(image, mask=mask, reference_pose=keypoints, height=h, width=w,
                               num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed + index,
+                              colour_match=args.colour_match,
                               output_type="latent" if args.latents else "pil")
             sheet_name, target_name = f"{index:06d}_sheet.png", f"{index:06d}_target.png"
             record = {"index": index, "sheet": sheet_name, "target": target_name, "caption": item["caption"],

@@ -372,9 +372,14 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
         shutil.rmtree(RUNS / "pairs", ignore_errors=True)  # pairs of an earlier Stage I
         # the adapter learns from sheets as the studio will show them: decoded by Stage I's own decoder where made
         decoder = ["--vae", str(OUTPUTS["sheet_decoder"])] if OUTPUTS["sheet_decoder"].exists() else []
+        # ... and with the demo preset's colour correction after Stage I, as the studio draws them
+        from engine.presets import get_preset
+
+        colour_match = str(get_preset("demo").standardize_defaults.get("colour_match", 0.0))
         build_pairs.main(build_pairs.parse_args(["--standardize", str(OUTPUTS["standardize"]), "--images",
                                                  str(images), "--out", str(RUNS / "pairs"), "--size", "128x192",
-                                                 "--ground-truth", "--limit", str(_pairs(args)), *decoder]))
+                                                 "--ground-truth", "--limit", str(_pairs(args)),
+                                                 "--colour-match", colour_match, *decoder]))
 
 
 def _export_training_images(images: Path, n: int, args, scenes_per_character: int) -> None:
