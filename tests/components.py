@@ -148,3 +148,17 @@ def tiny_stage1_components(seed: int = 0, with_conditioner: bool = True) -> dict
         "pose_guider": pose_guider, "reference_conditioner": conditioner, "scheduler": scheduler,
         "feature_extractor": CLIPImageProcessor(crop_size=32, size=32),
     }
+
+
+def random_pose_guider(seed: int = 0):
+    """A tiny pose guider whose output is not zero (as a trained one's), for tiny_stage1_components' UNets: the pose
+    map reaches the sheet."""
+    import torch
+
+    from engine.models.stage1 import PoseGuider
+
+    torch.manual_seed(seed)
+    guider = PoseGuider(conditioning_embedding_channels=32, block_out_channels=(8, 8, 16, 16)).eval()
+    with torch.no_grad():
+        guider.conv_out.weight.normal_(0, 0.1)
+    return guider

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from components import tiny_stage1_components
+from components import random_pose_guider, tiny_stage1_components
 
 from engine import StandardizePipeline
 from engine.models import PoseGuider
@@ -73,16 +73,8 @@ def test_the_hint_paints_only_what_the_reference_shows():
     assert not colour_hint(sample.standard, mask, off_canvas, target).any()
 
 
-def _random_guider(seed=0):
-    torch.manual_seed(seed)
-    guider = PoseGuider(conditioning_embedding_channels=32, block_out_channels=(8, 8, 16, 16)).eval()
-    with torch.no_grad():
-        guider.conv_out.weight.normal_(0, 0.1)  # a trained guider: its output is not zero
-    return guider
-
-
 def test_a_pose_guider_given_a_hint_computes_what_it_did_until_the_hint_is_trained():
-    guider = _random_guider()
+    guider = random_pose_guider()
     hinted = PoseGuider.with_hint(guider, HINT_CHANNELS)
     assert hinted.config.hint_channels == HINT_CHANNELS and guider.config.hint_channels == 0
     pose = torch.rand(2, 3, 96, 64)
@@ -102,7 +94,7 @@ def test_a_pose_guider_given_a_hint_computes_what_it_did_until_the_hint_is_train
 
 def test_the_pipeline_gives_a_hint_reading_stage1_the_hint_and_its_unconditional_pass_zeros():
     components = tiny_stage1_components()
-    components["pose_guider"] = _random_guider()
+    components["pose_guider"] = random_pose_guider()
     plain = StandardizePipeline(**components)
     wide = StandardizePipeline(**{**components, "pose_guider": PoseGuider.with_hint(components["pose_guider"], 4)})
     for pipe in (plain, wide):

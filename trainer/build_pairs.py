@@ -40,6 +40,8 @@ def parse_args(argv=None):
                         "--ground-truth, the true standard render): pairs for train_vae latent_pairs")
     parser.add_argument("--vae", default=None, help="decode the sheets with this VAE instead of the pipeline's (Stage "
                         "I's own decoder, make_demo's sheet_decoder: the same encoder and latent space)")
+    parser.add_argument("--pose-estimator", default=None, help="a StandardPoseEstimator folder (make_demo's "
+                        "standard_pose): each sheet in its character's own standard pose, as the studio draws it")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto", help="auto (the studio's: float32 on the CPU), float32, float16, "
                         "bfloat16; a shipped fp16 folder is upcast on the CPU, where fp16 math is slow")
@@ -104,6 +106,11 @@ def main(args) -> Path:
         from .common import adopt_decoder
 
         adopt_decoder(pipe, args.vae, strict=True)
+    if args.pose_estimator:
+        from engine.models import StandardPoseEstimator
+
+        pipe.register_modules(pose_estimator=StandardPoseEstimator.from_pretrained(args.pose_estimator).to(
+            pipe.device))
     pipe.set_progress_bar_config(disable=True)
     w, h = (int(v) for v in args.size.lower().split("x"))
     out.mkdir(parents=True, exist_ok=True)

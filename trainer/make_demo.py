@@ -6,7 +6,8 @@
     python -m trainer.make_demo --profile cpu --from-shipped --continue-steps 2000 --stages standardize,package
                                                      # train on: from runs/ where it survived, else the shipped weights
 
-Stages: clip -> vae -> base -> standardize -> sheet_decoder (Stage I's own VAE decoder, fitted to its latents) ->
+Stages: clip -> vae -> base -> standardize -> standard_pose (each character's own standard pose, read from its
+reference's keypoints) -> sheet_decoder (Stage I's own VAE decoder, fitted to its latents) ->
 pairs (our Stage I standardizes synthetic images) -> personalizer -> package (fp16 copies in assets/models/demo,
 Stage I PSNR/SSIM on held-out characters vs the mean-standard baseline, an example grid, and the model card). A
 finished stage is skipped; a killed one resumes.
@@ -32,14 +33,15 @@ CONFIGS = ROOT / "trainer" / "configs"
 RUNS = Path(os.environ.get("SERIALGEN_RUNS") or ROOT / "runs" / "demo")
 DEMO = Path(os.environ.get("SERIALGEN_DEMO_DIR") or ROOT / "assets" / "models" / "demo")
 EVALUATION = Path(os.environ.get("SERIALGEN_EVALUATION_DIR") or ROOT / "assets" / "evaluation")
-STAGES = ("clip", "vae", "base", "standardize", "sheet_decoder", "pairs", "personalizer", "pose_detector",
-          "mask_detector", "package")
+STAGES = ("clip", "vae", "base", "standardize", "standard_pose", "sheet_decoder", "pairs", "personalizer",
+          "pose_detector", "mask_detector", "package")
 # The evaluation recipe (issue: the paper's Table 2-4 analogues), same profile and budgets as the models they ablate:
 # python -m trainer.make_demo --stages probe,standardize_baseline,personalizer_unpaired,personalizer_raw,evaluate
 EVAL_STAGES = ("probe", "standardize_baseline", "personalizer_unpaired", "personalizer_raw", "evaluate")
 ABLATIONS = RUNS / "ablation"
 OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae", "base": RUNS / "base" / "sdxl",
            "standardize": RUNS / "standardize" / "pipeline", "sheet_decoder": RUNS / "sheet_decoder" / "vae",
+           "standard_pose": RUNS / "standard_pose" / "pose_estimator",
            "pairs": RUNS / "pairs" / "metadata.jsonl",
            "personalizer": RUNS / "personalizer" / "adapter" / "ip-adapter.safetensors",
            "pose_detector": RUNS / "pose_detector" / "pose.onnx", "mask_detector": RUNS / "mask_detector" / "mask.onnx",
@@ -218,6 +220,13 @@ def seed_from_shipped(stage: str) -> bool:
         from engine.pipelines import StandardizePipeline
 
         StandardizePipeline.from_pretrained(SHIPPED / "standardize", dtype=torch.float32).save_pretrained(out)
+    elif stage == "standard_pose":  # only where the shipped Stage I has an estimator of its own
+        from engine.models import StandardPoseEstimator
+
+        if not (SHIPPED / "standardize" / "pose_estimator").is_dir():
+            return False
+        StandardPoseEstimator.from_pretrained(SHIPPED / "standardize" / "pose_estimator",
+                                              dtype=torch.float32).save_pretrained(out)
     elif stage == "personalizer":
         out.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(SHIPPED / "adapter" / "ip-adapter.safetensors", out)
@@ -365,6 +374,10 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
         module.main(trainer_args)
     elif stage == "evaluate":
         evaluate_all(args)
+    elif stage == "standard_pose":  # a minute or two of CPU: the synthetic world's keypoints, a small MLP
+        from . import fit_standard_pose
+
+        fit_standard_pose.main(fit_standard_pose.parse_args(["--out", str(OUTPUTS["standard_pose"].parent)]))
     elif stage == "pairs":
         images = RUNS / "images"
         # two scenes a character: Stage II pairs a picture with its own sheet, so identities matter more than scenes
@@ -372,6 +385,7 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
         shutil.rmtree(RUNS / "pairs", ignore_errors=True)  # pairs of an earlier Stage I
         # the adapter learns from sheets as the studio will show them: decoded by Stage I's own decoder where made
         decoder = ["--vae", str(OUTPUTS["sheet_decoder"])] if OUTPUTS["sheet_decoder"].exists() else []
+        decoder += ["--pose-estimator", str(OUTPUTS["standard_pose"])] if OUTPUTS["standard_pose"].exists() else []
         # ... and with the demo preset's colour correction after Stage I, as the studio draws them
         from engine.presets import get_preset
 
@@ -409,7 +423,8 @@ def build_sheet_pairs(args) -> Path:
     shutil.rmtree(RUNS / "sheet_decoder", ignore_errors=True)  # a decoder fitted to an earlier Stage I's latents
     return build_pairs.main(build_pairs.parse_args([
         "--standardize", str(OUTPUTS["standardize"]), "--images", str(images), "--out", str(pairs), "--size",
-        "128x192", "--ground-truth", "--latents", "--limit", str(n)]))
+        "128x192", "--ground-truth", "--latents", "--limit", str(n),
+        *(["--pose-estimator", str(OUTPUTS["standard_pose"])] if OUTPUTS["standard_pose"].exists() else [])]))
 
 
 def _pairs(args) -> int:
@@ -447,6 +462,11 @@ def package(args, timings: dict) -> Path:
                 print(f"package: {name} decodes with the fine-tuned decoder of {OUTPUTS['vae']}")
     if OUTPUTS["sheet_decoder"].exists() and adopt_decoder(std, OUTPUTS["sheet_decoder"]):
         print(f"package: Stage I decodes its sheets with its own decoder ({OUTPUTS['sheet_decoder']})")
+    if OUTPUTS["standard_pose"].exists():  # the character's own standard pose, as Stage I was trained
+        from engine.models import StandardPoseEstimator
+
+        std.register_modules(pose_estimator=StandardPoseEstimator.from_pretrained(OUTPUTS["standard_pose"]))
+        print(f"package: Stage I draws each character's own standard pose ({OUTPUTS['standard_pose']})")
     std.to(torch.float16).save_pretrained(demo / "standardize")
     base.to(torch.float16).save_pretrained(demo / "personalize")
     CLIPVisionModelWithProjection.from_pretrained(RUNS / "clip" / "image_encoder").to(torch.float16).save_pretrained(

@@ -1,4 +1,5 @@
 from .adapter import ADAPTER_WEIGHT_NAME, IPAdapterModules, read_adapter_file
+from .standard_pose import StandardPoseEstimator
 from .stage1 import (
     PoseGuider,
     ReferenceAttnProcessor,
@@ -16,6 +17,7 @@ __all__ = [
     "ReferenceAttnProcessor",
     "ReferenceBank",
     "ReferenceConditioner",
+    "StandardPoseEstimator",
     "StandardizeNet",
     "pose_residual",
     "read_adapter_file",

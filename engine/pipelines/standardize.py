@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
 from ..models.stage1 import PoseGuider, ReferenceConditioner, StandardizeNet
+from ..models.standard_pose import StandardPoseEstimator
 from ..preprocess.canvas import MIN_SIDE, fit_to_canvas
 from ..preprocess.colour_hint import HINT_CHANNELS, colour_hint, match_colours
 from ..preprocess.image import clip_processor, load_image
@@ -64,8 +65,9 @@ class StandardizePipeline(DiffusionPipeline):
 
     # the conditioner runs inside the reference UNet's forward (from its attention processors), the pose guider once
     # before the denoising loop; both through their own ``forward``, so the offload hooks move them
-    model_cpu_offload_seq = "image_encoder->reference_conditioner->reference_unet->pose_guider->denoising_unet->vae"
-    _optional_components = ["reference_conditioner", "feature_extractor"]
+    model_cpu_offload_seq = ("pose_estimator->image_encoder->reference_conditioner->reference_unet->pose_guider"
+                             "->denoising_unet->vae")
+    _optional_components = ["reference_conditioner", "feature_extractor", "pose_estimator"]
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
@@ -91,6 +93,7 @@ class StandardizePipeline(DiffusionPipeline):
         scheduler: KarrasDiffusionSchedulers,
         reference_conditioner: ReferenceConditioner | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
+        pose_estimator: StandardPoseEstimator | None = None,
         foreground_embedding: bool = False,
         whole_body_pose: bool = False,
     ):
@@ -107,7 +110,8 @@ class StandardizePipeline(DiffusionPipeline):
             feature_extractor = clip_processor(size)
         self.register_modules(vae=vae, image_encoder=image_encoder, reference_unet=reference_unet,
                               denoising_unet=denoising_unet, pose_guider=pose_guider, scheduler=scheduler,
-                              reference_conditioner=reference_conditioner, feature_extractor=feature_extractor)
+                              reference_conditioner=reference_conditioner, feature_extractor=feature_extractor,
+                              pose_estimator=pose_estimator)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.pose_detector = None
         self.mask_detector = None
@@ -199,7 +203,10 @@ class StandardizePipeline(DiffusionPipeline):
         Args:
             mask: foreground mask (H, W) of the reference in [0, 1] (or 0..255); default: the mask detector's.
             reference_pose: (18, 3) OpenPose keypoints of the reference; default: the pose detector's.
-            target_pose: (18, 3) keypoints on the canvas; default: the standard pose in ``assets/``.
+            target_pose: (18, 3) keypoints on the canvas; default: with a ``pose_estimator``, the character's own
+                standard pose, its proportions read from the reference's keypoints (the demo Stage I is trained
+                on each character's own); without one, or without reference keypoints, the standard pose in
+                ``assets/``.
             seed: noise seed (drawn on the CPU, so it gives the same sheet on any device); None draws one.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict``.
             colour_match: 0..1, how far the decoded sheet's part colours are moved toward the reference's, read along
@@ -224,8 +231,7 @@ class StandardizePipeline(DiffusionPipeline):
         ref_kp = canvas.keypoints if canvas.keypoints is None or whole else canvas.keypoints[:18]
         ref_pose_map = draw_pose_map(ref_kp, (width, height)) if ref_kp is not None else None
         ref_pose_tensor = pil_to_tensor(ref_pose_map, normalize=False).to(device) if ref_pose_map else None
-        target_kp = standard_keypoints((width, height), whole_body=whole) if target_pose is None \
-            else np.asarray(target_pose, float)
+        target_kp = self.target_keypoints(canvas.keypoints, (width, height), target_pose)
         target_pose_map = draw_pose_map(target_kp, (width, height))
         hint = None  # the reference's colours along the target pose, for a model that reads them and the correction
         if net.reads_colour_hint or colour_match > 0:
@@ -283,6 +289,18 @@ class StandardizePipeline(DiffusionPipeline):
                                            reference_pose_map=ref_pose_map, target_pose_map=target_pose_map,
                                            keypoints=canvas.keypoints, seed=seed)
         return output if return_dict else (sheet,)
+
+    def target_keypoints(self, reference_keypoints: np.ndarray | None, size: tuple[int, int],
+                         target_pose: np.ndarray | None = None) -> np.ndarray:
+        """The sheet's pose on a canvas of ``size``: ``target_pose`` where given; else, where the pipeline has a
+        ``pose_estimator`` and the reference has (body) keypoints, the character's own standard pose; else the
+        standard pose of ``assets/`` (with hands and face for ``whole_body_pose``)."""
+        if target_pose is not None:
+            return np.asarray(target_pose, float)
+        whole = self.config.get("whole_body_pose", False)
+        if self.pose_estimator is not None and reference_keypoints is not None and not whole:
+            return self.pose_estimator.keypoints(reference_keypoints[:18], size)
+        return standard_keypoints(size, whole_body=whole)
 
     def encode_target_pose(self, target_pose_map: PIL.Image.Image, hint: torch.Tensor | None = None):
         """The pose guider's features for the conditional and the unconditional pass: the target pose map, and where

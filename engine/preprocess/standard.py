@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .pose import draw_pose_map
+from .pose import LIMBS, draw_pose_map
 
 STANDARD_POSE_FILE = Path(__file__).resolve().parents[2] / "assets" / "standard_pose.json"
 
@@ -56,3 +56,46 @@ def standard_keypoints(size: tuple[int, int], path: str | Path = STANDARD_POSE_F
 def standard_pose_map(size: tuple[int, int], path: str | Path = STANDARD_POSE_FILE,
                       whole_body: bool = False) -> Image.Image:
     return draw_pose_map(standard_keypoints(size, path, whole_body), size)
+
+
+# Segments whose lengths, relative to one another, carry a figure's proportions: the OpenPose limbs, the shoulder and
+# hip widths, the torso's sides and diagonals, the eyes' and ears' spans. Those with both ends on the head (nose,
+# neck, eyes, ears) give the head's size, which the standard sheet fixes: a long-legged character has long legs
+# relative to its head, whatever the picture's scale.
+PROPORTION_SEGMENTS = LIMBS + ((2, 5), (8, 11), (1, 8), (1, 11), (2, 8), (5, 11), (16, 17), (14, 15))
+_HEAD_POINTS = {0, 1, 14, 15, 16, 17}
+_HEAD_SEGMENTS = np.array([a in _HEAD_POINTS and b in _HEAD_POINTS for a, b in PROPORTION_SEGMENTS])
+PROPORTION_FEATURES = 3 * len(PROPORTION_SEGMENTS) + 1
+
+
+def proportion_features(keypoints: np.ndarray) -> np.ndarray:
+    """Scale- and position-free features of a figure's proportions from its OpenPose-18 ``keypoints`` (x, y,
+    visible): each visible segment's log length relative to the mean over all visible segments and to the mean over
+    the head's, the difference of those two means, and which segments are visible (an invisible one reads 0).
+    ``engine.models.StandardPoseEstimator`` reads them to draw a character's own standard pose."""
+    kp = np.asarray(keypoints, np.float64)[:18]
+    if kp.shape != (18, 3):
+        raise ValueError(f"keypoints should be (18, 3) OpenPose points (x, y, visible); got {kp.shape}")
+    a, b = np.array(PROPORTION_SEGMENTS).T
+    visible = (kp[a, 2] > 0) & (kp[b, 2] > 0)
+    length = np.log(np.hypot(kp[a, 0] - kp[b, 0], kp[a, 1] - kp[b, 1]) + 1e-3)
+    mean = length[visible].mean() if visible.any() else 0.0
+    head = visible & _HEAD_SEGMENTS
+    head_mean = length[head].mean() if head.any() else mean
+    return np.concatenate([np.where(visible, length - mean, 0.0), np.where(visible, length - head_mean, 0.0),
+                           [mean - head_mean], visible.astype(np.float64)]).astype(np.float32)
+
+
+def keypoints_from_standard_units(units: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(18, 2) standard-pose coordinates in units of the canvas height (dx from the centre line, y; as
+    ``assets/standard_pose.json``) -> (18, 3) visible keypoints in pixels of a canvas of ``size`` = (W, H)."""
+    w, h = size
+    units = np.asarray(units, np.float64).reshape(-1, 2)
+    return np.stack([w / 2 + units[:, 0] * h, units[:, 1] * h, np.ones(len(units))], 1)
+
+
+def standard_units(size: tuple[int, int] = (1, 1), keypoints: np.ndarray | None = None) -> np.ndarray:
+    """(18, 2) ``keypoints`` on a canvas of ``size`` (default: the standard pose) in units of the canvas height."""
+    w, h = size
+    kp = standard_keypoints((w, h)) if keypoints is None else np.asarray(keypoints, np.float64)
+    return np.stack([(kp[:18, 0] - w / 2) / h, kp[:18, 1] / h], 1)

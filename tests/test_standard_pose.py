@@ -1,0 +1,109 @@
+"""Each character's own standard pose: proportion features, the estimator, its fitter and the pipeline reading it."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from components import random_pose_guider, tiny_stage1_components
+
+from engine import StandardizePipeline
+from engine.models import StandardPoseEstimator
+from engine.preprocess.pose import draw_pose_map
+from engine.preprocess.standard import (
+    PROPORTION_FEATURES,
+    PROPORTION_SEGMENTS,
+    proportion_features,
+    standard_keypoints,
+    standard_units,
+)
+from trainer.synthetic import render_sample
+
+SIZE = (128, 192)
+
+
+def test_proportion_features_ignore_where_and_how_large_the_figure_is_and_see_its_proportions():
+    kp = render_sample(5, 3, SIZE).keypoints.astype(np.float64)
+    kp[:, 2] = 1.0
+    features = proportion_features(kp)
+    assert features.shape == (PROPORTION_FEATURES,)
+    moved = kp.copy()
+    moved[:, :2] = kp[:, :2] * 2.5 + [40.0, -13.0]
+    np.testing.assert_allclose(proportion_features(moved), features, atol=1e-3)
+    long_legs = kp.copy()
+    for knee, ankle, hip in ((9, 10, 8), (12, 13, 11)):  # legs 30% longer below the hips
+        long_legs[[knee, ankle], 1] = kp[hip, 1] + 1.3 * (kp[[knee, ankle], 1] - kp[hip, 1])
+    shin = PROPORTION_SEGMENTS.index((9, 10))
+    assert proportion_features(long_legs)[shin] > features[shin] + 0.15
+    hidden = kp.copy()
+    hidden[10, 2] = 0  # the right ankle not seen: its segment reads 0 and is marked invisible
+    out = proportion_features(hidden)
+    assert out[shin] == 0 and out[2 * len(PROPORTION_SEGMENTS) + 1 + shin] == 0
+    with pytest.raises(ValueError, match=r"\(18, 3\)"):
+        proportion_features(np.zeros((5, 3)))
+
+
+def test_an_untrained_estimator_draws_the_average_body():
+    estimator = StandardPoseEstimator()
+    kp = render_sample(5, 3, SIZE).keypoints
+    for size in (SIZE, (512, 768), (100, 100)):
+        np.testing.assert_allclose(estimator.keypoints(kp, size), standard_keypoints(size), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    from trainer import fit_standard_pose
+
+    out = tmp_path_factory.mktemp("standard_pose")
+    folder = fit_standard_pose.main(fit_standard_pose.parse_args(
+        ["--out", str(out), "--characters", "300", "--scenes", "1", "--val-characters", "60", "--steps", "600"]))
+    return folder, json.loads((out / "metrics.json").read_text())
+
+
+def test_the_fitted_estimator_finds_each_characters_proportions_better_than_the_average_body(fitted):
+    folder, metrics = fitted
+    assert metrics["variance_in_components"] > 0.99  # height and build: two directions hold the standard poses
+    assert metrics["val_rms_px"] < 0.75 * metrics["val_rms_px_average_body"]
+    estimator = StandardPoseEstimator.from_pretrained(folder)
+    sample = render_sample(7, 11, SIZE)
+    truth = sample.standard_keypoints[:, :2]
+    error = np.hypot(*(estimator.keypoints(sample.keypoints, SIZE)[:, :2] - truth).T).mean()
+    assert error < np.hypot(*(standard_keypoints(SIZE)[:, :2] - truth).T).mean()
+
+
+def _pipe(estimator=None):
+    components = {**tiny_stage1_components(), "pose_guider": random_pose_guider()}
+    pipe = StandardizePipeline(**components, pose_estimator=estimator)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_the_pipeline_draws_the_estimated_standard_pose_unless_told_otherwise(tmp_path):
+    estimator = StandardPoseEstimator()
+    with torch.no_grad():  # a "tall" direction: every point below the neck moves down by 8% of the height
+        tall = torch.zeros(18, 2)
+        tall[2:14, 1] = 0.08
+        estimator.basis[0] = tall
+        estimator.mlp[-1].bias[0] = 1.0
+    sample = render_sample(3, 1, SIZE)
+    kwargs = {"mask": np.asarray(sample.mask, np.float32) / 255.0, "reference_pose": sample.keypoints,
+              "height": 96, "width": 64, "num_inference_steps": 2, "seed": 0, "output_type": "np"}
+    pipe = _pipe(estimator)
+    out = pipe(sample.image, **kwargs)
+    expected = standard_keypoints((64, 96))
+    expected[2:14, 1] += 0.08 * 96
+    np.testing.assert_allclose(pipe.target_keypoints(out.keypoints, (64, 96)), expected, atol=1e-4)
+    assert np.array_equal(np.asarray(out.target_pose_map), np.asarray(draw_pose_map(expected, (64, 96))))
+    plain = _pipe()(sample.image, **kwargs)
+    assert np.array_equal(np.asarray(plain.target_pose_map), np.asarray(draw_pose_map(standard_keypoints((64, 96)),
+                                                                                     (64, 96))))
+    assert np.abs(out.sheet.astype(int) - plain.sheet.astype(int)).max() > 0  # the pose guider saw another pose
+    given = standard_keypoints((64, 96))  # an explicit target pose wins
+    np.testing.assert_array_equal(pipe.target_keypoints(out.keypoints, (64, 96), given), given)
+    np.testing.assert_array_equal(pipe.target_keypoints(None, (64, 96)), given)  # no reference pose: the standard
+    pipe.save_pretrained(tmp_path / "std")
+    again = StandardizePipeline.from_pretrained(tmp_path / "std")
+    again.set_progress_bar_config(disable=True)
+    assert isinstance(again.pose_estimator, StandardPoseEstimator)
+    np.testing.assert_array_equal(again(sample.image, **kwargs).sheet, out.sheet)
+    torch.testing.assert_close(again.pose_estimator.mean, torch.from_numpy(standard_units()).float())
