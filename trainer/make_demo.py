@@ -497,6 +497,15 @@ def package(args, timings: dict) -> Path:
     if colour_match:
         alone, _ = standardization_quality(engine.standardize, n=args.eval_n, probe=probe)
         quality["model_alone"] = {k: alone[k] for k in ("psnr", "ssim", "appearance_acc", "retrieval") if k in alone}
+    stage1 = engine.standardize
+    if stage1.pose_estimator is not None:  # what drawing each character's own standard pose adds
+        estimator = stage1.pose_estimator
+        stage1.register_modules(pose_estimator=None)
+        try:
+            fixed, _ = standardization_quality(stage1, n=args.eval_n, probe=probe, colour_match=colour_match)
+        finally:
+            stage1.register_modules(pose_estimator=estimator)
+        quality["average_pose"] = {k: fixed[k] for k in ("psnr", "ssim", "appearance_acc", "retrieval") if k in fixed}
     from .evaluate import vae_ceiling
 
     # the ceiling of the world's VAE (the base's decoder): Stage I's own decoder is fitted to its latents, not truths'
@@ -894,6 +903,9 @@ def model_card(card: dict) -> str:
         f"{_acc(q, 'retrieval')} |",
         *([f"| the model alone (no colour correction) | {a['psnr']:.2f} | {a['ssim']:.3f} | "
            f"{_acc(a, 'appearance_acc')} | {_acc(a, 'retrieval')} |"] if (a := q.get("model_alone")) else []),
+        *([f"| the average body's standard pose for every character (no `pose_estimator`) | {a['psnr']:.2f} | "
+           f"{a['ssim']:.3f} | {_acc(a, 'appearance_acc')} | {_acc(a, 'retrieval')} |"]
+          if (a := q.get("average_pose")) else []),
         f"| mean standard image (trivial baseline) | {q['baseline_psnr']:.2f} | {q['baseline_ssim']:.3f} | "
         f"{_acc(q, 'baseline_appearance_acc')} | 0.125 (chance) |",
         f"| ground-truth standard render | - | - | {_acc(q, 'truth_appearance_acc')} | 1 |",
