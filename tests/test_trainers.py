@@ -948,7 +948,8 @@ def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_i
     shutil.copytree(standardize_run[2], runs / "standardize" / "pipeline")
     monkeypatch.setattr(make_demo, "RUNS", runs)
     for stage, path in (("standardize", runs / "standardize" / "pipeline"), ("sheet_decoder",
-                                                                              runs / "sheet_decoder" / "vae")):
+                                                                              runs / "sheet_decoder" / "vae"),
+                        ("standard_pose", runs / "standard_pose" / "pose_estimator")):
         monkeypatch.setitem(make_demo.OUTPUTS, stage, path)
     monkeypatch.setattr(make_demo, "load_profile", lambda name: {"sheet_decoder_characters": 4, "pairs_workers": 1})
     settings = ["--set", "train_batch_size=2", "--set", "max_train_steps=2", "--set", "checkpointing_steps=2",
@@ -988,6 +989,20 @@ def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_i
     monkeypatch.setattr(build_pairs, "main", lambda parsed: seen.append(parsed))
     make_demo.run_stage("pairs", Namespace(profile="cpu", pairs=2))
     assert seen[0].vae == str(runs / "sheet_decoder" / "vae")
+    assert seen[0].colour_match == 0.5 and seen[0].pose_estimator is None  # the demo preset's colour correction
+    # each character's own standard pose: seeded from a shipped Stage I that has an estimator, then read by the pairs
+    from engine.models import StandardPoseEstimator
+
+    assert not make_demo.seed_from_shipped("standard_pose")  # the shipped Stage I here has none
+    estimator = StandardPoseEstimator()
+    with torch.no_grad():
+        estimator.mlp[-1].bias.fill_(0.5)
+    estimator.save_pretrained(shipped / "standardize" / "pose_estimator")
+    assert make_demo.seed_from_shipped("standard_pose")
+    assert torch.equal(StandardPoseEstimator.from_pretrained(make_demo.OUTPUTS["standard_pose"]).mlp[-1].bias,
+                       estimator.mlp[-1].bias)
+    make_demo.run_stage("pairs", Namespace(profile="cpu", pairs=2))
+    assert seen[1].pose_estimator == str(make_demo.OUTPUTS["standard_pose"])
 
 
 def test_seeding_keeps_the_shipped_models_wall_time_through_repeated_packaging(tmp_path, monkeypatch):
