@@ -50,6 +50,16 @@ def test_an_untrained_estimator_draws_the_average_body():
         np.testing.assert_allclose(estimator.keypoints(kp, size), standard_keypoints(size), atol=1e-4)
 
 
+def test_the_estimate_stays_within_the_fitted_bodies():
+    estimator = StandardPoseEstimator()
+    with torch.no_grad():
+        estimator.basis[0, 10, 1] = 0.1  # the right ankle's height along the first direction
+        estimator.limit.fill_(2.0)
+        estimator.mlp[-1].bias[0] = 50.0  # an impossible body, as a reference unlike the training ones can ask for
+    out = estimator(torch.zeros(1, PROPORTION_FEATURES))
+    assert out[0, 10, 1].item() == pytest.approx(estimator.mean[10, 1].item() + 0.2, abs=1e-6)
+
+
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     from trainer import fit_standard_pose
@@ -65,6 +75,7 @@ def test_the_fitted_estimator_finds_each_characters_proportions_better_than_the_
     assert metrics["variance_in_components"] > 0.99  # height and build: two directions hold the standard poses
     assert metrics["val_rms_px"] < 0.75 * metrics["val_rms_px_average_body"]
     estimator = StandardPoseEstimator.from_pretrained(folder)
+    assert ((estimator.limit > 1.0) & (estimator.limit < 4.0)).all()  # the fitted bodies' range, in deviations
     sample = render_sample(7, 11, SIZE)
     truth = sample.standard_keypoints[:, :2]
     error = np.hypot(*(estimator.keypoints(sample.keypoints, SIZE)[:, :2] - truth).T).mean()
@@ -78,7 +89,7 @@ def _pipe(estimator=None):
     return pipe
 
 
-def test_the_pipeline_draws_the_estimated_standard_pose_unless_told_otherwise(tmp_path):
+def test_the_pipeline_draws_the_estimated_standard_pose_from_given_keypoints_unless_told_otherwise(tmp_path):
     estimator = StandardPoseEstimator()
     with torch.no_grad():  # a "tall" direction: every point below the neck moves down by 8% of the height
         tall = torch.zeros(18, 2)
@@ -98,6 +109,11 @@ def test_the_pipeline_draws_the_estimated_standard_pose_unless_told_otherwise(tm
     assert np.array_equal(np.asarray(plain.target_pose_map), np.asarray(draw_pose_map(standard_keypoints((64, 96)),
                                                                                      (64, 96))))
     assert np.abs(out.sheet.astype(int) - plain.sheet.astype(int)).max() > 0  # the pose guider saw another pose
+    # keypoints a detector found are too imprecise to read proportions from: the average body's pose then
+    pipe.set_detectors(pose=lambda image: sample.keypoints, mask=lambda image: kwargs["mask"])
+    detected = pipe(sample.image, **{k: v for k, v in kwargs.items() if k not in ("mask", "reference_pose")})
+    assert np.array_equal(np.asarray(detected.target_pose_map), np.asarray(plain.target_pose_map))
+    pipe.set_detectors()
     given = standard_keypoints((64, 96))  # an explicit target pose wins
     np.testing.assert_array_equal(pipe.target_keypoints(out.keypoints, (64, 96), given), given)
     np.testing.assert_array_equal(pipe.target_keypoints(None, (64, 96)), given)  # no reference pose: the standard

@@ -31,7 +31,8 @@ class StandardPoseEstimator(ModelMixin, ConfigMixin):
     (18, 2) in units of the canvas height (``standard_units``).
 
     Buffers: ``mean`` (the standard pose, (18, 2)), ``basis`` (``num_components`` principal directions of the
-    standard poses, each (18, 2)) and ``scale`` (each direction's standard deviation). The MLP's last layer starts at
+    standard poses, each (18, 2)), ``scale`` (each direction's standard deviation) and ``limit`` (the predicted
+    coordinates are clamped to the fitted poses' range, in standard deviations). The MLP's last layer starts at
     zero, so an untrained estimator returns ``mean``, the average body's pose of ``assets/standard_pose.json``."""
 
     @register_to_config
@@ -44,10 +45,14 @@ class StandardPoseEstimator(ModelMixin, ConfigMixin):
         self.register_buffer("mean", torch.from_numpy(standard_units()).float())
         self.register_buffer("basis", torch.zeros(num_components, 18, 2))
         self.register_buffer("scale", torch.ones(num_components))
+        # the largest coordinate (in standard deviations) the fitted poses had: a reference unlike the training
+        # ones (a noisy detector, a strange pose) gets at most the most extreme body, not an impossible one
+        self.register_buffer("limit", torch.full((num_components,), 1e4))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """(B, num_features) -> (B, 18, 2) standard poses in units of the canvas height."""
-        coefficients = self.mlp(features.to(self.mean.dtype)) * self.scale
+        coefficients = torch.minimum(torch.maximum(self.mlp(features.to(self.mean.dtype)), -self.limit), self.limit)
+        coefficients = coefficients * self.scale
         return self.mean + torch.einsum("bk,kpc->bpc", coefficients, self.basis)
 
     @torch.no_grad()

@@ -203,10 +203,10 @@ class StandardizePipeline(DiffusionPipeline):
         Args:
             mask: foreground mask (H, W) of the reference in [0, 1] (or 0..255); default: the mask detector's.
             reference_pose: (18, 3) OpenPose keypoints of the reference; default: the pose detector's.
-            target_pose: (18, 3) keypoints on the canvas; default: with a ``pose_estimator``, the character's own
-                standard pose, its proportions read from the reference's keypoints (the demo Stage I is trained
-                on each character's own); without one, or without reference keypoints, the standard pose in
-                ``assets/``.
+            target_pose: (18, 3) keypoints on the canvas; default: with a ``pose_estimator`` and a
+                ``reference_pose`` given, the character's own standard pose, its proportions read from those
+                keypoints (the demo Stage I is trained on each character's own); otherwise (no estimator, or
+                detected keypoints, too imprecise to read proportions from) the standard pose in ``assets/``.
             seed: noise seed (drawn on the CPU, so it gives the same sheet on any device); None draws one.
             callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict``.
             colour_match: 0..1, how far the decoded sheet's part colours are moved toward the reference's, read along
@@ -231,7 +231,11 @@ class StandardizePipeline(DiffusionPipeline):
         ref_kp = canvas.keypoints if canvas.keypoints is None or whole else canvas.keypoints[:18]
         ref_pose_map = draw_pose_map(ref_kp, (width, height)) if ref_kp is not None else None
         ref_pose_tensor = pil_to_tensor(ref_pose_map, normalize=False).to(device) if ref_pose_map else None
-        target_kp = self.target_keypoints(canvas.keypoints, (width, height), target_pose)
+        # the character's proportions are read only from keypoints the caller gave: the demo detector's are off by
+        # about 6% of the figure (median), as much as the proportions vary, and estimates from them were worse than
+        # the average body (docs/training.md, 2026-12-05)
+        target_kp = self.target_keypoints(canvas.keypoints if reference_pose is not None else None, (width, height),
+                                          target_pose)
         target_pose_map = draw_pose_map(target_kp, (width, height))
         hint = None  # the reference's colours along the target pose, for a model that reads them and the correction
         if net.reads_colour_hint or colour_match > 0:
