@@ -87,9 +87,8 @@ def rms_pixels(pred: np.ndarray, truth: np.ndarray) -> float:
 def fit(args) -> tuple[StandardPoseEstimator, dict]:
     torch.manual_seed(args.seed)
     x_train, y_train = scenes("train", args.characters, args.scenes, args.seed, args.copies, args.noise, args.drop)
-    x_val, y_val = scenes("val", args.val_characters, 1, args.seed + 1)
-    x_noisy, _ = scenes("val", args.val_characters, 1, args.seed + 1, 1, args.noise, args.drop)
-    x_noisy = x_noisy[1::2]  # the jittered copy of each validation scene
+    x_both, y_both = scenes("val", args.val_characters, 1, args.seed + 1, 1, args.noise, args.drop)
+    (x_val, y_val), x_noisy = (x_both[0::2], y_both[0::2]), x_both[1::2]  # each scene's exact and jittered points
     model = StandardPoseEstimator(num_features=x_train.shape[1], hidden_size=args.hidden_size,
                                   num_components=args.num_components)
     flat = y_train.reshape(len(y_train), -1)

@@ -385,7 +385,7 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
         shutil.rmtree(RUNS / "pairs", ignore_errors=True)  # pairs of an earlier Stage I
         # the adapter learns from sheets as the studio will show them: decoded by Stage I's own decoder where made
         decoder = ["--vae", str(OUTPUTS["sheet_decoder"])] if OUTPUTS["sheet_decoder"].exists() else []
-        decoder += ["--pose-estimator", str(OUTPUTS["standard_pose"])] if OUTPUTS["standard_pose"].exists() else []
+        decoder += _pose_estimator_args()
         # ... and with the demo preset's colour correction after Stage I, as the studio draws them
         from engine.presets import get_preset
 
@@ -423,8 +423,12 @@ def build_sheet_pairs(args) -> Path:
     shutil.rmtree(RUNS / "sheet_decoder", ignore_errors=True)  # a decoder fitted to an earlier Stage I's latents
     return build_pairs.main(build_pairs.parse_args([
         "--standardize", str(OUTPUTS["standardize"]), "--images", str(images), "--out", str(pairs), "--size",
-        "128x192", "--ground-truth", "--latents", "--limit", str(n),
-        *(["--pose-estimator", str(OUTPUTS["standard_pose"])] if OUTPUTS["standard_pose"].exists() else [])]))
+        "128x192", "--ground-truth", "--latents", "--limit", str(n), *_pose_estimator_args()]))
+
+
+def _pose_estimator_args() -> list[str]:
+    """build_pairs' flag drawing each sheet in its character's own standard pose, where the recipe has fitted one."""
+    return ["--pose-estimator", str(OUTPUTS["standard_pose"])] if OUTPUTS["standard_pose"].exists() else []
 
 
 def _pairs(args) -> int:
@@ -496,7 +500,7 @@ def package(args, timings: dict) -> Path:
     quality["colour_match"] = colour_match
     if colour_match:
         alone, _ = standardization_quality(engine.standardize, n=args.eval_n, probe=probe)
-        quality["model_alone"] = {k: alone[k] for k in ("psnr", "ssim", "appearance_acc", "retrieval") if k in alone}
+        quality["model_alone"] = _card_row(alone)
     stage1 = engine.standardize
     if stage1.pose_estimator is not None:  # what drawing each character's own standard pose adds
         estimator = stage1.pose_estimator
@@ -505,7 +509,7 @@ def package(args, timings: dict) -> Path:
             fixed, _ = standardization_quality(stage1, n=args.eval_n, probe=probe, colour_match=colour_match)
         finally:
             stage1.register_modules(pose_estimator=estimator)
-        quality["average_pose"] = {k: fixed[k] for k in ("psnr", "ssim", "appearance_acc", "retrieval") if k in fixed}
+        quality["average_pose"] = _card_row(fixed)
     from .evaluate import vae_ceiling
 
     # the ceiling of the world's VAE (the base's decoder): Stage I's own decoder is fitted to its latents, not truths'
@@ -796,6 +800,11 @@ def verdict(q: dict, gpu: bool = False) -> str:
     if below:
         words += ", and below the trivial baseline on " + " and ".join(below)
     return words + "."
+
+
+def _card_row(quality: dict) -> dict:
+    """The numbers of a ``standardization_quality`` result that a comparison row of the card shows."""
+    return {k: quality[k] for k in ("psnr", "ssim", "appearance_acc", "retrieval") if k in quality}
 
 
 def _colour_match_label(q: dict) -> str:

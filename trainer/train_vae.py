@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
 from engine.metrics import psnr
+from engine.preprocess.colour_hint import gaussian_blur, masked_blur
 
 from .common import (
     COMMON_DEFAULTS,
@@ -127,19 +128,6 @@ def load_latent_pairs(folder) -> tuple[torch.Tensor, torch.Tensor]:
     return latents, standards
 
 
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, C, H, W) images, reflect-padded, radius 3 sigma."""
-    radius = max(1, int(3 * sigma))
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-t**2 / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
-                 groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
-                    groups=c)
-
-
 def keep_colour_targets(truth: torch.Tensor, decoded: torch.Tensor, sigma: float, in_figure: bool = False,
                         white: float = 0.94) -> torch.Tensor:
     """Targets for a decoder of Stage I's latents: the truth's detail (truth - its blur) over the blurred colours
@@ -151,12 +139,8 @@ def keep_colour_targets(truth: torch.Tensor, decoded: torch.Tensor, sigma: float
     if not in_figure:
         return (truth - gaussian_blur(truth, sigma) + gaussian_blur(decoded, sigma)).clamp(-1, 1)
     mask = (truth < white).any(dim=1, keepdim=True).to(truth.dtype)
-    weight = gaussian_blur(mask, sigma).clamp_min(1e-3)
-
-    def blur_in(x):
-        return gaussian_blur(x * mask, sigma) / weight
-
-    return torch.where(mask > 0, truth - blur_in(truth) + blur_in(decoded), truth).clamp(-1, 1)
+    return torch.where(mask > 0, truth - masked_blur(truth, mask, sigma) + masked_blur(decoded, mask, sigma),
+                       truth).clamp(-1, 1)
 
 
 def latent_pair_batches(latents, standards, batch_size: int, rng: np.random.Generator):

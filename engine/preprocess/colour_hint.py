@@ -145,8 +145,8 @@ def colour_hint(image, mask: np.ndarray | None, keypoints: np.ndarray | None, ta
     return paint_hint(part_colours(array, mask, keypoints), target_keypoints, size)
 
 
-def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """(B, C, H, W) blurred by a separable Gaussian (reflected borders)."""
+def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(B, C, H, W) blurred by a separable Gaussian (reflected borders, radius 3 sigma)."""
     radius = max(1, int(round(3 * sigma)))
     taps = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
     kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
@@ -155,6 +155,12 @@ def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     for pad, shape in (((radius, radius, 0, 0), (1, 1, 1, -1)), ((0, 0, radius, radius), (1, 1, -1, 1))):
         x = F.conv2d(F.pad(x, pad, mode="reflect"), kernel.view(shape).repeat(c, 1, 1, 1), groups=c)
     return x
+
+
+def masked_blur(values: torch.Tensor, mask: torch.Tensor, sigma: float) -> torch.Tensor:
+    """The Gaussian-weighted mean of ``values`` over the pixels of ``mask`` (blur of values x mask over the blur of
+    the mask): each region's colour without spreading it onto what lies around it."""
+    return gaussian_blur(values * mask, sigma) / gaussian_blur(mask, sigma).clamp_min(1e-3)
 
 
 def match_colours(image: torch.Tensor, hint: torch.Tensor, strength: float) -> torch.Tensor:
@@ -172,15 +178,12 @@ def match_colours(image: torch.Tensor, hint: torch.Tensor, strength: float) -> t
     hint = hint.to(image.device, torch.float32)[None]
     paint = hint[:, 3:]
     x = (image.float() + 1) / 2
-
-    def part_mean(values, sigma):
-        return _gaussian_blur(values * paint, sigma) / _gaussian_blur(paint, sigma).clamp_min(1e-3)
-
-    weight = _gaussian_blur(paint, 1.5 * scale)
-    target = part_mean(hint[:, :3], 2.0 * scale)
-    local = part_mean(x, 2.0 * scale)
+    weight = gaussian_blur(paint, 1.5 * scale)
+    target = masked_blur(hint[:, :3], paint, 2.0 * scale)
+    local = masked_blur(x, paint, 2.0 * scale)
     out = (x + strength * weight * (target - local)).clamp(0, 1)
     return (out * 2 - 1).to(image.dtype)
 
 
-__all__ = ["HINT_CHANNELS", "colour_hint", "match_colours", "paint_hint", "part_colours"]
+__all__ = ["HINT_CHANNELS", "colour_hint", "gaussian_blur", "masked_blur", "match_colours", "paint_hint",
+           "part_colours"]

@@ -46,10 +46,8 @@ def standard_keypoints(size: tuple[int, int], path: str | Path = STANDARD_POSE_F
             raise ValueError(f"{path} has no hand and face points; regenerate it with "
                              "`python -m trainer.synthetic standard-pose`")
         kp = np.concatenate([kp, np.array(data["hands"], np.float64), np.array(data["face"], np.float64)])
-    w, h = size
     out = kp.copy()
-    out[:, 0] = w / 2 + kp[:, 0] * h
-    out[:, 1] = kp[:, 1] * h
+    out[:, :2] = keypoints_from_standard_units(kp[:, :2], size)[:, :2]
     return out
 
 
@@ -87,8 +85,8 @@ def proportion_features(keypoints: np.ndarray) -> np.ndarray:
 
 
 def keypoints_from_standard_units(units: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(18, 2) standard-pose coordinates in units of the canvas height (dx from the centre line, y; as
-    ``assets/standard_pose.json``) -> (18, 3) visible keypoints in pixels of a canvas of ``size`` = (W, H)."""
+    """(N, 2) standard-pose coordinates in units of the canvas height (dx from the centre line, y; as
+    ``assets/standard_pose.json``) -> (N, 3) visible keypoints in pixels of a canvas of ``size`` = (W, H)."""
     w, h = size
     units = np.asarray(units, np.float64).reshape(-1, 2)
     return np.stack([w / 2 + units[:, 0] * h, units[:, 1] * h, np.ones(len(units))], 1)
