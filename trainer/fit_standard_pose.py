@@ -5,7 +5,9 @@
 Renders scenes of training characters (their keypoints and their standard render's keypoints), takes the standard
 poses' principal directions (``num_components``; height and build hold 99.9% of their variance), and trains
 ``engine.models.StandardPoseEstimator``'s MLP to predict each scene's coordinates along them from
-``proportion_features`` of the scene's keypoints (MSE in standard deviations, AdamW). Validation characters score the
+``proportion_features`` of the scene's keypoints and (``--mask``, the default) ``width_features`` of its foreground
+mask, hidden from ``--mask-drop`` of the scenes so that it also estimates without one (MSE in standard deviations,
+AdamW). Validation characters score the
 estimate against the truth and the average body's pose (RMS keypoint error in pixels at 128x192); written to
 ``OUT/metrics.json``, the estimator to ``OUT/pose_estimator``. Deterministic in ``--seed``; a few minutes on a CPU.
 """
@@ -20,7 +22,12 @@ import numpy as np
 import torch
 
 from engine.models import StandardPoseEstimator
-from engine.preprocess.standard import proportion_features, standard_units
+from engine.preprocess.standard import (
+    PROPORTION_FEATURES,
+    proportion_features,
+    standard_units,
+    width_features,
+)
 
 from .synthetic import render_sample
 from .synthetic.character import character_ids
@@ -40,6 +47,9 @@ def parse_args(argv=None):
     parser.add_argument("--weight-decay", type=float, default=1e-3)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--num-components", type=int, default=2)
+    parser.add_argument("--mask", action=argparse.BooleanOptionalAction, default=True,
+                        help="also read the limbs' widths across the foreground mask (width_features)")
+    parser.add_argument("--mask-drop", type=float, default=0.1, help="share of training scenes shown without a mask")
     parser.add_argument("--copies", type=int, default=0, help="jittered copies of each training scene's keypoints")
     parser.add_argument("--noise", type=float, default=0.03, help="keypoint noise, up to this x the figure's size")
     parser.add_argument("--drop", type=float, default=0.1, help="chance a jittered keypoint is dropped")
@@ -63,9 +73,10 @@ def jitter(keypoints: np.ndarray, rng: np.random.Generator, noise: float, drop: 
 
 
 def scenes(split: str, characters: int, per_character: int, seed: int, copies: int = 0, noise: float = 0.0,
-           drop: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(proportion features (N, F), standard poses in canvas-height units (N, 18, 2)) of rendered scenes: each
-    scene's exact keypoints and ``copies`` jittered ones (``jitter``)."""
+           drop: float = 0.0, mask: bool = False, mask_drop: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """(features (N, F), standard poses in canvas-height units (N, 18, 2)) of
+    rendered scenes: each scene's exact keypoints and ``copies`` jittered ones (``jitter``); the features are
+    ``proportion_features`` and, with ``mask``, ``width_features`` (from no mask for ``mask_drop`` of them)."""
     features, targets = [], []
     rng = np.random.default_rng(seed)
     for k, cid in enumerate(character_ids(split, characters)):
@@ -74,7 +85,11 @@ def scenes(split: str, characters: int, per_character: int, seed: int, copies: i
             target = standard_units(SIZE, sample.standard_keypoints)
             for c in range(1 + copies):
                 kp = sample.keypoints if c == 0 else jitter(sample.keypoints, rng, noise, drop)
-                features.append(proportion_features(kp))
+                row = [proportion_features(kp)]
+                if mask:
+                    shown = rng.random() >= mask_drop
+                    row.append(width_features(kp, np.asarray(sample.mask, np.float32) / 255.0 if shown else None))
+                features.append(np.concatenate(row))
                 targets.append(target)
     return np.stack(features), np.stack(targets).astype(np.float32)
 
@@ -86,11 +101,12 @@ def rms_pixels(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def fit(args) -> tuple[StandardPoseEstimator, dict]:
     torch.manual_seed(args.seed)
-    x_train, y_train = scenes("train", args.characters, args.scenes, args.seed, args.copies, args.noise, args.drop)
-    x_both, y_both = scenes("val", args.val_characters, 1, args.seed + 1, 1, args.noise, args.drop)
+    x_train, y_train = scenes("train", args.characters, args.scenes, args.seed, args.copies, args.noise,
+                              args.drop, args.mask, args.mask_drop)
+    x_both, y_both = scenes("val", args.val_characters, 1, args.seed + 1, 1, args.noise, args.drop, args.mask)
     (x_val, y_val), x_noisy = (x_both[0::2], y_both[0::2]), x_both[1::2]  # each scene's exact and jittered points
     model = StandardPoseEstimator(num_features=x_train.shape[1], hidden_size=args.hidden_size,
-                                  num_components=args.num_components)
+                                  num_components=args.num_components, reads_mask=args.mask)
     flat = y_train.reshape(len(y_train), -1)
     mean = flat.mean(0)
     _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)
@@ -113,11 +129,15 @@ def fit(args) -> tuple[StandardPoseEstimator, dict]:
         loss.backward()
         optimizer.step()
         schedule.step()
+    x_unmasked = x_val.copy()
+    x_unmasked[:, PROPORTION_FEATURES:] = 0.0  # the validation scenes without their mask
     with torch.no_grad():
         estimate = model(torch.from_numpy(x_val)).numpy()
         noisy = model(torch.from_numpy(x_noisy)).numpy()
+        unmasked = model(torch.from_numpy(x_unmasked)).numpy()
     explained = float((coefficients.var(0).sum()) / ((flat - mean) ** 2).sum(1).mean())
     metrics = {"val_rms_px": rms_pixels(estimate, y_val), "val_rms_px_jittered": rms_pixels(noisy, y_val),
+               "val_rms_px_without_mask": rms_pixels(unmasked, y_val),
                "val_rms_px_average_body": rms_pixels(np.broadcast_to(standard_units(), y_val.shape), y_val),
                "val_rms_px_mean_pose": rms_pixels(np.broadcast_to(mean.reshape(18, 2), y_val.shape), y_val),
                "variance_in_components": explained, "train_scenes": len(x_train), "val_scenes": len(x_val),

@@ -7,7 +7,9 @@ each character's own standard pose map, so a pipeline that always gives it the a
 character at the average height (sheets 127 +- 5 px tall against the truth's 128 +- 11, uncorrelated: measured
 2026-12-05, docs/training.md). ``StandardPoseEstimator`` estimates the character's standard pose from
 ``proportion_features`` of the reference's keypoints: a small MLP predicts the coordinates of the standard poses'
-principal directions (height and build hold 99.9% of their variance), added to the mean standard pose.
+principal directions (height and build hold 99.9% of their variance), added to the mean standard pose. With
+``reads_mask`` it also reads ``width_features``, the limbs' and torso's thickness across the reference's foreground
+mask, which tell the build that keypoints alone barely show (measured 2026-12-06, docs/training.md).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ from torch import nn
 
 from ..preprocess.standard import (
     PROPORTION_FEATURES,
+    WIDTH_FEATURES,
     keypoints_from_standard_units,
     proportion_features,
     standard_units,
+    width_features,
 )
 
 
@@ -33,11 +37,14 @@ class StandardPoseEstimator(ModelMixin, ConfigMixin):
     Buffers: ``mean`` (the standard pose, (18, 2)), ``basis`` (``num_components`` principal directions of the
     standard poses, each (18, 2)), ``scale`` (each direction's standard deviation) and ``limit`` (the predicted
     coordinates are clamped to the fitted poses' range, in standard deviations). The MLP's last layer starts at
-    zero, so an untrained estimator returns ``mean``, the average body's pose of ``assets/standard_pose.json``."""
+    zero, so an untrained estimator returns ``mean``, the average body's pose of ``assets/standard_pose.json``.
+    ``reads_mask``: the features are ``proportion_features`` then ``width_features`` (``features``)."""
 
     @register_to_config
-    def __init__(self, num_features: int = PROPORTION_FEATURES, hidden_size: int = 64, num_components: int = 2):
+    def __init__(self, num_features: int | None = None, hidden_size: int = 64, num_components: int = 2,
+                 reads_mask: bool = False):
         super().__init__()
+        num_features = num_features or PROPORTION_FEATURES + (WIDTH_FEATURES if reads_mask else 0)
         self.mlp = nn.Sequential(nn.Linear(num_features, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size),
                                  nn.SiLU(), nn.Linear(hidden_size, num_components))
         nn.init.zeros_(self.mlp[-1].weight)
@@ -55,9 +62,19 @@ class StandardPoseEstimator(ModelMixin, ConfigMixin):
         coefficients = coefficients * self.scale
         return self.mean + torch.einsum("bk,kpc->bpc", coefficients, self.basis)
 
+    def features(self, reference_keypoints: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """What the MLP reads of a figure: its keypoints' ``proportion_features``, and with ``reads_mask`` the
+        ``width_features`` of its foreground ``mask`` (in the keypoints' pixels; None: none measured)."""
+        features = proportion_features(reference_keypoints)
+        if self.config.reads_mask:
+            features = np.concatenate([features, width_features(reference_keypoints, mask)])
+        return features
+
     @torch.no_grad()
-    def keypoints(self, reference_keypoints: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    def keypoints(self, reference_keypoints: np.ndarray, size: tuple[int, int],
+                  mask: np.ndarray | None = None) -> np.ndarray:
         """The standard pose, (18, 3) pixels of a canvas of ``size`` = (W, H), for the figure whose OpenPose-18
-        keypoints are ``reference_keypoints`` (in any picture's pixels)."""
-        features = torch.from_numpy(proportion_features(reference_keypoints))[None].to(self.device)
+        keypoints are ``reference_keypoints`` (in any picture's pixels) and, where the estimator reads one, whose
+        foreground ``mask`` (H, W) in [0, 1] is given in the same pixels."""
+        features = torch.from_numpy(self.features(reference_keypoints, mask))[None].to(self.device)
         return keypoints_from_standard_units(self(features)[0].float().cpu().numpy(), size)

@@ -235,7 +235,7 @@ class StandardizePipeline(DiffusionPipeline):
         # about 6% of the figure (median), as much as the proportions vary, and estimates from them were worse than
         # the average body (docs/training.md, 2026-12-05)
         target_kp = self.target_keypoints(canvas.keypoints if reference_pose is not None else None, (width, height),
-                                          target_pose)
+                                          target_pose, canvas.mask)
         target_pose_map = draw_pose_map(target_kp, (width, height))
         hint = None  # the reference's colours along the target pose, for a model that reads them and the correction
         if net.reads_colour_hint or colour_match > 0:
@@ -295,15 +295,16 @@ class StandardizePipeline(DiffusionPipeline):
         return output if return_dict else (sheet,)
 
     def target_keypoints(self, reference_keypoints: np.ndarray | None, size: tuple[int, int],
-                         target_pose: np.ndarray | None = None) -> np.ndarray:
+                         target_pose: np.ndarray | None = None, mask: np.ndarray | None = None) -> np.ndarray:
         """The sheet's pose on a canvas of ``size``: ``target_pose`` where given; else, where the pipeline has a
-        ``pose_estimator`` and the reference has (body) keypoints, the character's own standard pose; else the
+        ``pose_estimator`` and the reference has (body) keypoints, the character's own standard pose (read from
+        them and, for an estimator that reads one, the reference's foreground ``mask`` in their pixels); else the
         standard pose of ``assets/`` (with hands and face for ``whole_body_pose``)."""
         if target_pose is not None:
             return np.asarray(target_pose, float)
         whole = self.config.get("whole_body_pose", False)
         if self.pose_estimator is not None and reference_keypoints is not None and not whole:
-            return self.pose_estimator.keypoints(reference_keypoints[:18], size)
+            return self.pose_estimator.keypoints(reference_keypoints[:18], size, mask)
         return standard_keypoints(size, whole_body=whole)
 
     def encode_target_pose(self, target_pose_map: PIL.Image.Image, hint: torch.Tensor | None = None):
