@@ -938,7 +938,8 @@ def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tm
 def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_it(standardize_run, tmp_path,
                                                                                      monkeypatch):
     """make_demo's sheet_decoder stage: Stage I's latents on training characters -> a decoder fitted to them (the
-    same encoder); rebuilt when Stage I is newer; the pairs stage then decodes the adapter's sheets with it."""
+    same encoder); rebuilt when Stage I or its pose estimator is newer; the pairs stage then decodes the adapter's
+    sheets with it."""
     import os
     import shutil
     from argparse import Namespace
@@ -973,6 +974,15 @@ def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_i
     make_demo.build_sheet_pairs(Namespace(profile="cpu"))
     assert (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime > built
     assert not (runs / "sheet_decoder").exists()  # fitted to the old Stage I's latents: gone, refitted next
+    from engine.models import StandardPoseEstimator
+
+    StandardPoseEstimator().save_pretrained(runs / "standard_pose" / "pose_estimator")  # a newer pose estimator
+    rebuilt = (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime
+    later = rebuilt + 10
+    os.utime(runs / "standard_pose" / "pose_estimator" / "config.json", (later, later))
+    make_demo.build_sheet_pairs(Namespace(profile="cpu"))
+    assert (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime > rebuilt  # the latents' pose changed: redrawn
+    shutil.rmtree(runs / "standard_pose")
     # runs/ gone: a shipped Stage I with a decoder of its own gives it back to the recipe (packaging re-adopts it
     # after the world's decoder); one that decodes with the world's decoder has none to give
     shipped = tmp_path / "shipped"
@@ -995,8 +1005,6 @@ def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_i
     assert seen[0].vae == str(runs / "sheet_decoder" / "vae")
     assert seen[0].colour_match == 0.5 and seen[0].pose_estimator is None  # the demo preset's colour correction
     # each character's own standard pose: seeded from a shipped Stage I that has an estimator, then read by the pairs
-    from engine.models import StandardPoseEstimator
-
     assert not make_demo.seed_from_shipped("standard_pose")  # the shipped Stage I here has none
     estimator = StandardPoseEstimator()
     with torch.no_grad():
