@@ -7,9 +7,9 @@ poses' principal directions (``num_components``; height and build hold 99.9% of 
 ``engine.models.StandardPoseEstimator``'s MLP to predict each scene's coordinates along them from
 ``proportion_features`` of the scene's keypoints and (``--mask``, the default) ``width_features`` of its foreground
 mask, hidden from ``--mask-drop`` of the scenes so that it also estimates without one (MSE in standard deviations,
-AdamW). Validation characters score the
-estimate against the truth and the average body's pose (RMS keypoint error in pixels at 128x192); written to
-``OUT/metrics.json``, the estimator to ``OUT/pose_estimator``. Deterministic in ``--seed``; a few minutes on a CPU.
+AdamW). Validation characters score the estimate against the truth and the average body's pose (RMS keypoint error
+in pixels at 128x192; also with the mask hidden); written to ``OUT/metrics.json``, the estimator to
+``OUT/pose_estimator``. Deterministic in ``--seed``; a few minutes on a CPU.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def jitter(keypoints: np.ndarray, rng: np.random.Generator, noise: float, drop: 
 
 def scenes(split: str, characters: int, per_character: int, seed: int, copies: int = 0, noise: float = 0.0,
            drop: float = 0.0, mask: bool = False, mask_drop: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(features (N, F), standard poses in canvas-height units (N, 18, 2)) of
-    rendered scenes: each scene's exact keypoints and ``copies`` jittered ones (``jitter``); the features are
-    ``proportion_features`` and, with ``mask``, ``width_features`` (from no mask for ``mask_drop`` of them)."""
+    """(features (N, F), standard poses in canvas-height units (N, 18, 2)) of rendered scenes: each scene's exact
+    keypoints and ``copies`` jittered ones (``jitter``); the features are ``proportion_features`` and, with ``mask``,
+    ``width_features`` (from no mask for ``mask_drop`` of them)."""
     features, targets = [], []
     rng = np.random.default_rng(seed)
     for k, cid in enumerate(character_ids(split, characters)):

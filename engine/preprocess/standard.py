@@ -85,8 +85,8 @@ def proportion_features(keypoints: np.ndarray) -> np.ndarray:
 
 
 # Segments whose thickness across the figure's mask tells its build (the synthetic world's limbs and torso are
-# wider by the same factor, 0.82-1.28, that widens the standard pose's shoulders and hips): arms, legs, the torso
-# across the neck -> mid-hip line, and the head across the neck -> nose line.
+# wider by the same factor, 0.82-1.28, that widens the standard pose's shoulders and hips): arms, legs and the
+# torso's sides; width_features adds the torso across the neck -> mid-hip line and the head across neck -> nose.
 WIDTH_SEGMENTS = ((2, 3), (3, 4), (5, 6), (6, 7), (8, 9), (9, 10), (11, 12), (12, 13), (1, 8), (1, 11))
 WIDTH_FEATURES = 2 * (len(WIDTH_SEGMENTS) + 2)
 _WIDTH_STEP = 0.25
