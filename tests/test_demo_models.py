@@ -166,8 +166,9 @@ def test_the_shipped_stage1_draws_each_character_at_its_own_height(demo):
     """The demo Stage I was trained on each character's own standard pose (its height and build); the shipped
     pipeline estimates it from the reference's keypoints where they are given, and its mask (``pose_estimator``).
     On 8 held-out test characters (scenes, ground-truth mask and pose, as the card measures) the estimated poses
-    are nearer the truth's than the average body's, and the sheets' figures grow with the characters: their heights follow the truth's (with the average
-    body's pose for every character they did not: correlation -0.06 on the card's 40, 2026-12-05)."""
+    are nearer the truth's than the average body's, the sheets' figures grow with the characters (their heights
+    follow the truth's; with the average body's pose for every character they did not: correlation -0.06 on the
+    card's 40, 2026-12-05), and the sheets meet the PSNR and SSIM targets of a CPU run."""
     from trainer.synthetic import render_sample
     from trainer.synthetic.character import character_ids
 
@@ -175,7 +176,9 @@ def test_the_shipped_stage1_draws_each_character_at_its_own_height(demo):
 
     stage1 = demo.standardize
     assert stage1.pose_estimator is not None
-    estimated, average, drawn, truth = [], [], [], []
+    from trainer.evaluate import psnr, ssim
+
+    estimated, average, drawn, truth, scores = [], [], [], [], []
     for i, cid in enumerate(character_ids("test", 8)):
         sample = render_sample(cid, 50_000 + i, (128, 192))
         true_kp = sample.standard_keypoints[:, :2]
@@ -184,6 +187,7 @@ def test_the_shipped_stage1_draws_each_character_at_its_own_height(demo):
         estimated.append(np.abs(estimate[:, :2] - true_kp).mean())
         average.append(np.abs(standard_keypoints((128, 192))[:, :2] - true_kp).mean())
         sheet = demo.standardize_reference(sample.image, mask=mask, reference_pose=sample.keypoints, seed=i).sheet
+        scores.append((psnr(sheet, sample.standard), ssim(sheet, sample.standard)))
         figure = (255 - np.asarray(sheet, np.int16)).max(-1) > 40  # not white
         rows = np.flatnonzero(figure.any(1))
         drawn.append(rows.max() - rows.min())
@@ -194,3 +198,7 @@ def test_the_shipped_stage1_draws_each_character_at_its_own_height(demo):
     detected = demo.standardize_reference(sample.image, num_inference_steps=1)
     assert np.array_equal(np.asarray(detected.target_pose_map), np.asarray(standard_pose_map((128, 192))))
     assert np.corrcoef(drawn, truth)[0, 1] > 0.5, (drawn, truth)
+    # the issue's CPU targets for PSNR and SSIM hold on these 8 as on the card's 40 (21.45 dB / 0.887 measured here
+    # when shipped on 2026-12-06; 21.24 / 0.883 on the card; the decoder shipped before read 20.33 / 0.844 there)
+    psnr_mean, ssim_mean = np.mean(scores, 0)
+    assert psnr_mean >= 20.0 and ssim_mean >= 0.85, scores
