@@ -407,6 +407,31 @@ def test_stage1_decoder_fits_the_latents_build_pairs_keeps(standardize_run, tmp_
             "output_dir": str(tmp_path / "bad"), "init_vae": str(final / "vae"), "latent_pairs": str(out)})]))
 
 
+def test_stage1_validation_draws_each_character_in_its_own_standard_pose(tmp_path):
+    """The learning curve measures Stage I as it is trained: each validation sheet is asked for the character's own
+    standard pose (the truth's keypoints, as the training batches' ``standard_pose_map``), not the average body's."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+    from trainer.train_standardize import validate
+
+    asked = []
+
+    def pipe(image, **kwargs):
+        asked.append(kwargs["target_pose"])
+        return SimpleNamespace(sheet=Image.new("RGB", (64, 96), "white"), canvas=image)
+
+    config = {"resolution": [64, 96], "num_validation_samples": 3, "validation_inference_steps": 1,
+              "validation_guidance_scale": 1.0, "validation_probe": None, "num_reading_samples": 0}
+    numbers = validate(pipe, config, 5, tmp_path)
+    assert (tmp_path / "step-0000005.png").is_file() and "val_psnr" in numbers
+    for i, cid in enumerate(character_ids("val", 3)):
+        np.testing.assert_array_equal(asked[i], render_sample(cid, 10_000 + i, (64, 96)).standard_keypoints)
+
+
 def test_gaussian_blur_keeps_flat_colour_and_spreads_a_point_by_sigma():
     """The blur that splits a standard render into colour (kept from Stage I) and detail (fitted)."""
     import torch
