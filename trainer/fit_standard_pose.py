@@ -22,12 +22,7 @@ import numpy as np
 import torch
 
 from engine.models import StandardPoseEstimator
-from engine.preprocess.standard import (
-    PROPORTION_FEATURES,
-    proportion_features,
-    standard_units,
-    width_features,
-)
+from engine.preprocess.standard import PROPORTION_FEATURES, standard_units
 
 from .synthetic import render_sample
 from .synthetic.character import character_ids
@@ -72,11 +67,12 @@ def jitter(keypoints: np.ndarray, rng: np.random.Generator, noise: float, drop: 
     return kp
 
 
-def scenes(split: str, characters: int, per_character: int, seed: int, copies: int = 0, noise: float = 0.0,
-           drop: float = 0.0, mask: bool = False, mask_drop: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def scenes(split: str, characters: int, per_character: int, seed: int, estimator: StandardPoseEstimator,
+           copies: int = 0, noise: float = 0.0, drop: float = 0.0,
+           mask_drop: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, F), standard poses in canvas-height units (N, 18, 2)) of rendered scenes: each scene's exact
-    keypoints and ``copies`` jittered ones (``jitter``); the features are ``proportion_features`` and, with ``mask``,
-    ``width_features`` (from no mask for ``mask_drop`` of them)."""
+    keypoints and ``copies`` jittered ones (``jitter``); the features are what ``estimator`` reads
+    (``StandardPoseEstimator.features``; for one that reads the mask, without it for ``mask_drop`` of them)."""
     features, targets = [], []
     rng = np.random.default_rng(seed)
     for k, cid in enumerate(character_ids(split, characters)):
@@ -85,11 +81,10 @@ def scenes(split: str, characters: int, per_character: int, seed: int, copies: i
             target = standard_units(SIZE, sample.standard_keypoints)
             for c in range(1 + copies):
                 kp = sample.keypoints if c == 0 else jitter(sample.keypoints, rng, noise, drop)
-                row = [proportion_features(kp)]
-                if mask:
-                    shown = rng.random() >= mask_drop
-                    row.append(width_features(kp, np.asarray(sample.mask, np.float32) / 255.0 if shown else None))
-                features.append(np.concatenate(row))
+                mask = None
+                if estimator.config.reads_mask and rng.random() >= mask_drop:
+                    mask = np.asarray(sample.mask, np.float32) / 255.0
+                features.append(estimator.features(kp, mask))
                 targets.append(target)
     return np.stack(features), np.stack(targets).astype(np.float32)
 
@@ -101,12 +96,12 @@ def rms_pixels(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def fit(args) -> tuple[StandardPoseEstimator, dict]:
     torch.manual_seed(args.seed)
-    x_train, y_train = scenes("train", args.characters, args.scenes, args.seed, args.copies, args.noise,
-                              args.drop, args.mask, args.mask_drop)
-    x_both, y_both = scenes("val", args.val_characters, 1, args.seed + 1, 1, args.noise, args.drop, args.mask)
+    model = StandardPoseEstimator(hidden_size=args.hidden_size, num_components=args.num_components,
+                                  reads_mask=args.mask)
+    x_train, y_train = scenes("train", args.characters, args.scenes, args.seed, model, args.copies, args.noise,
+                              args.drop, args.mask_drop)
+    x_both, y_both = scenes("val", args.val_characters, 1, args.seed + 1, model, 1, args.noise, args.drop)
     (x_val, y_val), x_noisy = (x_both[0::2], y_both[0::2]), x_both[1::2]  # each scene's exact and jittered points
-    model = StandardPoseEstimator(num_features=x_train.shape[1], hidden_size=args.hidden_size,
-                                  num_components=args.num_components, reads_mask=args.mask)
     flat = y_train.reshape(len(y_train), -1)
     mean = flat.mean(0)
     _, _, vt = np.linalg.svd(flat - mean, full_matrices=False)

@@ -66,17 +66,23 @@ _HEAD_SEGMENTS = np.array([a in _HEAD_POINTS and b in _HEAD_POINTS for a, b in P
 PROPORTION_FEATURES = 3 * len(PROPORTION_SEGMENTS) + 1
 
 
-def proportion_features(keypoints: np.ndarray) -> np.ndarray:
-    """Scale- and position-free features of a figure's proportions from its OpenPose-18 ``keypoints`` (x, y,
-    visible): each visible segment's log length relative to the mean over all visible segments and to the mean over
-    the head's, the difference of those two means, and which segments are visible (an invisible one reads 0).
-    ``engine.models.StandardPoseEstimator`` reads them to draw a character's own standard pose."""
+def _segment_log_lengths(keypoints: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(the (18, 3) keypoints as float64, each ``PROPORTION_SEGMENTS`` segment's log length, whether both its ends
+    are visible) of OpenPose-18 ``keypoints``: what ``proportion_features`` and ``width_features`` measure against."""
     kp = np.asarray(keypoints, np.float64)[:18]
     if kp.shape != (18, 3):
         raise ValueError(f"keypoints should be (18, 3) OpenPose points (x, y, visible); got {kp.shape}")
     a, b = np.array(PROPORTION_SEGMENTS).T
     visible = (kp[a, 2] > 0) & (kp[b, 2] > 0)
-    length = np.log(np.hypot(kp[a, 0] - kp[b, 0], kp[a, 1] - kp[b, 1]) + 1e-3)
+    return kp, np.log(np.hypot(kp[a, 0] - kp[b, 0], kp[a, 1] - kp[b, 1]) + 1e-3), visible
+
+
+def proportion_features(keypoints: np.ndarray) -> np.ndarray:
+    """Scale- and position-free features of a figure's proportions from its OpenPose-18 ``keypoints`` (x, y,
+    visible): each visible segment's log length relative to the mean over all visible segments and to the mean over
+    the head's, the difference of those two means, and which segments are visible (an invisible one reads 0).
+    ``engine.models.StandardPoseEstimator`` reads them to draw a character's own standard pose."""
+    _, length, visible = _segment_log_lengths(keypoints)
     mean = length[visible].mean() if visible.any() else 0.0
     head = visible & _HEAD_SEGMENTS
     head_mean = length[head].mean() if head.any() else mean
@@ -122,17 +128,13 @@ def width_features(keypoints: np.ndarray, mask: np.ndarray | None) -> np.ndarray
     width across it (the least of three places along it, so a limb crossing another reads its own width) relative
     to the mean log length of the visible ``PROPORTION_SEGMENTS``, then which of them were measured. No mask: zeros
     (nothing measured). Read beside ``proportion_features`` by ``StandardPoseEstimator(reads_mask=True)``."""
-    kp = np.asarray(keypoints, np.float64)[:18]
+    kp, length, visible = _segment_log_lengths(keypoints)
     out = np.zeros(WIDTH_FEATURES, np.float32)
-    if mask is None:
+    if mask is None or not visible.any():
         return out
     mask = np.asarray(mask, np.float32)
     mask = mask / 255.0 if mask.max() > 1.0 else mask
-    a, b = np.array(PROPORTION_SEGMENTS).T
-    visible = (kp[a, 2] > 0) & (kp[b, 2] > 0)
-    if not visible.any():
-        return out
-    mean = np.log(np.hypot(kp[a, 0] - kp[b, 0], kp[a, 1] - kp[b, 1]) + 1e-3)[visible].mean()
+    mean = length[visible].mean()
     hips = kp[8, :2] / 2 + kp[11, :2] / 2
     lines = [(kp[i, :2], kp[j, :2], (0.3, 0.5, 0.7), kp[i, 2] > 0 and kp[j, 2] > 0) for i, j in WIDTH_SEGMENTS]
     lines.append((kp[1, :2], hips, (0.4, 0.6), kp[1, 2] > 0 and kp[8, 2] > 0 and kp[11, 2] > 0))  # torso
