@@ -195,6 +195,32 @@ def test_stage1_quality_with_the_answer_as_reference():
         standardization_quality(echo, n=n, size=size, reference="truth")
 
 
+def test_stage1_quality_as_the_studio_reads_an_upload():
+    """reference="upload": Stage I gets the scene alone, no true mask or keypoints, and its detectors find them (the
+    studio's path); without detectors it is refused, saying why."""
+    from trainer.evaluate import standardization_quality
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+
+    size, n = (64, 96), 2
+    scenes = [render_sample(c, 50_000 + i, size).image.tobytes() for i, c in enumerate(character_ids("test", n))]
+    calls = []
+
+    class Upload:  # a "Stage I" that records what it was given
+        pose_detector = object()
+
+        def __call__(self, image, **kwargs):
+            calls.append((image.tobytes(), kwargs))
+            return SimpleNamespace(sheet=image)
+
+    result, _ = standardization_quality(Upload(), n=n, size=size, reference="upload", colour_match=0.5)
+    assert result["reference"] == "upload" and [c[0] for c in calls] == scenes
+    assert all("mask" not in k and "reference_pose" not in k and k["colour_match"] == 0.5 for _, k in calls)
+    Upload.pose_detector = None
+    with pytest.raises(ValueError, match="needs the pipeline's detectors"):
+        standardization_quality(Upload(), n=n, size=size, reference="upload")
+
+
 def _fit_probe_on_fixed_renders(pool_grid, steps=30):
     import torch.nn.functional as F
 
@@ -319,6 +345,36 @@ def test_evaluate_oracle_variant_feeds_the_ground_truth_standard_render(tiny_pro
         truth = render_sample(cid, 90_000 + k, (64, 96)).standard
         assert np.array_equal(np.asarray(sheet), np.asarray(truth))
 
+
+
+def test_evaluate_text_variant_describes_the_character_in_words_instead_of_a_sheet(tiny_probe, tiny_overrides,
+                                                                                   tmp_path, monkeypatch):
+    """``NAME=:text``: no sheet; each prompt carries the test character's description (``caption, appearance``, the
+    form the base trained on), so the row says what the base draws from words alone; nothing is standardized and
+    there is no sheet to rank panels by."""
+    from engine.engine import Engine
+    from trainer.evaluate import main, protocol_prompts
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+
+    calls, standardized = [], []
+    real = Engine.generate_panels
+    monkeypatch.setattr(Engine, "generate_panels", lambda self, c, sheet=None, **k: calls.append((list(c), sheet)) or
+                        real(self, c, sheet=sheet, **k))
+    monkeypatch.setattr(Engine, "standardize_reference", lambda self, *a, **k: standardized.append(1))
+    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
+            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path), "--variant", "words=:text"]
+    for name, path in tiny_overrides.items():
+        args += ["--override", f"{name}={path}"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())["results"]["words"]
+    assert "consistency_rank_acc" not in summary and 0.0 <= summary["appearance_acc"] <= 1.0
+    assert not standardized and len(calls) == 2
+    captions = [c for _, _, c in protocol_prompts()]
+    for k, ((prompts, sheet), cid) in enumerate(zip(calls, character_ids("test", 2))):
+        appearance = render_sample(cid, 90_000 + k, (64, 96)).appearance
+        assert sheet is None and prompts == [f"{c}, {appearance}" for c in captions]
+    assert calls[0][0] != calls[1][0]  # each character its own words
 
 class _ColourScorer:
     """An engine whose consistency score is closeness of mean colour (what a score that knows colours would say)."""

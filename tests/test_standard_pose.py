@@ -126,6 +126,28 @@ def test_the_fitted_estimator_finds_each_characters_proportions_better_than_the_
     assert error < np.hypot(*(standard_keypoints(SIZE)[:, :2] - truth).T).mean()
 
 
+
+def test_the_fitter_reads_scenes_as_the_studio_does_with_detectors():
+    """``fit_standard_pose --detectors DIR``: each scene's features come from the keypoints and mask the demo
+    detectors find in its image (the studio's upload path), not from the ground truth; scenes where no person is
+    found are left out."""
+    from trainer.fit_standard_pose import SIZE as FIT_SIZE
+    from trainer.common import demo_detectors
+    from trainer.fit_standard_pose import scenes
+    from trainer.synthetic.character import character_ids
+
+    detectors = demo_detectors("assets/models/demo/detectors")
+    estimator = StandardPoseEstimator(reads_mask=True)
+    found, truth = (scenes("train", 4, 1, 3, estimator, detectors=d)[0] for d in (detectors, None))
+    expected = []
+    for k, cid in enumerate(character_ids("train", 4)):
+        sample = render_sample(cid, 3 * 1_000_003 + 200_000 + k, FIT_SIZE)
+        keypoints = detectors[0](sample.image)
+        if keypoints is not None:
+            expected.append(estimator.features(keypoints, detectors[1](sample.image)))
+    assert len(expected) >= 3 and np.allclose(found, np.stack(expected))
+    assert len(truth) == 4 and not np.allclose(found[:, :PROPORTION_FEATURES], truth[: len(found), :PROPORTION_FEATURES])
+
 def _pipe(estimator=None):
     components = {**tiny_stage1_components(), "pose_guider": random_pose_guider()}
     pipe = StandardizePipeline(**components, pose_estimator=estimator)

@@ -577,3 +577,12 @@ def adopt_decoder(pipe, vae_folder, strict: bool = False) -> bool:
         return False
     pipe.register_modules(vae=vae.to(pipe.vae.device, pipe.vae.dtype))
     return True
+
+
+def demo_detectors(folder) -> tuple:
+    """(pose detector, mask detector): the demo's ONNX detectors in ``folder`` (``pose.onnx``, ``mask.onnx``), as the
+    studio runs them on an upload."""
+    from engine.preprocess.detectors import OnnxKeypointDetector, OnnxMattingDetector
+
+    folder = Path(folder)
+    return OnnxKeypointDetector(str(folder / "pose.onnx")), OnnxMattingDetector(str(folder / "mask.onnx"))

@@ -5,7 +5,7 @@
     python -m trainer.evaluate encoder --image-encoder assets/models/demo/image_encoder [--n-train 1500 --n-test 500]
     python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
         [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--variant "oracle=:oracle"]
-        [--clip PATH]
+        [--variant "words=:text"] [--clip PATH]
     python -m trainer.evaluate groups --preset demo --probe runs/demo/probe/probe --out eval/groups [--groups 8]
     python -m trainer.evaluate vae --vae assets/models/demo/personalize/vae --probe runs/demo/probe/probe
 
@@ -19,7 +19,7 @@ references as the pipelines encode them (canvas, canvas figure on white, sheet),
 
 The protocol (``run``, the paper's scaled to the demo): held-out test characters x 20 prompts (5 action, 5 background,
 5 view/framing, 5 expression) x seeds. Per variant (an adapter, fed the standardized sheet, the raw reference, or
-the ground-truth standard render as an oracle sheet):
+the ground-truth standard render as an oracle sheet; or no sheet, the character described in words in each prompt):
 appearance accuracy of the probes against the character (CLIP-I analogue), text accuracy against the prompt
 (CLIP-T analogue), probe-feature cosine across a character's panels (AP-CLIP-I analogue), and with ``--clip`` the
 paper's CLIP-I (background removed where a mask detector exists), CLIP-T and AP-CLIP-I themselves.
@@ -52,6 +52,7 @@ from engine.metrics import psnr, ssim
 from .synthetic import render_sample
 from .synthetic.character import character_ids, make_character
 
+ROOT = Path(__file__).resolve().parent.parent
 
 @functools.lru_cache(maxsize=4)
 def mean_standard(size: tuple[int, int], n: int = 200) -> Image.Image:
@@ -77,11 +78,16 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
 
     ``reference="standard"`` gives Stage I the answer as its reference (the standard render, its mask and pose):
     what it loses then is lost in drawing the sheet, not in reading the scene (docs/training.md, 2026-12-05).
+    ``reference="upload"`` gives it the scene alone, as the studio gets an upload: the pipeline's detectors find
+    the figure and its keypoints (``set_detectors``), so it draws the average body's standard pose.
     ``colour_match``: the pipeline's colour correction after the model (0, the default: the model alone)."""
     from engine.presets import DEMO
 
-    if reference not in ("scene", "standard"):
-        raise ValueError(f"reference {reference!r} is not one of scene, standard")
+    if reference not in ("scene", "standard", "upload"):
+        raise ValueError(f"reference {reference!r} is not one of scene, standard, upload")
+    if reference == "upload" and getattr(pipe, "pose_detector", None) is None:
+        raise ValueError("reference 'upload' needs the pipeline's detectors (load it with load_engine, or "
+                         "set_detectors): the studio finds an upload's figure and keypoints with them")
 
     guidance = float(guidance if guidance is not None else DEMO.standardize_defaults["guidance_scale"])
     w, h = size
@@ -90,11 +96,11 @@ def standardization_quality(pipe, n: int = 40, size=(128, 192), steps: int = 20,
     shown, sheets, truths, characters = [], [], [], []
     for i, cid in enumerate(character_ids("test", n)):
         sample = render_sample(cid, 50_000 + i, size)
-        image, mask, pose = ((sample.image, sample.mask, sample.keypoints) if reference == "scene" else
-                             (sample.standard, sample.standard_mask, sample.standard_keypoints))
-        out = pipe(image, mask=np.asarray(mask, np.float32) / 255.0, reference_pose=pose,
-                   height=h, width=w, num_inference_steps=steps, guidance_scale=guidance, seed=seed + i,
-                   colour_match=colour_match)
+        image, mask, pose = ((sample.standard, sample.standard_mask, sample.standard_keypoints)
+                             if reference == "standard" else (sample.image, sample.mask, sample.keypoints))
+        given = {} if reference == "upload" else {"mask": np.asarray(mask, np.float32) / 255.0, "reference_pose": pose}
+        out = pipe(image, **given, height=h, width=w, num_inference_steps=steps, guidance_scale=guidance,
+                   seed=seed + i, colour_match=colour_match)
         scores["psnr"].append(psnr(out.sheet, sample.standard))
         scores["ssim"].append(ssim(out.sheet, sample.standard))
         scores["baseline_psnr"].append(psnr(baseline, sample.standard))
@@ -390,8 +396,9 @@ def consistency_ranking(engine, sheets: list, panels: list[list], masks: list[li
 def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int = 4, size=(128, 192),
                  steps: int = 20, clip=None, out: Path | None = None, **panel_options) -> dict:
     """Every variant on the same characters, prompts and seeds. A variant: {"name", "engine", "standardize"}, where
-    ``standardize`` is True (the sheet is Stage I's), False (the raw reference) or "oracle" (the ground-truth standard
-    render: Stage I made perfect, so the gap to the two-stage row is Stage I's share of what panels miss).
+    ``standardize`` is True (the sheet is Stage I's), False (the raw reference), "oracle" (the ground-truth standard
+    render: Stage I made perfect, so the gap to the two-stage row is Stage I's share of what panels miss) or "text" (no
+    sheet; the character's description appended to every prompt: what the base draws from words alone).
     ``panel_options`` (e.g. ``guidance_scale``, ``adapter_scale``) replace the preset's panel defaults."""
     from engine.metrics import remove_background
 
@@ -403,13 +410,16 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
         for k, cid in enumerate(character_ids("test", n_characters)):
             reference_sample = render_sample(cid, 90_000 + k, size)
             reference = reference_sample.image
+            captions = [c for _, _, c in prompts]
             if variant["standardize"] == "oracle":  # a perfect Stage I: what Stage II and the base can do at best
                 sheet = reference_sample.standard
+            elif variant["standardize"] == "text":  # no sheet: the character described in words, as the base trained
+                sheet = None
+                captions = [f"{c}, {reference_sample.appearance}" for c in captions]
             elif variant["standardize"]:
                 sheet = engine.standardize_reference(reference, seed=k, num_inference_steps=steps).sheet
             else:
                 sheet = reference
-            captions = [c for _, _, c in prompts]
             panels, scenes = [], []
             for s in range(seeds):
                 out_s = engine.generate_panels(captions, sheet=sheet, seeds=[1000 * s + i for i in range(len(captions))],
@@ -431,11 +441,12 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
                                   "clip_t": float(np.mean(clip.clip_t(panels, captions * seeds))),
                                   "ap_clip_i": clip.ap_clip_i(clean)})
             if k == 0:
-                grid_rows.append([reference, sheet] + panels[: len(captions)][:8])
+                grid_rows.append([reference, sheet if sheet is not None else Image.new("RGB", size, "white")]
+                                 + panels[: len(captions)][:8])
         summary = {key: float(np.nanmean([r[key] for r in per_char])) for key in per_char[0]}
         if clip_rows:
             summary.update({key: float(np.mean([r[key] for r in clip_rows])) for key in clip_rows[0]})
-        if len(sheets) > 1 and getattr(engine, "personalize", None) is not None:
+        if len(sheets) > 1 and sheets[0] is not None and getattr(engine, "personalize", None) is not None:
             ranking = consistency_ranking(engine, sheets, drawn, figure_masks)
             summary.update(consistency_rank_acc=ranking["rank_acc"], consistency_own=ranking["own"],
                            consistency_other=ranking["other"])
@@ -723,8 +734,12 @@ def main(argv=None) -> int:
     st.add_argument("--probe", default=None, help="an AttributeProbe folder: also how much appearance the sheets carry")
     st.add_argument("--reading", type=int, default=64, metavar="N",
                     help="also the reference-reading instruments on N fixed test samples (0: off)")
-    st.add_argument("--reference", default="scene", choices=("scene", "standard"),
-                    help="what Stage I reads: the scene (default), or the standard render itself (drawing alone)")
+    st.add_argument("--reference", default="scene", choices=("scene", "standard", "upload"),
+                    help="what Stage I reads: the scene with its true mask and keypoints (default), the standard "
+                         "render itself (drawing alone), or the scene alone as the studio gets an upload (the "
+                         "--detectors find the figure)")
+    st.add_argument("--detectors", default=str(ROOT / "assets" / "models" / "demo" / "detectors"), metavar="DIR",
+                    help="pose.onnx and mask.onnx for --reference upload (default: the demo's)")
     st.add_argument("--decoder", default=None, metavar="VAE",
                     help="decode the sheets with this VAE (Stage I's own decoder, e.g. the shipped standardize/vae), "
                          "folded into the pipeline's latent basis where the pipeline has one: how a training run's "
@@ -734,10 +749,13 @@ def main(argv=None) -> int:
     run.add_argument("--preset", default="demo")
     run.add_argument("--override", action="append", default=[], metavar="NAME=PATH")
     run.add_argument("--probe", required=True, help="a trained AttributeProbe folder (python -m trainer.train_probes)")
-    run.add_argument("--variant", action="append", default=[], metavar="NAME=ADAPTER[:raw|:oracle|:STANDARDIZER]",
+    run.add_argument("--variant", action="append", default=[],
+                     metavar="NAME=ADAPTER[:raw|:oracle|:text|:STANDARDIZER]",
                      help="an adapter to compare (empty: the preset's); ':raw' feeds it the raw reference (one-stage), "
-                          "':oracle' the ground-truth standard render (a perfect Stage I), ':FOLDER' uses another Stage "
-                          "I (e.g. without FBDM/RPIM). Default: the preset's adapter two-stage and one-stage")
+                          "':oracle' the ground-truth standard render (a perfect Stage I), ':text' no sheet but the "
+                          "character's description in words after each prompt (what the base draws from text alone), "
+                          "':FOLDER' uses another Stage I (e.g. without FBDM/RPIM). Default: the preset's adapter "
+                          "two-stage and one-stage")
     run.add_argument("--characters", type=int, default=10)
     run.add_argument("--seeds", type=int, default=4)
     run.add_argument("--steps", type=int, default=20)
@@ -817,6 +835,10 @@ def main(argv=None) -> int:
             adopt_decoder(pipe, args.decoder, strict=True)
         except (OSError, ValueError) as e:
             parser.error(f"--decoder: {e}")
+    if args.reference == "upload":
+        from .common import demo_detectors
+
+        pipe.set_detectors(*demo_detectors(args.detectors))
     w, h = (int(v) for v in args.size.split("x"))
     probe = None
     if args.probe:
@@ -905,11 +927,11 @@ def _run(args) -> int:
     specs = [("two-stage (ours)", None, True, None), ("one-stage (raw reference)", None, False, None)]
     if args.variant:
         specs = []
-        for item in args.variant:  # NAME=ADAPTER[:raw | :oracle | :STANDARDIZER_FOLDER]
+        for item in args.variant:  # NAME=ADAPTER[:raw | :oracle | :text | :STANDARDIZER_FOLDER]
             name, _, rest = item.partition("=")
             path, _, mode = rest.partition(":")
-            standardize = {"raw": False, "oracle": "oracle"}.get(mode, True)
-            specs.append((name, path or None, standardize, mode if mode not in ("", "raw", "oracle") else None))
+            standardize = {"raw": False, "oracle": "oracle", "text": "text"}.get(mode, True)
+            specs.append((name, path or None, standardize, mode if mode not in ("", "raw", "oracle", "text") else None))
     variants = []
     for name, adapter, standardize, standardize_dir in specs:
         extra = {**({"adapter": adapter} if adapter else {}),

@@ -24,6 +24,7 @@ import torch
 from engine.models import StandardPoseEstimator
 from engine.preprocess.standard import PROPORTION_FEATURES, standard_units
 
+from .common import demo_detectors
 from .synthetic import render_sample
 from .synthetic.character import character_ids
 
@@ -48,6 +49,10 @@ def parse_args(argv=None):
     parser.add_argument("--copies", type=int, default=0, help="jittered copies of each training scene's keypoints")
     parser.add_argument("--noise", type=float, default=0.03, help="keypoint noise, up to this x the figure's size")
     parser.add_argument("--drop", type=float, default=0.1, help="chance a jittered keypoint is dropped")
+    parser.add_argument("--detectors", default=None, metavar="DIR",
+                        help="read each scene's keypoints and mask with the demo detectors in DIR (pose.onnx, "
+                             "mask.onnx), as the studio reads an upload, instead of the ground truth: an estimator "
+                             "for detected keypoints (StandardizePipeline's detected_pose_estimator)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -68,22 +73,29 @@ def jitter(keypoints: np.ndarray, rng: np.random.Generator, noise: float, drop: 
 
 
 def scenes(split: str, characters: int, per_character: int, seed: int, estimator: StandardPoseEstimator,
-           copies: int = 0, noise: float = 0.0, drop: float = 0.0,
-           mask_drop: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+           copies: int = 0, noise: float = 0.0, drop: float = 0.0, mask_drop: float = 0.0,
+           detectors: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(features (N, F), standard poses in canvas-height units (N, 18, 2)) of rendered scenes: each scene's exact
     keypoints and ``copies`` jittered ones (``jitter``); the features are what ``estimator`` reads
-    (``StandardPoseEstimator.features``; for one that reads the mask, without it for ``mask_drop`` of them)."""
+    (``StandardPoseEstimator.features``; for one that reads the mask, without it for ``mask_drop`` of them). With
+    ``detectors`` (pose, mask) the keypoints and mask are what they find in the scene's image instead; a scene where
+    no person is found is left out, as the pipeline then has no keypoints to estimate from."""
     features, targets = [], []
     rng = np.random.default_rng(seed)
     for k, cid in enumerate(character_ids(split, characters)):
         for j in range(per_character):
             sample = render_sample(cid, seed * 1_000_003 + 200_000 + per_character * k + j, SIZE)
             target = standard_units(SIZE, sample.standard_keypoints)
+            found, found_mask = sample.keypoints, np.asarray(sample.mask, np.float32) / 255.0
+            if detectors is not None:
+                found, found_mask = detectors[0](sample.image), detectors[1](sample.image)
+                if found is None:
+                    continue
             for c in range(1 + copies):
-                kp = sample.keypoints if c == 0 else jitter(sample.keypoints, rng, noise, drop)
+                kp = found if c == 0 else jitter(found, rng, noise, drop)
                 mask = None
                 if estimator.config.reads_mask and rng.random() >= mask_drop:
-                    mask = np.asarray(sample.mask, np.float32) / 255.0
+                    mask = found_mask
                 features.append(estimator.features(kp, mask))
                 targets.append(target)
     return np.stack(features), np.stack(targets).astype(np.float32)
@@ -98,9 +110,11 @@ def fit(args) -> tuple[StandardPoseEstimator, dict]:
     torch.manual_seed(args.seed)
     model = StandardPoseEstimator(hidden_size=args.hidden_size, num_components=args.num_components,
                                   reads_mask=args.mask)
+    detectors = demo_detectors(args.detectors) if args.detectors else None
     x_train, y_train = scenes("train", args.characters, args.scenes, args.seed, model, args.copies, args.noise,
-                              args.drop, args.mask_drop)
-    x_both, y_both = scenes("val", args.val_characters, 1, args.seed + 1, model, 1, args.noise, args.drop)
+                              args.drop, args.mask_drop, detectors)
+    x_both, y_both = scenes("val", args.val_characters, 1, args.seed + 1, model, 1, args.noise, args.drop,
+                            detectors=detectors)
     (x_val, y_val), x_noisy = (x_both[0::2], y_both[0::2]), x_both[1::2]  # each scene's exact and jittered points
     flat = y_train.reshape(len(y_train), -1)
     mean = flat.mean(0)
