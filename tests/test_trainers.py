@@ -340,7 +340,20 @@ def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
     image = Image.open(item["image"]).convert("RGB")
     expected = pipe(image, target_pose=tall.keypoints(np.asarray(item["keypoints"]), (64, 96)), **kwargs).sheet
     assert np.array_equal(np.asarray(Image.open(posed / "000000_sheet.png")), np.asarray(expected))
-    assert not np.array_equal(np.asarray(expected), np.asarray(pipe(image, **kwargs).sheet))
+    average = pipe(image, **kwargs).sheet
+    assert not np.array_equal(np.asarray(expected), np.asarray(average))
+    # --average-pose: the average body's pose even from a Stage I that carries an estimator (the studio's uploads)
+    pipe.register_modules(pose_estimator=tall)
+    pipe.save_pretrained(tmp_path / "with_estimator")
+    plain = build_pairs.main(build_pairs.parse_args(
+        ["--standardize", str(tmp_path / "with_estimator"), "--images", str(tmp_path / "images"), "--out",
+         str(tmp_path / "plain"), "--size", "64x96", "--steps", "2", "--ground-truth", "--limit", "1",
+         "--average-pose"]))
+    assert np.array_equal(np.asarray(Image.open(plain / "000000_sheet.png")), np.asarray(average))
+    with pytest.raises(ValueError, match="give one of them"):
+        build_pairs.main(build_pairs.parse_args(["--standardize", str(final), "--images", str(tmp_path / "images"),
+                                                 "--out", str(tmp_path / "x"), "--average-pose", "--pose-estimator",
+                                                 str(tmp_path / "tall")]))
     with pytest.raises(ValueError, match="leave --colour-match out with --latents"):
         build_pairs.main(build_pairs.parse_args(["--standardize", str(final), "--images", str(tmp_path / "images"),
                                                  "--out", str(tmp_path / "x"), "--latents", "--colour-match", "0.5"]))
@@ -874,7 +887,8 @@ def test_cpu_profile_overrides_reach_every_trainer_config():
 
     profile = make_demo.load_profile("cpu")
     configs = {config_name for _, config_name, _ in make_demo.TRAINERS.values()}
-    assert set(profile) - {"pairs", "evaluate", "notes", "sheet_decoder_characters"} <= configs
+    assert set(profile) - {"pairs", "evaluate", "notes", "sheet_decoder_characters",
+                           "sheet_decoder_average_pose_characters"} <= configs
     for stage, (module_name, config_name, extra) in make_demo.TRAINERS.items():
         module = importlib.import_module(f"trainer.{module_name}")
         args = make_demo._config_args(config_name, 1.0, "cpu", extra)
@@ -981,12 +995,21 @@ def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_i
                                                                               runs / "sheet_decoder" / "vae"),
                         ("standard_pose", runs / "standard_pose" / "pose_estimator")):
         monkeypatch.setitem(make_demo.OUTPUTS, stage, path)
-    monkeypatch.setattr(make_demo, "load_profile", lambda name: {"sheet_decoder_characters": 4, "pairs_workers": 1})
+    monkeypatch.setattr(make_demo, "load_profile", lambda name: {"sheet_decoder_characters": 4, "pairs_workers": 1,
+                                                                  "sheet_decoder_average_pose_characters": 2})
     settings = ["--set", "train_batch_size=2", "--set", "max_train_steps=2", "--set", "checkpointing_steps=2",
                 "--set", "validation_steps=2", "--set", "latent_pairs_val=1"]
     assert make_demo.main(["--profile", "cpu", "--stages", "sheet_decoder", *settings]) == 0
     records = [json.loads(line) for line in (runs / "sheet_pairs" / "metadata.jsonl").read_text().splitlines()]
     assert len(records) == 4 and all("latents" in r and "standard" in r for r in records)
+    # and the average body's pose (the studio's uploads) for the first two characters, with other noise; the decoder
+    # is fitted to both folders
+    average = [json.loads(line) for line in
+               (runs / "sheet_pairs_average" / "metadata.jsonl").read_text().splitlines()]
+    assert [r["source"] for r in average] == [r["source"] for r in records[:2]]
+    assert [r["seed"] for r in average] == [7, 8] and all("latents" in r and "standard" in r for r in average)
+    assert json.loads((runs / "sheet_decoder" / "config.json").read_text())["latent_pairs"] == [
+        str(runs / "sheet_pairs"), str(runs / "sheet_pairs_average")]
     decoder = AutoencoderKL.from_pretrained(make_demo.OUTPUTS["sheet_decoder"])
     stage1 = AutoencoderKL.from_pretrained(runs / "standardize" / "pipeline" / "vae")
     assert torch.equal(decoder.encoder.conv_in.weight, stage1.encoder.conv_in.weight)
@@ -1005,8 +1028,10 @@ def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_i
     rebuilt = (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime
     later = rebuilt + 10
     os.utime(runs / "standard_pose" / "pose_estimator" / "config.json", (later, later))
+    average_built = (runs / "sheet_pairs_average" / "metadata.jsonl").stat().st_mtime
     make_demo.build_sheet_pairs(Namespace(profile="cpu"))
     assert (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime > rebuilt  # the latents' pose changed: redrawn
+    assert (runs / "sheet_pairs_average" / "metadata.jsonl").stat().st_mtime == average_built  # no estimator in it
     shutil.rmtree(runs / "standard_pose")
     # runs/ gone: a shipped Stage I with a decoder of its own gives it back to the recipe (packaging re-adopts it
     # after the world's decoder); one that decodes with the world's decoder has none to give
@@ -1163,6 +1188,20 @@ def test_adopt_makes_a_run_trained_outside_the_recipe_the_stages_run(tmp_path, m
     with pytest.raises(ValueError, match="cannot be adopted"):
         make_demo.adopt_run("clip", source)
     assert sorted(p.name for p in runs.iterdir()) == ["standardize", "standardize.replaced-1", "timings.json"]
+
+    # Stage I's own decoder continued outside the recipe (on more pair folders) is adopted the same way
+    monkeypatch.setitem(make_demo.OUTPUTS, "sheet_decoder", runs / "sheet_decoder" / "vae")
+    for folder, content in ((runs / "sheet_decoder" / "vae", b"decoder"), (tmp_path / "vae-copy", b"decoder"),
+                            (tmp_path / "mix" / "vae", b"refit")):
+        folder.mkdir(parents=True)
+        (folder / "diffusion_pytorch_model.safetensors").write_bytes(content)
+    (runs / "sheet_decoder" / "config.json").write_text(json.dumps({"train_batch_size": 8}))
+    (tmp_path / "mix" / "config.json").write_text(json.dumps({"init_vae": str(tmp_path / "vae-copy"),
+                                                              "train_batch_size": 8}))
+    make_demo.adopt_run("sheet_decoder", tmp_path / "mix")
+    assert (runs / "sheet_decoder" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == b"refit"
+    with pytest.raises(ValueError, match="did not start from sheet_decoder's model"):
+        make_demo.adopt_run("sheet_decoder", tmp_path / "mix")
 
 
 def test_budgets_count_every_continuation(tmp_path, monkeypatch):

@@ -42,6 +42,8 @@ def parse_args(argv=None):
                         "I's own decoder, make_demo's sheet_decoder: the same encoder and latent space)")
     parser.add_argument("--pose-estimator", default=None, help="a StandardPoseEstimator folder (make_demo's "
                         "standard_pose): each sheet in its character's own standard pose, as the studio draws it")
+    parser.add_argument("--average-pose", action="store_true", help="draw every sheet in the average body's standard "
+                        "pose even where the pipeline has a pose_estimator (what the studio's uploads get)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto", help="auto (the studio's: float32 on the CPU), float32, float16, "
                         "bfloat16; a shipped fp16 folder is upcast on the CPU, where fp16 math is slow")
@@ -106,6 +108,11 @@ def main(args) -> Path:
         from .common import adopt_decoder
 
         adopt_decoder(pipe, args.vae, strict=True)
+    if args.pose_estimator and args.average_pose:
+        raise ValueError("--pose-estimator draws each character's own standard pose, --average-pose the average "
+                         "body's: give one of them")
+    if args.average_pose:
+        pipe.register_modules(pose_estimator=None)
     if args.pose_estimator:
         from engine.models import StandardPoseEstimator
 

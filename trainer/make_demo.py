@@ -120,6 +120,9 @@ def trainer_invocation(stage: str, args, continuing: bool = False):
     module_name, config_name, extra = TRAINERS[stage]
     if stage.startswith("personalizer_"):
         extra = {**extra, "num_characters": _pair_characters(args)}
+    if stage == "sheet_decoder":
+        extra = {**extra, "latent_pairs": [str(folder) for folder, _, _, _ in _sheet_pair_plan(load_profile(
+            args.profile))]}
     module = importlib.import_module(f".{module_name}", __package__)
     common = [item for pair in (("--set", item) for item in getattr(args, "set", [])) for item in pair]
     parsed = module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra) + common)
@@ -132,11 +135,16 @@ def trainer_invocation(stage: str, args, continuing: bool = False):
 
 # How a trained stage starts from a given model: stage -> (config key, value for a model at ``path``).
 INIT_KEYS = {"standardize": "init", "personalizer": "init_adapter", "base": "init_unet", "vae": "init_vae",
-             "clip": "init"}
+             "clip": "init", "sheet_decoder": "init_vae"}
+
+
+def _stage_kind(stage: str) -> str:
+    """The INIT_KEYS entry of a stage: its own, else its family's (``personalizer_groups`` -> ``personalizer``)."""
+    return stage if stage in INIT_KEYS else stage.split("_")[0]
 
 
 def _init_value(stage: str, path: Path):
-    kind = stage.split("_")[0]
+    kind = _stage_kind(stage)
     if kind not in INIT_KEYS:
         raise ValueError(f"stage {stage} cannot be continued (it has no init option)")
     if kind == "base":
@@ -160,7 +168,7 @@ def continue_overrides(stage: str, config: dict, steps: int) -> dict:
         overrides["max_train_steps"] = int(checkpoint.name.split("-")[1]) + steps
         # the checkpoint holds trained weights only: the model they load into is built from the run's recorded init
         # (a seeded shipped model: its architecture and latent basis), not from scratch as the recipe's config says
-        key = INIT_KEYS.get(stage.split("_")[0])
+        key = INIT_KEYS.get(_stage_kind(stage))
         recorded = _json_file(Path(config["output_dir"]) / "config.json", {}).get(key)
         if recorded and not config.get(key):
             overrides[key] = recorded
@@ -251,7 +259,7 @@ def seed_from_shipped(stage: str) -> bool:
 
 
 # Stages whose run can be one trained outside the recipe (an A/B arm, an experiment resumed by hand): ``adopt_run``.
-ADOPTABLE = ("base", "standardize", "personalizer")
+ADOPTABLE = ("base", "standardize", "sheet_decoder", "personalizer")
 
 
 def _weights_digest(path: Path) -> str:
@@ -406,27 +414,42 @@ def _export_training_images(images: Path, n: int, args, scenes_per_character: in
                         "--workers", workers, "--scenes-per-character", str(scenes_per_character)])
 
 
-def build_sheet_pairs(args) -> Path:
-    """The sheet decoder's data: the recipe's Stage I run on ``sheet_decoder_characters`` training scenes (one per
-    character), keeping its latents and the true standard renders. Rebuilt when Stage I or its pose estimator is
-    newer than them (a resumed decoder run reuses them)."""
+def _sheet_pair_plan(profile: dict) -> list[tuple[Path, int, list[Path], list[str]]]:
+    """The sheet decoder's pair folders: (folder, characters, what draws its latents, build_pairs flags). Sheets in
+    each character's own standard pose (as the card's references, with exact keypoints, are drawn) and, where the
+    profile asks for ``sheet_decoder_average_pose_characters``, sheets in the average body's pose (what the studio's
+    uploads get: the demo detector's keypoints are too imprecise to estimate a pose from), so the decoder knows both
+    (docs/training.md, 2026-12-06, second session)."""
+    stage1 = OUTPUTS["standardize"] / "model_index.json"
+    own = int(profile.get("sheet_decoder_characters", 2000))
+    plan = [(RUNS / "sheet_pairs", own, [stage1, OUTPUTS["standard_pose"] / "config.json"], _pose_estimator_args())]
+    average = int(profile.get("sheet_decoder_average_pose_characters", own // 2))
+    if average:  # other noise than the own-pose sheets of the same characters
+        plan.append((RUNS / "sheet_pairs_average", average, [stage1], ["--average-pose", "--seed", "7"]))
+    return plan
+
+
+def build_sheet_pairs(args) -> list[Path]:
+    """The sheet decoder's data: the recipe's Stage I run on training scenes (one per character), keeping its
+    latents and the true standard renders (``_sheet_pair_plan``). A folder is rebuilt when what draws it (Stage I,
+    the pose estimator) is newer than it (a resumed decoder run reuses them)."""
     from . import build_pairs
 
-    images, pairs = RUNS / "sheet_images", RUNS / "sheet_pairs"
-    n = int(load_profile(args.profile).get("sheet_decoder_characters", 2000))
-    _export_training_images(images, n, args, scenes_per_character=1)
-    # what draws the latents: Stage I and the pose estimator it draws each character's own standard pose with (a
-    # decoder fitted to latents of another pose blurs the figure: docs/training.md, 2026-12-06)
-    sources = [OUTPUTS["standardize"] / "model_index.json", OUTPUTS["standard_pose"] / "config.json"]
-    newest = max(path.stat().st_mtime for path in sources if path.is_file())
-    done = pairs / "metadata.jsonl"
-    if done.is_file() and done.stat().st_mtime > newest:
-        return pairs
-    shutil.rmtree(pairs, ignore_errors=True)
-    shutil.rmtree(RUNS / "sheet_decoder", ignore_errors=True)  # a decoder fitted to an earlier Stage I's latents
-    return build_pairs.main(build_pairs.parse_args([
-        "--standardize", str(OUTPUTS["standardize"]), "--images", str(images), "--out", str(pairs), "--size",
-        "128x192", "--ground-truth", "--latents", "--limit", str(n), *_pose_estimator_args()]))
+    plan = _sheet_pair_plan(load_profile(args.profile))
+    images = RUNS / "sheet_images"
+    _export_training_images(images, max(n for _, n, _, _ in plan), args, scenes_per_character=1)
+    for folder, n, sources, flags in plan:
+        # a decoder fitted to latents of another Stage I or another pose blurs the figure (docs/training.md, 2026-12-06)
+        newest = max(path.stat().st_mtime for path in sources if path.is_file())
+        done = folder / "metadata.jsonl"
+        if done.is_file() and done.stat().st_mtime > newest:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(RUNS / "sheet_decoder", ignore_errors=True)  # a decoder fitted to other latents
+        build_pairs.main(build_pairs.parse_args([
+            "--standardize", str(OUTPUTS["standardize"]), "--images", str(images), "--out", str(folder), "--size",
+            "128x192", "--ground-truth", "--latents", "--limit", str(n), *flags]))
+    return [folder for folder, _, _, _ in plan]
 
 
 def _pose_estimator_args() -> list[str]:
@@ -513,6 +536,10 @@ def package(args, timings: dict) -> Path:
         finally:
             stage1.register_modules(pose_estimator=estimator)
         quality["average_pose"] = _card_row(fixed)
+    if stage1.pose_detector is not None:  # what the studio makes of an upload: the detectors find figure and keypoints
+        uploads, _ = standardization_quality(stage1, n=args.eval_n, probe=probe, colour_match=colour_match,
+                                             reference="upload")
+        quality["uploads"] = _card_row(uploads)
     from .evaluate import vae_ceiling
 
     # the ceiling of the world's VAE (the base's decoder): Stage I's own decoder is fitted to its latents, not truths'
@@ -918,6 +945,9 @@ def model_card(card: dict) -> str:
         *([f"| the average body's standard pose for every character (no `pose_estimator`) | {a['psnr']:.2f} | "
            f"{a['ssim']:.3f} | {_acc(a, 'appearance_acc')} | {_acc(a, 'retrieval')} |"]
           if (a := q.get("average_pose")) else []),
+        *([f"| a picture as the studio reads an upload (the demo detectors' figure and keypoints, the average body's "
+           f"pose) | {a['psnr']:.2f} | {a['ssim']:.3f} | {_acc(a, 'appearance_acc')} | {_acc(a, 'retrieval')} |"]
+          if (a := q.get("uploads")) else []),
         f"| mean standard image (trivial baseline) | {q['baseline_psnr']:.2f} | {q['baseline_ssim']:.3f} | "
         f"{_acc(q, 'baseline_appearance_acc')} | 0.125 (chance) |",
         f"| ground-truth standard render | - | - | {_acc(q, 'truth_appearance_acc')} | 1 |",
