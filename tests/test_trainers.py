@@ -1022,6 +1022,8 @@ def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_i
     make_demo.build_sheet_pairs(Namespace(profile="cpu"))
     assert (runs / "sheet_pairs" / "metadata.jsonl").stat().st_mtime > built
     assert not (runs / "sheet_decoder").exists()  # fitted to the old Stage I's latents: gone, refitted next
+    # Stage I's stamp back before the rebuilt folders (it was set ahead of the clock), so only the estimator is newer
+    os.utime(runs / "standardize" / "pipeline" / "model_index.json", (built, built))
     from engine.models import StandardPoseEstimator
 
     StandardPoseEstimator().save_pretrained(runs / "standard_pose" / "pose_estimator")  # a newer pose estimator
