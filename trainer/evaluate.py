@@ -54,6 +54,7 @@ from .synthetic.character import character_ids, make_character
 
 ROOT = Path(__file__).resolve().parent.parent
 
+
 @functools.lru_cache(maxsize=4)
 def mean_standard(size: tuple[int, int], n: int = 200) -> Image.Image:
     """The trivial baseline: the average standard render over ``n`` training characters (computed once per size:

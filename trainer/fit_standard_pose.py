@@ -51,8 +51,8 @@ def parse_args(argv=None):
     parser.add_argument("--drop", type=float, default=0.1, help="chance a jittered keypoint is dropped")
     parser.add_argument("--detectors", default=None, metavar="DIR",
                         help="read each scene's keypoints and mask with the demo detectors in DIR (pose.onnx, "
-                             "mask.onnx), as the studio reads an upload, instead of the ground truth: an estimator "
-                             "for detected keypoints (StandardizePipeline's detected_pose_estimator)")
+                             "mask.onnx), as the studio reads an upload, instead of the ground truth: whether a "
+                             "detector's findings tell the proportions (the demo's do not: docs/training.md)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
