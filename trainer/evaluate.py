@@ -931,8 +931,9 @@ def _run(args) -> int:
         for item in args.variant:  # NAME=ADAPTER[:raw | :oracle | :text | :STANDARDIZER_FOLDER]
             name, _, rest = item.partition("=")
             path, _, mode = rest.partition(":")
-            standardize = {"raw": False, "oracle": "oracle", "text": "text"}.get(mode, True)
-            specs.append((name, path or None, standardize, mode if mode not in ("", "raw", "oracle", "text") else None))
+            named = {"raw": False, "oracle": "oracle", "text": "text"}  # else mode is another Stage I's folder
+            standardize = named.get(mode, True)
+            specs.append((name, path or None, standardize, mode if mode and mode not in named else None))
     variants = []
     for name, adapter, standardize, standardize_dir in specs:
         extra = {**({"adapter": adapter} if adapter else {}),

@@ -23,6 +23,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
@@ -121,8 +122,7 @@ def trainer_invocation(stage: str, args, continuing: bool = False):
     if stage.startswith("personalizer_"):
         extra = {**extra, "num_characters": _pair_characters(args)}
     if stage == "sheet_decoder":
-        extra = {**extra, "latent_pairs": [str(folder) for folder, _, _, _ in _sheet_pair_plan(load_profile(
-            args.profile))]}
+        extra = {**extra, "latent_pairs": [str(p.folder) for p in _sheet_pair_plan(load_profile(args.profile))]}
     module = importlib.import_module(f".{module_name}", __package__)
     common = [item for pair in (("--set", item) for item in getattr(args, "set", [])) for item in pair]
     parsed = module.parse_args(_config_args(config_name, args.steps_scale, args.profile, extra) + common)
@@ -414,18 +414,27 @@ def _export_training_images(images: Path, n: int, args, scenes_per_character: in
                         "--workers", workers, "--scenes-per-character", str(scenes_per_character)])
 
 
-def _sheet_pair_plan(profile: dict) -> list[tuple[Path, int, list[Path], list[str]]]:
-    """The sheet decoder's pair folders: (folder, characters, what draws its latents, build_pairs flags). Sheets in
-    each character's own standard pose (as the card's references, with exact keypoints, are drawn) and, where the
-    profile asks for ``sheet_decoder_average_pose_characters``, sheets in the average body's pose (what the studio's
-    uploads get: the demo detector's keypoints are too imprecise to estimate a pose from), so the decoder knows both
-    (docs/training.md, 2026-12-06, second session)."""
+class SheetPairs(NamedTuple):
+    """One folder of the sheet decoder's pairs: how many characters, what draws its latents, build_pairs' flags."""
+
+    folder: Path
+    characters: int
+    sources: list[Path]
+    flags: list[str]
+
+
+def _sheet_pair_plan(profile: dict) -> list[SheetPairs]:
+    """The sheet decoder's pair folders: sheets in each character's own standard pose (as the card's references,
+    with exact keypoints, are drawn) and, where the profile asks for ``sheet_decoder_average_pose_characters``,
+    sheets in the average body's pose (what the studio's uploads get: the demo detector's keypoints are too imprecise
+    to estimate a pose from), so the decoder knows both (docs/training.md, 2026-12-06, second session)."""
     stage1 = OUTPUTS["standardize"] / "model_index.json"
     own = int(profile.get("sheet_decoder_characters", 2000))
-    plan = [(RUNS / "sheet_pairs", own, [stage1, OUTPUTS["standard_pose"] / "config.json"], _pose_estimator_args())]
+    plan = [SheetPairs(RUNS / "sheet_pairs", own, [stage1, OUTPUTS["standard_pose"] / "config.json"],
+                       _pose_estimator_args())]
     average = int(profile.get("sheet_decoder_average_pose_characters", own // 2))
     if average:  # other noise than the own-pose sheets of the same characters
-        plan.append((RUNS / "sheet_pairs_average", average, [stage1], ["--average-pose", "--seed", "7"]))
+        plan.append(SheetPairs(RUNS / "sheet_pairs_average", average, [stage1], ["--average-pose", "--seed", "7"]))
     return plan
 
 
@@ -437,7 +446,7 @@ def build_sheet_pairs(args) -> list[Path]:
 
     plan = _sheet_pair_plan(load_profile(args.profile))
     images = RUNS / "sheet_images"
-    _export_training_images(images, max(n for _, n, _, _ in plan), args, scenes_per_character=1)
+    _export_training_images(images, max(p.characters for p in plan), args, scenes_per_character=1)
     for folder, n, sources, flags in plan:
         # a decoder fitted to latents of another Stage I or another pose blurs the figure (docs/training.md, 2026-12-06)
         newest = max(path.stat().st_mtime for path in sources if path.is_file())
@@ -449,7 +458,7 @@ def build_sheet_pairs(args) -> list[Path]:
         build_pairs.main(build_pairs.parse_args([
             "--standardize", str(OUTPUTS["standardize"]), "--images", str(images), "--out", str(folder), "--size",
             "128x192", "--ground-truth", "--latents", "--limit", str(n), *flags]))
-    return [folder for folder, _, _, _ in plan]
+    return [p.folder for p in plan]
 
 
 def _pose_estimator_args() -> list[str]:
@@ -847,6 +856,13 @@ def _acc(q: dict, key: str) -> str:
     return f"{q[key]:.3f}" if key in q else "-"
 
 
+def _quality_rows(label: str, q: dict | None) -> list[str]:
+    """The Stage I table's row for one ``standardization_quality`` result (none where it was not measured)."""
+    if not q:
+        return []
+    return [f"| {label} | {q['psnr']:.2f} | {q['ssim']:.3f} | {_acc(q, 'appearance_acc')} | {_acc(q, 'retrieval')} |"]
+
+
 def _reading_section(r: dict | None) -> list[str]:
     if not r:
         return []
@@ -938,22 +954,17 @@ def model_card(card: dict) -> str:
         f"## Stage I on {q['n']} held-out test characters ({q['size'][0]}x{q['size'][1]}, {q['steps']} DDIM steps)", "",
         "| | PSNR (dB) | SSIM | appearance acc. (probe) | own-character retrieval among 8 |",
         "|---|---|---|---|---|",
-        f"| our Stage I{_colour_match_label(q)} | {q['psnr']:.2f} | {q['ssim']:.3f} | {_acc(q, 'appearance_acc')} | "
-        f"{_acc(q, 'retrieval')} |",
-        *([f"| the model alone (no colour correction) | {a['psnr']:.2f} | {a['ssim']:.3f} | "
-           f"{_acc(a, 'appearance_acc')} | {_acc(a, 'retrieval')} |"] if (a := q.get("model_alone")) else []),
-        *([f"| the average body's standard pose for every character (no `pose_estimator`) | {a['psnr']:.2f} | "
-           f"{a['ssim']:.3f} | {_acc(a, 'appearance_acc')} | {_acc(a, 'retrieval')} |"]
-          if (a := q.get("average_pose")) else []),
-        *([f"| a picture as the studio reads an upload (the demo detectors' figure and keypoints, the average body's "
-           f"pose) | {a['psnr']:.2f} | {a['ssim']:.3f} | {_acc(a, 'appearance_acc')} | {_acc(a, 'retrieval')} |"]
-          if (a := q.get("uploads")) else []),
+        *_quality_rows(f"our Stage I{_colour_match_label(q)}", q),
+        *_quality_rows("the model alone (no colour correction)", q.get("model_alone")),
+        *_quality_rows("the average body's standard pose for every character (no `pose_estimator`)",
+                       q.get("average_pose")),
+        *_quality_rows("a picture as the studio reads an upload (the demo detectors' figure and keypoints, the average "
+                       "body's pose)", q.get("uploads")),
         f"| mean standard image (trivial baseline) | {q['baseline_psnr']:.2f} | {q['baseline_ssim']:.3f} | "
         f"{_acc(q, 'baseline_appearance_acc')} | 0.125 (chance) |",
         f"| ground-truth standard render | - | - | {_acc(q, 'truth_appearance_acc')} | 1 |",
-        *([f"| the ground truth through the world's VAE (the ceiling of a model decoding with it) | {v['psnr']:.2f} | "
-           f"{v['ssim']:.3f} | {_acc(v, 'appearance_acc')} | {_acc(v, 'retrieval')} |"]
-          if (v := q.get("vae_ceiling")) else []),
+        *_quality_rows("the ground truth through the world's VAE (the ceiling of a model decoding with it)",
+                       q.get("vae_ceiling")),
         "",
         "Targets of a CPU run: retrieval >= 0.75, probe appearance >= 0.40, SSIM >= 0.85, PSNR >= 20 dB, each above the "
         "baseline (a GPU run: 0.9, 0.5, 0.88, 22 dB). " + verdict(q, gpu="CPU" not in card["hardware"]) +

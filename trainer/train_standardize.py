@@ -566,12 +566,10 @@ def target_latent_directions(vae, config: dict) -> torch.Tensor:
 def validate(pipe: StandardizePipeline, config: dict, step: int, out_dir: Path) -> dict:
     """The learning curve on held-out (val) characters: sheets with ground-truth mask and pose, drawn in each
     character's own standard pose as training draws them (the truth's standard keypoints; until 2026-12-06 the
-    average body's, which measured a model asked for another height than it learnt: the curve steps up there)
-    (PSNR/SSIM, own-character retrieval among 8 where there are 8 or more, appearance read by ``validation_probe``,
-    a grid), and
-    how the reference is read
-    (``trainer.evaluate.reference_reading``: loss gap with another character's reference, attention entropy and
-    same-part share) on ``num_reading_samples`` fixed samples."""
+    average body's, which measured a model asked for another height than it learnt: the curve steps up there), scored
+    by PSNR/SSIM, own-character retrieval among 8 where there are 8 or more, appearance read by ``validation_probe``
+    and a grid; and how the reference is read (``trainer.evaluate.reference_reading``: loss gap with another
+    character's reference, attention entropy and same-part share) on ``num_reading_samples`` fixed samples."""
     from .evaluate import own_character_retrieval, reference_reading
 
     w, h = config["resolution"]

@@ -142,10 +142,10 @@ def width_features(keypoints: np.ndarray, mask: np.ndarray | None) -> np.ndarray
     n = len(lines)
     for k, (start, end, places, seen) in enumerate(lines):
         direction = end - start
-        length = float(np.hypot(*direction))
-        if not seen or length < 1.0:
+        span = float(np.hypot(*direction))
+        if not seen or span < 1.0:
             continue
-        normal = np.array([-direction[1], direction[0]]) / length
+        normal = np.array([-direction[1], direction[0]]) / span
         width = min(_width_across(mask, start + t * direction, normal) for t in places)
         if width > 0:
             out[k], out[n + k] = np.log(width) - mean, 1.0
