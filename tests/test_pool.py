@@ -66,7 +66,7 @@ def test_base_trains_from_the_pool_with_the_vaes_latent_distribution(tmp_path):
               "log_steps": 1, "vae": str(base / "vae"), "text_encoder": str(base / "text_encoder"),
               "text_encoder_2": str(base / "text_encoder_2"), "tokenizer": str(base / "tokenizer"),
               "tokenizer_2": str(base / "tokenizer_2"), "init_unet": str(base / "unet"),
-              "pool_size": 4, "pool_shard_size": 4}
+              "pool_size": 4, "pool_shard_size": 4, "figure_loss_weight": 3.0}
     out = train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "b.yaml",
                                                                                              config)]))
     assert (out / "unet").is_dir()
@@ -81,6 +81,32 @@ def test_base_trains_from_the_pool_with_the_vaes_latent_distribution(tmp_path):
     shard = load_file(str(shards[0]))
     torch.testing.assert_close(shard["latent_mean"].float(), dist.mean, atol=2e-3, rtol=2e-3)
     torch.testing.assert_close(shard["latent_std"].float(), dist.std, atol=2e-3, rtol=2e-3)
+    # ... and each sample's figure mask as the share of each latent pixel it covers, for figure_loss_weight
+    masks = torch.cat([b["mask"] for b in batches])
+    torch.testing.assert_close(shard["figure"].float(), torch.nn.functional.avg_pool2d(masks, 2), atol=1e-3, rtol=0)
+    assert 0 < float(shard["figure"].float().mean()) < 1
     pool = SamplePool(shards[0].parent, iter(()), None, size=4, shard_size=4, batch_size=1,
                       strings=("caption", "appearance"))  # resumed: nothing to encode
     assert pool.string_values["caption"] == [c for b in batches for c in b["caption"]]
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_base_refuses_a_pool_without_figure_masks_when_the_figure_is_weighted(tmp_path):
+    from safetensors.torch import save_file
+
+    from trainer import train_text_to_image
+
+    base = save_tiny_base(tmp_path / "tiny") / "sdxl"
+    pool = tmp_path / "run" / "pool-rank0"
+    pool.mkdir(parents=True)  # a pool made before figure masks were kept: latents only
+    save_file({"latent_mean": torch.zeros(4, 4, 32, 32, dtype=torch.float16),
+               "latent_std": torch.ones(4, 4, 32, 32, dtype=torch.float16)}, str(pool / "shard-000000.safetensors"),
+              metadata={"strings": '{"caption": ["a", "b", "c", "d"], "appearance": ["", "", "", ""]}'})
+    config = {"output_dir": str(tmp_path / "run"), "resolution": [64, 64], "num_characters": 10,
+              "train_batch_size": 2, "max_train_steps": 1, "vae": str(base / "vae"),
+              "text_encoder": str(base / "text_encoder"), "text_encoder_2": str(base / "text_encoder_2"),
+              "tokenizer": str(base / "tokenizer"), "tokenizer_2": str(base / "tokenizer_2"),
+              "init_unet": str(base / "unet"), "pool_size": 4, "pool_shard_size": 4, "figure_loss_weight": 3.0}
+    with pytest.raises(ValueError, match="without figure masks.*delete its pool-rank"):
+        train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "b.yaml",
+                                                                                           config)]))

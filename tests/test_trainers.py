@@ -120,6 +120,42 @@ def test_min_snr_weights_x0_errors_by_snr_plus_one_capped_at_gamma():
     assert float(diffusion_loss(scheduler, pred, x0, noise, t, snr_gamma=5.0)) < float(plain)
 
 
+def test_figure_weight_moves_the_loss_onto_the_figure_at_the_same_mean_weight():
+    """``pixel_weight``: uniform weights are the plain loss; weights 1 + w * figure are each latent pixel's error
+    weighted and normalised to a mean weight of 1 per sample; a weight that is zero off the figure is the figure's
+    mean error alone. ``figure_at_latent_size`` is the share of each latent pixel the mask covers."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    from trainer.common import diffusion_loss, diffusion_target, figure_at_latent_size, figure_weight, \
+        noise_schedule_kwargs
+
+    scheduler = DDPMScheduler(**noise_schedule_kwargs({"prediction_type": "v_prediction",
+                                                       "rescale_betas_zero_snr": True}))
+    torch.manual_seed(0)
+    x0, noise = torch.randn(2, 4, 4, 6), torch.randn(2, 4, 4, 6)
+    t = torch.tensor([100, 700])
+    pred = diffusion_target(scheduler, x0, noise, t) + torch.randn(2, 4, 4, 6)
+    err = (pred - diffusion_target(scheduler, x0, noise, t)) ** 2
+    mask = torch.zeros(2, 1, 32, 48)
+    mask[0, :, :8, :16] = 1  # sample 0: the figure covers latent pixel (0, 0) and (0, 1) whole
+    mask[1, :, 8:12, :] = 1  # sample 1: half of latent row 1
+    figure = figure_at_latent_size(mask, 8)
+    assert figure.shape == (2, 1, 4, 6) and float(figure[0, 0, 0, 0]) == 1 and float(figure[0, 0, 0, 2]) == 0
+    torch.testing.assert_close(figure[1, 0, 1], torch.full((6,), 0.5))
+
+    assert figure_weight(figure, 0.0) is None
+    plain = diffusion_loss(scheduler, pred, x0, noise, t)
+    torch.testing.assert_close(diffusion_loss(scheduler, pred, x0, noise, t, pixel_weight=torch.ones(2, 1, 4, 6)),
+                               plain)
+    w = figure_weight(figure, 3.0)
+    expected = ((err * w).mean(dim=(1, 2, 3)) / w.mean(dim=(1, 2, 3))).mean()
+    torch.testing.assert_close(diffusion_loss(scheduler, pred, x0, noise, t, pixel_weight=w), expected)
+    only = diffusion_loss(scheduler, pred[:1], x0[:1], noise[:1], t[:1], pixel_weight=figure[:1])
+    torch.testing.assert_close(only, err[0, :, 0, :2].mean())
+    assert not torch.allclose(expected, plain)
+
+
 def test_latent_direction_weights_weigh_errors_along_directions_of_little_variance_more():
     """``latent_direction_weights``: an error along the latents' direction of least variance weighs (var_max /
     var_min) ** power times one of the same size along the direction of most; power 0 is the plain MSE, and an

@@ -148,9 +148,11 @@ def latent_direction_weights(latents: torch.Tensor, power: float) -> torch.Tenso
 
 def diffusion_loss(scheduler, pred: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor,
                    timesteps: torch.Tensor, snr_gamma: float | None = None,
-                   directions: torch.Tensor | None = None) -> torch.Tensor:
+                   directions: torch.Tensor | None = None, pixel_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The denoiser's MSE against ``diffusion_target``; with ``snr_gamma`` Min-SNR-gamma weighted per sample; with
-    ``directions`` (C, C, ``latent_direction_weights``) the error is projected on them first (channels mixed).
+    ``directions`` (C, C, ``latent_direction_weights``) the error is projected on them first (channels mixed); with
+    ``pixel_weight`` (B, 1, H, W) each latent pixel's error is weighted, normalised to a mean weight of 1 per sample
+    (where in the picture the gradient goes, not how much of it: ``figure_weight``).
 
     Min-SNR caps the weight that low-noise timesteps get in x0 terms at gamma, so more of the gradient goes to the
     noisy timesteps that decide layout and colour. diffusers' recipe weights x0 errors by min(SNR, gamma); under a
@@ -161,6 +163,9 @@ def diffusion_loss(scheduler, pred: torch.Tensor, latents: torch.Tensor, noise: 
     if directions is not None:
         diff = torch.einsum("ij,bj...->bi...", directions.to(diff.device, diff.dtype), diff)
     err = diff ** 2
+    if pixel_weight is not None:
+        pixel_weight = pixel_weight.to(err.device, err.dtype)
+        err = err * (pixel_weight / pixel_weight.mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12))
     if snr_gamma is None:
         return err.mean()
     alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
@@ -173,6 +178,17 @@ def diffusion_loss(scheduler, pred: torch.Tensor, latents: torch.Tensor, noise: 
     else:  # sample: x0 weight directly
         weight = snr.clamp(max=snr_gamma)
     return (err.mean(dim=tuple(range(1, err.ndim))) * weight).mean()
+
+
+def figure_weight(figure: torch.Tensor, weight: float) -> torch.Tensor | None:
+    """Per-latent-pixel loss weights ``1 + weight * figure`` from the character's mask at latent size (B, 1, h, w, the
+    share of each latent pixel the figure covers); None when ``weight`` is 0 (the plain loss)."""
+    return 1 + weight * figure if weight else None
+
+
+def figure_at_latent_size(mask: torch.Tensor, factor: int) -> torch.Tensor:
+    """A (B, 1, H, W) mask in [0, 1] as the share of each ``factor`` x ``factor`` latent pixel it covers."""
+    return torch.nn.functional.avg_pool2d(mask.float(), factor)
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:

@@ -26,6 +26,8 @@ from .common import (
     diffusion_loss,
     ema_weights,
     end_training,
+    figure_at_latent_size,
+    figure_weight,
     image_grid,
     load_config,
     noise_schedule_kwargs,
@@ -50,6 +52,9 @@ DEFAULTS = {
     # a pool of pre-encoded samples (trainer/pool.py; 0: off, every sample rendered and VAE-encoded at its step): its
     # size, its shard size, and every how many steps its oldest shard is replaced by fresh samples (0: never)
     "pool_size": 0, "pool_shard_size": 256, "pool_refresh_steps": 0,
+    # extra loss weight on the character's latent pixels (1 + w * figure share; 0: the plain loss). The figure is a
+    # small part of a scene, so the plain loss spends most of its gradient on backgrounds (docs/training.md)
+    "figure_loss_weight": 0.0,
     "validation_prompts": ["running, laughing, side view, full body, on a beach, a tall slim person with long red hair",
                            "standing, neutral expression, front view, full body, in a park"],
 }
@@ -97,12 +102,15 @@ def texts_for(batch, rng) -> list[str]:
 
 
 def latent_pool(vae, source, config: dict, directory: Path, seed: int):
-    """The base's ``SamplePool``: each sample's VAE latent distribution (mean, std) and its caption and appearance."""
+    """The base's ``SamplePool``: each sample's VAE latent distribution (mean, std), its figure mask at latent size
+    and its caption and appearance."""
     from .pool import SamplePool
+
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     def encode(batch):
         dist = vae.encode(batch["image"].to(vae.device, vae.dtype)).latent_dist
-        return {"latent_mean": dist.mean, "latent_std": dist.std}
+        return {"latent_mean": dist.mean, "latent_std": dist.std, "figure": figure_at_latent_size(batch["mask"], factor)}
 
     return SamplePool(directory, source, encode, size=config["pool_size"], shard_size=config["pool_shard_size"],
                       batch_size=config["train_batch_size"], refresh_steps=config["pool_refresh_steps"],
@@ -124,9 +132,13 @@ def main(args) -> Path:
                              seed=config["seed"] + start + 7919 * accelerator.process_index)
         accelerator.print(f"sample pool: {len(loader)} samples ready in {loader.fill_seconds:.1f} s "
                           f"({loader.encoded} encoded now)")
+        if config["figure_loss_weight"] and "figure" not in loader.tensors:
+            raise ValueError(f"the sample pool in {out} was made without figure masks, which figure_loss_weight "
+                             "needs: delete its pool-rank* folders and run again")
     rng = np.random.default_rng(config["seed"] + start)
     w, h = config["resolution"]
     sf = pipe.vae.config.scaling_factor
+    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     projection_dim = pipe.text_encoder_2.config.projection_dim
 
     def loss_fn(batch):
@@ -148,7 +160,9 @@ def main(args) -> Path:
                     encoder_hidden_states=prompt_embeds.to(dtype),
                     added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
                     return_dict=False)[0]
-        return diffusion_loss(noise_scheduler, pred, latents, noise, t, config["snr_gamma"])
+        figure = batch["figure"] if "figure" in batch else figure_at_latent_size(batch["mask"], factor)
+        return diffusion_loss(noise_scheduler, pred, latents, noise, t, config["snr_gamma"],
+                              pixel_weight=figure_weight(figure.to(latents.device), config["figure_loss_weight"]))
 
     def run_validation(step):
         with ema_weights(accelerator.unwrap_model(unet), ema):
