@@ -110,7 +110,8 @@ def latent_pool(vae, source, config: dict, directory: Path, seed: int):
 
     def encode(batch):
         dist = vae.encode(batch["image"].to(vae.device, vae.dtype)).latent_dist
-        return {"latent_mean": dist.mean, "latent_std": dist.std, "figure": figure_at_latent_size(batch["mask"], factor)}
+        return {"latent_mean": dist.mean, "latent_std": dist.std,
+                "figure": figure_at_latent_size(batch["mask"], factor)}
 
     return SamplePool(directory, source, encode, size=config["pool_size"], shard_size=config["pool_shard_size"],
                       batch_size=config["train_batch_size"], refresh_steps=config["pool_refresh_steps"],
