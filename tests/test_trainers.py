@@ -1242,6 +1242,42 @@ def test_adopt_makes_a_run_trained_outside_the_recipe_the_stages_run(tmp_path, m
         make_demo.adopt_run("sheet_decoder", tmp_path / "mix")
 
 
+def test_adopt_takes_a_run_started_from_the_fp16_packaging_of_the_stages_model(tmp_path, monkeypatch):
+    """An experiment that started from the shipped fp16 base continued the base in runs/ when the shipped tensors are
+    that model's cast to fp16; one whose start differs in one weight is refused."""
+    import pytest
+    import torch
+    from safetensors.torch import save_file
+
+    from trainer import make_demo
+
+    runs = tmp_path / "runs"
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    monkeypatch.setitem(make_demo.OUTPUTS, "base", runs / "base" / "sdxl")
+    torch.manual_seed(0)
+    model = {"conv.weight": torch.randn(4, 3), "conv.bias": torch.randn(4)}
+
+    def unet(folder, tensors):
+        (folder / "unet").mkdir(parents=True)
+        save_file(tensors, str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+    unet(runs / "base" / "sdxl", model)
+    (runs / "base" / "config.json").write_text(json.dumps({"train_batch_size": 24}))
+    shipped = {k: v.half() for k, v in model.items()}
+    unet(tmp_path / "shipped", shipped)
+    nudged = {**shipped, "conv.bias": shipped["conv.bias"] + 1e-2}
+    unet(tmp_path / "other", nudged)
+    for name, start in (("ab-other", "other"), ("ab", "shipped")):
+        unet(tmp_path / name / "sdxl", {k: v + 1 for k, v in model.items()})
+        (tmp_path / name / "config.json").write_text(json.dumps({"init_unet": str(tmp_path / start / "unet"),
+                                                                 "train_batch_size": 24}))
+    with pytest.raises(ValueError, match="did not start from base's model"):
+        make_demo.adopt_run("base", tmp_path / "ab-other")
+    make_demo.adopt_run("base", tmp_path / "ab")
+    assert (runs / "base.replaced-1" / "sdxl" / "unet").is_dir()
+    assert json.loads((runs / "base" / "lineage.json").read_text())["source"] == str(tmp_path / "ab")
+
+
 def test_budgets_count_every_continuation(tmp_path, monkeypatch):
     """A Stage I continued from a shipped model that was itself a continuation: the card's budget keeps this run's
     steps and, as ``previous_steps``, all the steps before it (so the next continuation counts the model's life)."""

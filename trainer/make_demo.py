@@ -290,13 +290,41 @@ def logged_wall_seconds(run: Path) -> float:
     return seconds
 
 
+def _same_weights(start: Path, model: Path) -> bool:
+    """Whether ``start`` (a run's init) holds ``model``'s weights: the same files, or the same tensors at the
+    start's precision (the shipped fp16 packaging of the model in runs/, which an experiment may have started from)."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if _weights_digest(start) == _weights_digest(model):
+        return True
+
+    def files(path: Path) -> dict:
+        found = [path] if path.is_file() else sorted(path.rglob("*.safetensors"))
+        return {(f.relative_to(path) if f != path else f.name): f for f in found if f.suffix == ".safetensors"}
+
+    a, b = files(start), files(model)
+    if not a or a.keys() != b.keys():
+        return False
+    for name, path in a.items():
+        try:
+            ours, theirs = load_file(str(path)), load_file(str(b[name]))
+        except SafetensorError:  # not weights at all: nothing to compare
+            return False
+        if ours.keys() != theirs.keys() or any(ours[k].shape != theirs[k].shape
+                                               or not torch.equal(ours[k], theirs[k].to(ours[k].dtype)) for k in ours):
+            return False
+    return True
+
+
 def adopt_run(stage: str, source: Path) -> Path:
     """Makes ``source``, a run of ``stage``'s trainer started outside the recipe from the stage's current model in
-    runs/ (the init its ``config.json`` names holds the same weights), the stage's run: its model, config, logs and
-    latest checkpoint (so ``--continue-steps`` resumes it), with a lineage that continues the current run's (the
-    budget and wall time before it, Stage I's learning curve), and its own training time in ``timings.json``. The
-    run it replaces is kept beside it as ``<stage>.replaced-N``; returns that folder. Raises ValueError, saying
-    what to do, where ``source`` is not such a run."""
+    runs/ (the init its ``config.json`` names holds the same weights, or their fp16 packaging), the stage's run: its
+    model, config, logs and latest checkpoint (so ``--continue-steps`` resumes it), with a lineage that continues the
+    current run's (the budget and wall time before it, Stage I's learning curve), and its own training time in
+    ``timings.json``. The run it replaces is kept beside it as ``<stage>.replaced-N``; returns that folder. Raises
+    ValueError, saying what to do, where ``source`` is not such a run."""
     from .common import latest_checkpoint
 
     if stage not in ADOPTABLE:
@@ -311,7 +339,7 @@ def adopt_run(stage: str, source: Path) -> Path:
     config = _json_file(source / "config.json")
     key, expected = _init_value(stage, output)
     started = config.get(key)
-    if not started or not Path(started).exists() or _weights_digest(Path(started)) != _weights_digest(Path(expected)):
+    if not started or not Path(started).exists() or not _same_weights(Path(started), Path(expected)):
         raise ValueError(f"--adopt: {source} did not start from {stage}'s model in runs/ ({expected}): its {key} is "
                          f"{started!r}, with other weights or gone. Only a continuation of that model keeps its "
                          "lineage true; train from it and adopt that run.")
