@@ -669,7 +669,7 @@ def test_demo_recipe_end_to_end_at_tiny_size(tmp_path, precision):
     base = train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "t2i.yaml", {
         **common, "output_dir": str(tmp_path / "base"), "resolution": [64, 96], "vae": str(vae),
         "text_encoder": str(clip / "text_encoder"), "text_encoder_2": str(clip / "text_encoder_2"),
-        "tokenizer": str(clip / "tokenizer"),
+        "tokenizer": str(clip / "tokenizer"), "figure_loss_weight": 3.0,  # as the demo recipe: masks from the batch
         "unet": {"block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": [2, 4],
                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"], "transformer_layers_per_block": [1, 1],
