@@ -53,7 +53,7 @@ DEFAULTS = {
     # size, its shard size, and every how many steps its oldest shard is replaced by fresh samples (0: never)
     "pool_size": 0, "pool_shard_size": 256, "pool_refresh_steps": 0,
     # extra loss weight on the character's latent pixels (1 + w * figure share; 0: the plain loss). The figure is a
-    # small part of a scene, so the plain loss spends most of its gradient on backgrounds (docs/training.md)
+    # third of a scene on average, so the plain loss spends two thirds of its gradient on backgrounds (docs/training.md)
     "figure_loss_weight": 0.0,
     "validation_prompts": ["running, laughing, side view, full body, on a beach, a tall slim person with long red hair",
                            "standing, neutral expression, front view, full body, in a park"],
@@ -139,7 +139,6 @@ def main(args) -> Path:
     rng = np.random.default_rng(config["seed"] + start)
     w, h = config["resolution"]
     sf = pipe.vae.config.scaling_factor
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     projection_dim = pipe.text_encoder_2.config.projection_dim
 
     def loss_fn(batch):
@@ -161,7 +160,7 @@ def main(args) -> Path:
                     encoder_hidden_states=prompt_embeds.to(dtype),
                     added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
                     return_dict=False)[0]
-        figure = batch["figure"] if "figure" in batch else figure_at_latent_size(batch["mask"], factor)
+        figure = batch["figure"] if "figure" in batch else figure_at_latent_size(batch["mask"], pipe.vae_scale_factor)
         return diffusion_loss(noise_scheduler, pred, latents, noise, t, config["snr_gamma"],
                               pixel_weight=figure_weight(figure.to(latents.device), config["figure_loss_weight"]))
 
