@@ -3,6 +3,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from components import tiny_sd_unet, tiny_stage1_components
 
 from engine.models.stage1 import (
@@ -150,6 +151,30 @@ def test_banks_are_per_call_and_threads_do_not_mix():
     assert not errors
     for key in ("a", "b"):
         torch.testing.assert_close(results[key], expected[key], rtol=0, atol=1e-5)
+
+
+def test_pose_guider_with_another_factor_keeps_its_weights(tmp_path):
+    """with_factor: the same weights downsampling by 4 (a /4 VAE's latents) or back by 8, where it computes exactly
+    what the original did; a factor it cannot reach is refused; the factor survives save/from_pretrained."""
+    torch.manual_seed(0)
+    guider = PoseGuider(conditioning_embedding_channels=16, block_out_channels=(8, 8, 16, 16))
+    with torch.no_grad():
+        guider.conv_out.weight.normal_()
+    pose = torch.rand(2, 3, 96, 64)
+    assert guider.factor == 8 and guider(pose).shape == (2, 16, 12, 8)
+    quarter = PoseGuider.with_factor(guider, 4)
+    assert quarter.factor == 4 and quarter(pose).shape == (2, 16, 24, 16)
+    for (k, v), (k2, v2) in zip(guider.state_dict().items(), quarter.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    assert not torch.allclose(F.avg_pool2d(quarter(pose), 2), guider(pose), atol=1e-3)  # another map, to train on
+    torch.testing.assert_close(PoseGuider.with_factor(quarter, 8)(pose), guider(pose), rtol=0, atol=0)
+    quarter.save_pretrained(tmp_path / "pg4")
+    again = PoseGuider.from_pretrained(tmp_path / "pg4")
+    assert again.factor == 4
+    torch.testing.assert_close(again(pose), quarter(pose), rtol=0, atol=0)
+    for factor in (3, 16):
+        with pytest.raises(ValueError, match="power of"):
+            PoseGuider.with_factor(guider, factor)
 
 
 def test_models_round_trip_save_pretrained(tmp_path):

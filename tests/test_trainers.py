@@ -1316,6 +1316,42 @@ def test_standardize_init_starts_from_the_given_pipeline(standardize_run, tmp_pa
         assert all(torch.equal(before[k], after[k]) for k in before), part
 
 
+def test_stage1_warm_starts_on_a_vae_with_another_factor(standardize_run, tmp_path):
+    """A Stage I trained on /8 latents, continued on a /4 VAE (the /4 programme, docs/training.md): its UNets and
+    pose guider keep their weights (the guider now downsamples by 4), it trains, saves and draws /4 latents; a pipeline
+    given a guider made for another factor than its VAE's is refused with what to do."""
+    from safetensors.torch import load_file
+
+    from engine.models import PoseGuider
+    from engine.pipelines import StandardizePipeline
+    from trainer import train_standardize
+    from trainer.synthetic import render_sample
+
+    root, cfg, final = standardize_run
+    config = yaml.safe_load(open(cfg))
+    quarter_vae = {**TINY_VAE, "block_out_channels": [8, 8, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                   "up_block_types": ["UpDecoderBlock2D"] * 3}
+    config.update(output_dir=str(tmp_path / "run"), init=str(final), vae=quarter_vae, max_train_steps=1,
+                  checkpointing_steps=1, validation_steps=100)
+    args = train_standardize.parse_args(["--config", write_config(tmp_path / "c.yaml", config)])
+    models = train_standardize.build_models(train_standardize.load_config(args, train_standardize.DEFAULTS))
+    assert models["net"].pose_guider.factor == 4
+    for part in ("pose_guider", "denoising_unet"):
+        before = load_file(next((final / part).glob("*.safetensors")))
+        assert all(torch.equal(v, getattr(models["net"], part).state_dict()[k]) for k, v in before.items())
+    again = train_standardize.main(args)
+    pipe = StandardizePipeline.from_pretrained(again)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 4 and pipe.pose_guider.factor == 4
+    sample = render_sample(3, 0, (64, 96))
+    latents = pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
+                   height=96, width=64, num_inference_steps=2, seed=0, output_type="latent").sheet
+    assert latents.shape[-2:] == (24, 16) and torch.isfinite(latents).all()
+    components = dict(pipe.components)
+    with pytest.raises(ValueError, match="pose guider downsamples by 8 and the VAE by 4"):
+        StandardizePipeline(**{**components, "pose_guider": PoseGuider.from_pretrained(final / "pose_guider")})
+
+
 def test_a_mixed_precision_stage1_step_leaves_autocast_off():
     """accelerate wraps ``forward`` in one autocast object; the reference pass inside ``forward`` must not enter it
     a second time (that left bf16 autocast on for the rest of the process)."""

@@ -251,11 +251,17 @@ def build_models(config: dict) -> dict:
     else:
         denoising_unet = _unet(str(init / "denoising_unet") if init else model.get("denoising_unet", model["unet"]),
                                config["seed"] + 1)
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if init is not None:
         pose_guider = PoseGuider.from_pretrained(init / "pose_guider")
+        if pose_guider.factor != factor:  # a Stage I warm-started on a VAE with another factor (the UNets take any)
+            print(f"init {init}: its pose guider downsampled by {pose_guider.factor}, the VAE by {factor}; "
+                  "the guider keeps its weights and now downsamples by " + str(factor))
+            pose_guider = PoseGuider.with_factor(pose_guider, factor)
     else:
+        widths = tuple(model["pose_guider"]["block_out_channels"])
         pose_guider = PoseGuider(conditioning_embedding_channels=denoising_unet.config.block_out_channels[0],
-                                 block_out_channels=tuple(model["pose_guider"]["block_out_channels"]))
+                                 block_out_channels=widths, downsample_blocks=int(math.log2(factor)))
     if config.get("colour_hint") and not pose_guider.config.hint_channels:
         pose_guider = PoseGuider.with_hint(pose_guider, HINT_CHANNELS)  # at zero: the init draws as it did
     conditioner = None

@@ -39,6 +39,10 @@ class PoseGuider(ModelMixin, ConfigMixin):
     """Pose map -> latent-resolution features (/8). Same layout and keys as Animate Anyone's pose guider:
     ``conv_in``, ``blocks.{2i}`` (c -> c), ``blocks.{2i+1}`` (c -> c', stride 2), ``conv_out`` (zero-initialised).
 
+    ``downsample_blocks``: how many of the ``blocks.{2i+1}`` halve the map (the first ones; None: all of them, /8
+    with four widths), so that the output matches a VAE with a smaller factor (the demo's /4 latents,
+    docs/training.md); ``with_factor`` turns a trained guider into one for another factor with the same weights.
+
     ``hint_channels`` > 0: the input carries that many more channels after the pose map (Stage I's colour hint,
     ``engine.preprocess.colour_hint``), area-averaged to the latent grid and added to the output through one
     zero-initialised 3x3 conv (``hint_proj``): one layer from the hint to the denoiser's first features, so its
@@ -48,13 +52,17 @@ class PoseGuider(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, conditioning_embedding_channels: int = 320, conditioning_channels: int = 3,
                  block_out_channels: tuple[int, ...] = (16, 32, 96, 256), zero_init_out: bool = True,
-                 hint_channels: int = 0):
+                 hint_channels: int = 0, downsample_blocks: int | None = None):
         super().__init__()
+        steps = len(block_out_channels) - 1
+        if downsample_blocks is not None and not 0 <= downsample_blocks <= steps:
+            raise ValueError(f"downsample_blocks must be between 0 and {steps} for {len(block_out_channels)} widths")
+        halving = steps if downsample_blocks is None else downsample_blocks
         self.conv_in = nn.Conv2d(conditioning_channels, block_out_channels[0], kernel_size=3, padding=1)
         self.blocks = nn.ModuleList()
-        for c_in, c_out in zip(block_out_channels[:-1], block_out_channels[1:]):
+        for i, (c_in, c_out) in enumerate(zip(block_out_channels[:-1], block_out_channels[1:])):
             self.blocks.append(nn.Conv2d(c_in, c_in, kernel_size=3, padding=1))
-            self.blocks.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=2))
+            self.blocks.append(nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, stride=2 if i < halving else 1))
         self.conv_out = nn.Conv2d(block_out_channels[-1], conditioning_embedding_channels, kernel_size=3, padding=1)
         if zero_init_out:
             zero_module(self.conv_out)
@@ -73,6 +81,27 @@ class PoseGuider(ModelMixin, ConfigMixin):
         missing, unexpected = hinted.load_state_dict(guider.state_dict(), strict=False)
         assert not unexpected and all(key.startswith("hint_proj.") for key in missing), (missing, unexpected)
         return hinted.to(guider.dtype)
+
+    @property
+    def factor(self) -> int:
+        """How many pixels of the pose map one output position covers (the VAE factor it was made for)."""
+        steps = len(self.config.block_out_channels) - 1
+        return 2 ** (steps if self.config.downsample_blocks is None else self.config.downsample_blocks)
+
+    @classmethod
+    def with_factor(cls, guider: "PoseGuider", factor: int) -> "PoseGuider":
+        """``guider`` downsampling by ``factor`` instead (a power of two it can reach): the same weights, the last
+        halving convolutions run at stride 1 (or more of them halve). How a Stage I trained on /8 latents is
+        warm-started on a VAE with another factor; the result has to be trained on, like the UNets it feeds."""
+        steps = len(guider.config.block_out_channels) - 1
+        blocks = int(math.log2(factor)) if factor > 0 else -1
+        if 2 ** blocks != factor or not 0 <= blocks <= steps:
+            raise ValueError(f"a pose guider with {steps + 1} widths downsamples by 1 to {2 ** steps} (a power of "
+                             f"two), not {factor}")
+        config = {k: v for k, v in guider.config.items() if not k.startswith("_")}
+        other = cls(**{**config, "downsample_blocks": blocks})
+        other.load_state_dict(guider.state_dict())
+        return other.to(guider.dtype)
 
     def forward(self, conditioning: torch.Tensor) -> torch.Tensor:
         pose = conditioning[:, :self.config.conditioning_channels]

@@ -113,6 +113,10 @@ class StandardizePipeline(DiffusionPipeline):
                               reference_conditioner=reference_conditioner, feature_extractor=feature_extractor,
                               pose_estimator=pose_estimator)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        if pose_guider is not None and pose_guider.factor != self.vae_scale_factor:
+            raise ValueError(f"the pose guider downsamples by {pose_guider.factor} and the VAE by "
+                             f"{self.vae_scale_factor}: the target pose would not fit the latents. Give a pose guider "
+                             "made for this VAE (PoseGuider.with_factor, then train it with the UNets)")
         self.pose_detector = None
         self.mask_detector = None
 
