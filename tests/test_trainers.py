@@ -965,12 +965,24 @@ def test_model_card_says_where_stage1_stands():
     ceiling = model_card({**card, "quality_stage1": {**quality, "vae_ceiling": {"psnr": 24.64, "ssim": 0.9154,
                                                                                 "appearance_acc": 0.4336,
                                                                                 "retrieval": 1.0}}})
-    assert ("| the ground truth through the world's VAE (the ceiling of a model decoding with it) | 24.64 | 0.915 | "
-            "0.434 | 1.000 |") in ceiling
+    assert ("| the ground truth through Stage I's VAE (the ceiling of a model drawing in its latents) | 24.64 | "
+            "0.915 | 0.434 | 1.000 |") in ceiling
     row = {"own_appearance": 0.3, "other_appearance": 0.2, "leakage": 0.25, "groups": 8, "scenes": 3}
     groups = model_card({**card, "groups": {"ground truth": row, "regional masks": {**row, "leakage": 0.31},
                                             "no masks": {**row, "leakage": 0.5}}})
     assert "8 held-out pairs x 3 group scenes" in groups and "| regional masks | 0.300 | 0.200 | 0.310 |" in groups
+    assert "## Panels" not in text
+    panels = {"appearance_acc": 0.2531, "text_acc": 0.317, "background_acc": 0.972, "consistency_rank_acc": 0.786,
+              "characters": 5, "prompts": 20, "seeds": 4,
+              "vae_ceiling": {"rendered": {"appearance_acc": 0.444, "text_acc": 0.516, "background_acc": 0.941},
+                              "through_vae": {"appearance_acc": 0.407, "text_acc": 0.477, "background_acc": 0.916}}}
+    weak = model_card({**card, "panels": panels})
+    assert "5 held-out characters x 20 prompts x 4 seeds" in weak and "**Not met yet.**" in weak
+    assert "| two-stage (Stage I's sheet -> the adapter) | 0.253 | 0.317 | 0.972 | 0.786 |" in weak
+    assert "| true scenes through the base's VAE (the ceiling) | 0.407 | 0.477 | 0.916 | - |" in weak
+    assert "**Met.**" in model_card({**card, "panels": {**panels, "appearance_acc": 0.36}})
+    assert "**Not met yet.**" in model_card({**card, "panels": {**panels, "appearance_acc": 0.36,
+                                                                  "consistency_rank_acc": 0.5}})
 
 
 def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tmp_path, monkeypatch):

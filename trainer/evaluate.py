@@ -789,7 +789,7 @@ def main(argv=None) -> int:
     va.add_argument("--vae", required=True, help="an AutoencoderKL folder (the demo pipelines' vae/)")
     va.add_argument("--probe", required=True, help="a trained AttributeProbe folder")
     va.add_argument("--n", type=int, default=80)
-    va.add_argument("--scenes", type=int, default=8, help="scenes a character for the panels' ceiling")
+    va.add_argument("--scenes", type=int, default=8, help="scenes a character for the panels' ceiling (0: none)")
     va.add_argument("--out", default=None, help="write the numbers as JSON here")
     grp = sub.add_parser("groups", help="several characters per panel: with and without regional masks")
     grp.add_argument("--preset", default="demo")
@@ -892,8 +892,9 @@ def _vae(args) -> int:
 
     vae = AutoencoderKL.from_pretrained(args.vae, dtype=torch.float32).eval()
     probe = AttributeProbe.from_pretrained(args.probe).eval()
-    result = {"sheets": vae_ceiling(vae, args.n, probe=probe),
-              "panels": panel_vae_ceiling(vae, probe, max(1, args.n // 2), args.scenes)}
+    result = {"sheets": vae_ceiling(vae, args.n, probe=probe)}
+    if args.scenes > 0:  # --scenes 0: the sheets' ceiling alone
+        result["panels"] = panel_vae_ceiling(vae, probe, max(1, args.n // 2), args.scenes)
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
