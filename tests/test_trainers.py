@@ -1329,9 +1329,10 @@ def test_standardize_init_starts_from_the_given_pipeline(standardize_run, tmp_pa
 
 
 def test_stage1_warm_starts_on_a_vae_with_another_factor(standardize_run, tmp_path):
-    """A Stage I trained on /8 latents, continued on a /4 VAE (the /4 programme, docs/training.md): its UNets and
-    pose guider keep their weights (the guider now downsamples by 4), it trains, saves and draws /4 latents; a pipeline
-    given a guider made for another factor than its VAE's is refused with what to do."""
+    """A Stage I trained on /8 latents, continued on a /4 VAE with change_vae_factor (the /4 programme,
+    docs/training.md): its UNets and pose guider keep their weights (the guider now downsamples by 4), it trains,
+    saves and draws /4 latents. Without the option it keeps its own /8 VAE. A pipeline given a guider made for
+    another factor than its VAE's is refused with what to do."""
     from safetensors.torch import load_file
 
     from engine.models import PoseGuider
@@ -1345,9 +1346,13 @@ def test_stage1_warm_starts_on_a_vae_with_another_factor(standardize_run, tmp_pa
                    "up_block_types": ["UpDecoderBlock2D"] * 3}
     config.update(output_dir=str(tmp_path / "run"), init=str(final), vae=quarter_vae, max_train_steps=1,
                   checkpointing_steps=1, validation_steps=100)
-    args = train_standardize.parse_args(["--config", write_config(tmp_path / "c.yaml", config)])
+    args = train_standardize.parse_args(["--config", write_config(tmp_path / "k.yaml", config)])
+    kept = train_standardize.build_models(train_standardize.load_config(args, train_standardize.DEFAULTS))
+    assert kept["net"].pose_guider.factor == 8 and len(kept["vae"].config.block_out_channels) == 4  # where it stands
+    args = train_standardize.parse_args(["--config", write_config(tmp_path / "c.yaml", {**config,
+                                                                                         "change_vae_factor": True})])
     models = train_standardize.build_models(train_standardize.load_config(args, train_standardize.DEFAULTS))
-    assert models["net"].pose_guider.factor == 4
+    assert models["net"].pose_guider.factor == 4 and len(models["vae"].config.block_out_channels) == 3
     for part in ("pose_guider", "denoising_unet"):
         before = load_file(next((final / part).glob("*.safetensors")))
         assert all(torch.equal(v, getattr(models["net"], part).state_dict()[k]) for k, v in before.items())

@@ -116,8 +116,13 @@ DEFAULTS = {
     "validation_inference_steps": 20,
     "validation_guidance_scale": 3.5,
     # a StandardizePipeline folder to start from (its ReferenceNet, denoiser, pose guider and FBDM/RPIM), e.g. the
-    # shipped demo Stage I; the config's VAE and image encoder are used either way
+    # shipped demo Stage I; the config's VAE and image encoder are used either way, except that an init whose VAE
+    # downsamples by another factor than the config's keeps its own VAE (continuing a stage keeps it where it stands)
     "init": None,
+    # With ``init``: move it onto the config's VAE even where that VAE has another factor (the /4 programme,
+    # docs/training.md): its UNets take any latent size, its pose guider keeps its weights and downsamples by the new
+    # factor (PoseGuider.with_factor); it then has to be trained on to draw there.
+    "change_vae_factor": False,
     # With ``init``: grow both UNets to this many transformer layers per down block (a list, e.g. [2, 2, 1]; the up
     # blocks mirror it, the mid block keeps the last entry), the new layers zero-initialised so the grown net computes
     # exactly what ``init`` did (grow_transformer_layers); their FBDM/RPIM entries start at zero too.
@@ -243,6 +248,13 @@ def build_models(config: dict) -> dict:
     init = Path(config["init"]) if config.get("init") else None
     if init is not None and not (init / "model_index.json").is_file():
         raise ValueError(f"init {init} is not a saved StandardizePipeline folder")
+    if init is not None and (init / "vae").is_dir() and not config.get("change_vae_factor"):
+        own = AutoencoderKL.from_pretrained(init / "vae", dtype=torch.float32)
+        if len(own.config.block_out_channels) != len(vae.config.block_out_channels):
+            print(f"init {init} draws in its VAE's /{2 ** (len(own.config.block_out_channels) - 1)} latents and "
+                  f"keeps them (the config's VAE is /{2 ** (len(vae.config.block_out_channels) - 1)}; "
+                  "change_vae_factor: true moves it there)")
+            vae = own.requires_grad_(False).eval()
     reference_unet = _unet(str(init / "reference_unet") if init else model["unet"], config["seed"])
     if init is None and config.get("identical_init"):
         if model.get("denoising_unet", model["unet"]) != model["unet"]:
@@ -254,7 +266,7 @@ def build_models(config: dict) -> dict:
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     if init is not None:
         pose_guider = PoseGuider.from_pretrained(init / "pose_guider")
-        if pose_guider.factor != factor:  # a Stage I warm-started on a VAE with another factor (the UNets take any)
+        if pose_guider.factor != factor:  # change_vae_factor: warm-started on another factor (the UNets take any)
             print(f"init {init}: its pose guider downsampled by {pose_guider.factor}, the VAE by {factor}; "
                   "the guider keeps its weights and now downsamples by " + str(factor))
             pose_guider = PoseGuider.with_factor(pose_guider, factor)
