@@ -37,6 +37,12 @@ def test_demo_models_fit_the_budget_and_carry_a_card():
     assert quality["n"] >= 20 and {"psnr", "ssim", "baseline_psnr", "baseline_ssim"} <= set(quality)
     assert card["timings"] and card["budgets"]["standardize"]["samples"] > 0
     assert f"{quality['psnr']:.2f}" in (DEMO_MODELS_DIR / "README.md").read_text()
+    panels = card["panels"]  # the evaluation protocol's two-stage row and the base VAE's ceiling, measured at packaging
+    assert panels["characters"] >= 5 and panels["seeds"] >= 4
+    ceiling = panels["vae_ceiling"]["through_vae"]["appearance_acc"]
+    assert 0 < panels["appearance_acc"] < ceiling < panels["vae_ceiling"]["rendered"]["appearance_acc"]
+    card_text = (DEMO_MODELS_DIR / "README.md").read_text()
+    assert f"| {panels['appearance_acc']:.3f} | {panels['text_acc']:.3f} |" in card_text
 
 
 def test_demo_loads_every_component_from_the_shipped_folder(demo):
