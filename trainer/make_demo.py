@@ -82,6 +82,11 @@ def load_profile(name: str) -> dict:
     return yaml.safe_load(path.read_text()) if path else {}
 
 
+def evaluation_settings(profile: str) -> dict:
+    """The panels protocol's characters and seeds and Stage I's evaluation size: the profile's ``evaluate`` entry."""
+    return {"characters": 10, "seeds": 4, "stage1_n": 40, **load_profile(profile).get("evaluate", {})}
+
+
 def _dotted(values: dict, prefix: str = ""):
     for key, value in values.items():
         if isinstance(value, dict):
@@ -618,7 +623,7 @@ def package(args, timings: dict) -> Path:
     if probe is not None:  # the panels protocol (trainer.evaluate run, two-stage) and the ceiling of the base's VAE
         from .evaluate import panel_vae_ceiling, run_protocol
 
-        settings = {"characters": 10, "seeds": 4, **load_profile(args.profile).get("evaluate", {})}
+        settings = evaluation_settings(args.profile)
         panels = run_protocol([{"name": "two-stage", "engine": engine, "standardize": True}], probe,
                               settings["characters"], settings["seeds"])["two-stage"]
         panels["vae_ceiling"] = panel_vae_ceiling(engine.personalize.vae, probe, n=max(1, args.eval_n // 2))
@@ -760,7 +765,7 @@ def evaluate_all(args) -> Path:
 
     out = OUTPUTS["evaluate"].parent
     out.mkdir(parents=True, exist_ok=True)
-    settings = {"characters": 10, "seeds": 4, "stage1_n": 40, **load_profile(args.profile).get("evaluate", {})}
+    settings = evaluation_settings(args.profile)
     stage1, shown, missing = {}, {}, []
     probe = AttributeProbe.from_pretrained(OUTPUTS["probe"]).eval()
     for name, stage in (("with FBDM + RPIM (ours)", "standardize"), ("without FBDM and RPIM", "standardize_baseline")):
