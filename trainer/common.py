@@ -186,6 +186,12 @@ def figure_weight(figure: torch.Tensor, weight: float) -> torch.Tensor | None:
     return 1 + weight * figure if weight else None
 
 
+def vae_factor(vae) -> int:
+    """How many pixels one latent position of ``vae`` covers (a diffusers AutoencoderKL halves once per block after
+    the first; what its pipelines call ``vae_scale_factor``)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
 def figure_at_latent_size(mask: torch.Tensor, factor: int) -> torch.Tensor:
     """A (B, 1, H, W) mask in [0, 1] as the share of each ``factor`` x ``factor`` latent pixel it covers."""
     return torch.nn.functional.avg_pool2d(mask.float(), factor)

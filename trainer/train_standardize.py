@@ -55,6 +55,7 @@ from .common import (
     setup_accelerator,
     synthetic_batches,
     training_loop,
+    vae_factor,
 )
 from .latent_basis import basis_between, colour_boost, encode_posteriors, fold_into_stage1, fold_into_vae
 from .synthetic import reference_on_canvas, render_sample
@@ -250,10 +251,9 @@ def build_models(config: dict) -> dict:
         raise ValueError(f"init {init} is not a saved StandardizePipeline folder")
     if init is not None and (init / "vae").is_dir() and not config.get("change_vae_factor"):
         own = AutoencoderKL.from_pretrained(init / "vae", dtype=torch.float32)
-        if len(own.config.block_out_channels) != len(vae.config.block_out_channels):
-            print(f"init {init} draws in its VAE's /{2 ** (len(own.config.block_out_channels) - 1)} latents and "
-                  f"keeps them (the config's VAE is /{2 ** (len(vae.config.block_out_channels) - 1)}; "
-                  "change_vae_factor: true moves it there)")
+        if vae_factor(own) != vae_factor(vae):
+            print(f"init {init} draws in its VAE's /{vae_factor(own)} latents and keeps them (the config's VAE is "
+                  f"/{vae_factor(vae)}; change_vae_factor: true moves it there)")
             vae = own.requires_grad_(False).eval()
     reference_unet = _unet(str(init / "reference_unet") if init else model["unet"], config["seed"])
     if init is None and config.get("identical_init"):
@@ -263,7 +263,7 @@ def build_models(config: dict) -> dict:
     else:
         denoising_unet = _unet(str(init / "denoising_unet") if init else model.get("denoising_unet", model["unet"]),
                                config["seed"] + 1)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     if init is not None:
         pose_guider = PoseGuider.from_pretrained(init / "pose_guider")
         if pose_guider.factor != factor:  # change_vae_factor: warm-started on another factor (the UNets take any)

@@ -35,6 +35,7 @@ from .common import (
     setup_accelerator,
     synthetic_batches,
     training_loop,
+    vae_factor,
 )
 
 DEFAULTS = {
@@ -73,7 +74,7 @@ def build(config: dict):
     unet_cfg = dict(config["unet"])
     w, h = config["resolution"]
     vae = AutoencoderKL.from_pretrained(config["vae"])
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     unet_cfg.update(
         in_channels=4, out_channels=4, sample_size=h // factor, addition_embed_type="text_time",
         cross_attention_dim=te.config.hidden_size + te2.config.hidden_size,
@@ -106,7 +107,7 @@ def latent_pool(vae, source, config: dict, directory: Path, seed: int):
     and its caption and appearance."""
     from .pool import SamplePool
 
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
 
     def encode(batch):
         dist = vae.encode(batch["image"].to(vae.device, vae.dtype)).latent_dist
