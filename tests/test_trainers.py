@@ -1369,6 +1369,87 @@ def test_stage1_warm_starts_on_a_vae_with_another_factor(standardize_run, tmp_pa
         StandardizePipeline(**{**components, "pose_guider": PoseGuider.from_pretrained(final / "pose_guider")})
 
 
+def _unet_on_averaged_features(unet, levels: int):
+    """Hooks making ``unet`` run on its input features averaged 2**levels x 2**levels and upsample (nearest) before
+    its output convolution: what grow_outer_levels promises its grown UNet computes at first."""
+    factor = 2 ** levels
+    return [unet.conv_in.register_forward_hook(lambda m, i, o: torch.nn.functional.avg_pool2d(o, factor)),
+            unet.conv_norm_out.register_forward_pre_hook(
+                lambda m, i: (torch.nn.functional.interpolate(i[0], scale_factor=factor, mode="nearest"),))]
+
+
+@pytest.mark.parametrize("levels", [1, 2])
+def test_grown_outer_levels_start_as_the_old_unet_on_averaged_features(levels, tmp_path):
+    """grow_outer_levels (the /4 programme's warm start): the old levels keep their weights and resolution, and the
+    grown UNet, adapter included, first predicts what the old one predicts on averaged features, upsampled."""
+    from components import tiny_sdxl_components
+
+    from engine.models.adapter import IPAdapterModules
+    from trainer.common import grow_outer_levels
+
+    old = tiny_sdxl_components()["unet"].eval()
+    torch.manual_seed(1)
+    with torch.no_grad():  # weights away from diffusers' init, so no part of the check holds by accident
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grown = grow_outer_levels(old, levels).eval()
+    IPAdapterModules.install(old, image_embed_dim=16, num_tokens=5, seed=0).save_pretrained(tmp_path)
+    assert grown.config.block_out_channels == [32] * (levels + 1) + [64]
+    assert grown.config.down_block_types[:levels + 1] == ["DownBlock2D"] * (levels + 1)
+    assert torch.equal(grown.down_blocks[levels].resnets[0].conv1.weight, old.down_blocks[0].resnets[0].conv1.weight)
+    assert torch.equal(grown.up_blocks[1].resnets[1].conv2.weight, old.up_blocks[1].resnets[1].conv2.weight)
+    IPAdapterModules.install(grown, image_embed_dim=16, num_tokens=5, seed=1).load_pretrained_weights(tmp_path)
+    size = 8 * 2 ** levels
+    sample = torch.randn(2, 4, size, size)
+    kwargs = {"encoder_hidden_states": torch.randn(2, 3, 64),
+              "added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6),
+                                    "image_embeds": [torch.randn(2, 1, 5, 16)]}}
+    with torch.no_grad():
+        out = grown(sample, torch.tensor([3, 900]), **kwargs).sample
+        hooks = _unet_on_averaged_features(old, levels)
+        expected = old(sample, torch.tensor([3, 900]), **kwargs).sample
+        for hook in hooks:
+            hook.remove()
+        plain = old(sample, torch.tensor([3, 900]), **kwargs).sample
+    assert out.shape == sample.shape
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    assert (out - plain).abs().mean() > 0.05  # the averaging is not a no-op on this input
+    with pytest.raises(ValueError, match="at least one new level"):
+        grow_outer_levels(old, 0)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_base_grows_its_init_for_a_finer_vae_trains_and_draws(tmp_path):
+    """train_text_to_image with grow_outer_levels: the tiny /2 base's UNet grown for a /1 VAE trains, saves a base
+    with one more level and draws at the full size; without init_unet there is nothing to grow."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from engine.pipelines import PersonalizePipeline
+    from trainer import train_text_to_image
+
+    base = save_tiny_base(tmp_path / "tiny") / "sdxl"
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=[32], down_block_types=["DownEncoderBlock2D"], latent_channels=4,
+                  up_block_types=["UpDecoderBlock2D"], norm_num_groups=8).save_pretrained(tmp_path / "vae1")
+    config = {"output_dir": str(tmp_path / "run"), "resolution": [32, 32], "num_characters": 10,
+              "train_batch_size": 2, "max_train_steps": 2, "checkpointing_steps": 2, "validation_steps": 100,
+              "vae": str(tmp_path / "vae1"), "text_encoder": str(base / "text_encoder"),
+              "text_encoder_2": str(base / "text_encoder_2"), "tokenizer": str(base / "tokenizer"),
+              "tokenizer_2": str(base / "tokenizer_2"), "init_unet": str(base / "unet"), "grow_outer_levels": 1}
+    out = train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "g.yaml",
+                                                                                             config)]))
+    unet = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert unet.config.block_out_channels == [32, 32, 64] and unet.config.sample_size == 64
+    pipe = PersonalizePipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe("standing, in a park", seeds=0, height=32, width=32, num_inference_steps=2,
+                   output_type="latent").images
+    assert latents.shape[-2:] == (32, 32) and torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match="name the UNet to start from"):
+        train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(
+            tmp_path / "n.yaml", {**config, "init_unet": None, "output_dir": str(tmp_path / "none")})]))
+
+
 def test_a_mixed_precision_stage1_step_leaves_autocast_off():
     """accelerate wraps ``forward`` in one autocast object; the reference pass inside ``forward`` must not enter it
     a second time (that left bf16 autocast on for the rest of the process)."""

@@ -192,6 +192,71 @@ def vae_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def grow_outer_levels(unet, levels: int = 1):
+    """``unet`` (a diffusers UNet2DConditionModel) with ``levels`` new outer levels for latents ``2 ** levels`` times
+    finer (a VAE with that many more halvings): each old level keeps the resolution it learned, so what it knows of a
+    figure 3-5 latent pixels wide still applies. The new levels are attention-free blocks at the first level's width
+    (DownBlock2D outside, UpBlock2D last), and the old final up block gains an upsampler.
+
+    Initialised so the grown UNet computes the old one on its input's features averaged 2 x 2 per new level and
+    upsampled back (nearest) before the output convolution: the new resnets' last convolutions are zero, their 1x1
+    shortcuts pass the upsampled path and drop the skip, the new downsamplers average, the new upsampler's convolution
+    is the identity (net2net-style growth; ``conv_in`` and ``conv_out`` are the old ones, now at the finer size).
+    """
+    from diffusers import UNet2DConditionModel
+
+    if levels < 1:
+        raise ValueError(f"grow_outer_levels needs at least one new level, not {levels}")
+    cfg = dict(unet.config)
+    n_old = len(cfg["down_block_types"])
+    width = cfg["block_out_channels"][0]
+
+    def prepend(key, value):  # per-level settings given as lists get entries for the new levels
+        if isinstance(cfg.get(key), (list, tuple)):
+            cfg[key] = [value] * levels + list(cfg[key])
+
+    for key in ("attention_head_dim", "num_attention_heads", "transformer_layers_per_block", "layers_per_block",
+                "cross_attention_dim", "only_cross_attention"):
+        prepend(key, cfg[key][0] if isinstance(cfg.get(key), (list, tuple)) else None)
+    if isinstance(cfg.get("reverse_transformer_layers_per_block"), (list, tuple)):
+        cfg["reverse_transformer_layers_per_block"] = list(cfg["reverse_transformer_layers_per_block"]) + [1] * levels
+    cfg.update(block_out_channels=[width] * levels + list(cfg["block_out_channels"]),
+               down_block_types=["DownBlock2D"] * levels + list(cfg["down_block_types"]),
+               up_block_types=list(cfg["up_block_types"]) + ["UpBlock2D"] * levels,
+               sample_size=cfg["sample_size"] * 2 ** levels if isinstance(cfg["sample_size"], int) else None)
+    grown = UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    state = {}
+    for key, value in unet.state_dict().items():
+        match = re.match(r"down_blocks\.(\d+)\.(.*)", key)
+        state[f"down_blocks.{int(match.group(1)) + levels}.{match.group(2)}" if match else key] = value
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    new = tuple(f"down_blocks.{i}." for i in range(levels)) + tuple(
+        f"up_blocks.{i}." for i in range(n_old, n_old + levels)) + (f"up_blocks.{n_old - 1}.upsamplers.",)
+    if unexpected or any(not key.startswith(new) for key in missing):
+        raise ValueError(f"growing the UNet moved weights it should have kept: {unexpected or missing}")
+    with torch.no_grad():
+        eye = torch.eye(width)
+        for block in list(grown.down_blocks[:levels]) + list(grown.up_blocks[n_old:]):
+            for resnet in block.resnets:
+                resnet.conv2.weight.zero_()
+                resnet.conv2.bias.zero_()
+                if resnet.conv_shortcut is not None:  # the up path's [upsampled, skip] concatenation -> upsampled
+                    resnet.conv_shortcut.weight.zero_()
+                    resnet.conv_shortcut.weight[:, :width, 0, 0] = eye
+                    resnet.conv_shortcut.bias.zero_()
+        for block in grown.down_blocks[:levels]:
+            conv = block.downsamplers[0].conv  # 3x3, stride 2, padding 1: taps 1..2 cover the 2 x 2 cell
+            conv.weight.zero_()
+            conv.weight[:, :, 1:, 1:] = eye[:, :, None, None] / 4
+            conv.bias.zero_()
+        for block in grown.up_blocks[n_old - 1:n_old - 1 + levels]:
+            conv = block.upsamplers[0].conv
+            conv.weight.zero_()
+            conv.weight[:, :, 1, 1] = eye
+            conv.bias.zero_()
+    return grown
+
+
 def figure_at_latent_size(mask: torch.Tensor, factor: int) -> torch.Tensor:
     """A (B, 1, H, W) mask in [0, 1] as the share of each ``factor`` x ``factor`` latent pixel it covers."""
     return torch.nn.functional.avg_pool2d(mask.float(), factor)

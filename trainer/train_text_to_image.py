@@ -28,6 +28,7 @@ from .common import (
     end_training,
     figure_at_latent_size,
     figure_weight,
+    grow_outer_levels,
     image_grid,
     load_config,
     noise_schedule_kwargs,
@@ -50,6 +51,9 @@ DEFAULTS = {
              "transformer_layers_per_block": [1, 1, 1], "addition_time_embed_dim": 32, "norm_num_groups": 32,
              "use_linear_projection": True},
     "init_unet": None,  # a UNet folder to start from (e.g. the shipped demo base's personalize/unet)
+    # new outer levels around init_unet's for a VAE 2**n times finer (its levels keep the resolution they learned at:
+    # common.grow_outer_levels; the /4 programme, docs/training.md); 0: init_unet as it is
+    "grow_outer_levels": 0,
     # a pool of pre-encoded samples (trainer/pool.py; 0: off, every sample rendered and VAE-encoded at its step): its
     # size, its shard size, and every how many steps its oldest shard is replaced by fresh samples (0: never)
     "pool_size": 0, "pool_shard_size": 256, "pool_refresh_steps": 0,
@@ -83,6 +87,10 @@ def build(config: dict):
     torch.manual_seed(config["seed"])
     unet = (UNet2DConditionModel.from_pretrained(config["init_unet"], dtype=torch.float32) if config["init_unet"]
             else UNet2DConditionModel.from_config(unet_cfg))
+    if config["grow_outer_levels"]:
+        if not config["init_unet"]:
+            raise ValueError("grow_outer_levels grows init_unet: name the UNet to start from, or set it to 0")
+        unet = grow_outer_levels(unet, config["grow_outer_levels"])
     scheduler = DDIMScheduler(**noise_schedule_kwargs(config), set_alpha_to_one=False)
     for module in (vae, te, te2):
         module.requires_grad_(False).eval()
