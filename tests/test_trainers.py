@@ -1369,6 +1369,48 @@ def test_stage1_warm_starts_on_a_vae_with_another_factor(standardize_run, tmp_pa
         StandardizePipeline(**{**components, "pose_guider": PoseGuider.from_pretrained(final / "pose_guider")})
 
 
+def test_stage1_grows_an_outer_level_for_a_finer_vae(standardize_run, tmp_path):
+    """grow_outer_levels moves a /8 Stage I onto a /4 VAE: both UNets gain an outer level (their own weights kept one
+    block further down), each FBDM/RPIM entry follows its block to its new name, the pose guider downsamples by 4;
+    it trains, saves and draws /4 latents. A VAE the growth does not fit is refused."""
+    from engine.models import ReferenceConditioner
+    from engine.pipelines import StandardizePipeline
+    from trainer import train_standardize
+    from trainer.synthetic import render_sample
+
+    root, cfg, final = standardize_run
+    config = yaml.safe_load(open(cfg))
+    quarter_vae = {**TINY_VAE, "block_out_channels": [8, 8, 16], "down_block_types": ["DownEncoderBlock2D"] * 3,
+                   "up_block_types": ["UpDecoderBlock2D"] * 3}
+    config.update(output_dir=str(tmp_path / "run"), init=str(final), vae=quarter_vae, max_train_steps=1,
+                  checkpointing_steps=1, validation_steps=100, grow_outer_levels=1)
+    args = train_standardize.parse_args(["--config", write_config(tmp_path / "g.yaml", config)])
+    models = train_standardize.build_models(train_standardize.load_config(args, train_standardize.DEFAULTS))
+    net = models["net"]
+    assert net.pose_guider.factor == 4 and len(net.denoising_unet.config.down_block_types) == 3
+    old = StandardizePipeline.from_pretrained(final)
+    assert torch.equal(net.reference_unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q.weight,
+                       old.reference_unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight)
+    before = ReferenceConditioner.from_pretrained(final / "reference_conditioner")
+    assert list(before.index)[0].startswith("down_blocks.0.")
+    for name, i in before.index.items():
+        j = net.conditioner.index[name.replace("down_blocks.0.", "down_blocks.1.")]
+        assert torch.equal(net.conditioner.fbdm_tokens[j], before.fbdm_tokens[i])
+        assert torch.equal(net.conditioner.pose_projections[j].weight, before.pose_projections[i].weight)
+    assert before.fbdm_tokens[0].abs().sum() > 0  # trained entries: the copy is not zeros meeting zeros
+    pipe = StandardizePipeline.from_pretrained(train_standardize.main(args))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.vae_scale_factor == 4 and len(pipe.denoising_unet.config.block_out_channels) == 3
+    sample = render_sample(3, 0, (64, 96))
+    latents = pipe(sample.image, mask=np.asarray(sample.mask, np.float32) / 255.0, reference_pose=sample.keypoints,
+                   height=96, width=64, num_inference_steps=2, seed=0, output_type="latent").sheet
+    assert latents.shape[-2:] == (24, 16) and torch.isfinite(latents).all()
+    args = train_standardize.parse_args(["--config", write_config(tmp_path / "x.yaml", {**config,
+                                                                                         "grow_outer_levels": 2})])
+    with pytest.raises(ValueError, match="grow_outer_levels 2 fits a VAE of /2, the config's is /4"):
+        train_standardize.build_models(train_standardize.load_config(args, train_standardize.DEFAULTS))
+
+
 def _unet_on_averaged_features(unet, levels: int):
     """Hooks making ``unet`` run on its input features averaged 2**levels x 2**levels and upsample (nearest) before
     its output convolution: what grow_outer_levels promises its grown UNet computes at first."""

@@ -46,6 +46,7 @@ from .common import (
     base_parser,
     diffusion_loss,
     end_training,
+    grow_outer_levels,
     image_grid,
     latent_direction_weights,
     load_config,
@@ -128,6 +129,10 @@ DEFAULTS = {
     # blocks mirror it, the mid block keeps the last entry), the new layers zero-initialised so the grown net computes
     # exactly what ``init`` did (grow_transformer_layers); their FBDM/RPIM entries start at zero too.
     "grow_transformer_layers": None,
+    # With ``init``: move it onto a VAE 2**N times finer than its own by growing both UNets N outer levels
+    # (common.grow_outer_levels: the old levels keep the resolution they learned; the /4 programme, docs/training.md);
+    # its FBDM/RPIM entries follow their blocks, its pose guider downsamples by the new factor (as change_vae_factor)
+    "grow_outer_levels": 0,
     # The reference's own VAE latent added to the bank's tokens of every block through zero-initialised convs
     # (``ReferenceConditioner(use_reference_latent=True)``); with ``init`` the path is added at zero, so the model
     # starts as it was (an init that has it keeps it either way). Needs FBDM or RPIM (the conditioner carries it).
@@ -197,9 +202,9 @@ def grow_transformer_layers(unet: UNet2DConditionModel, layers: list[int]) -> UN
 
 
 def grow_conditioner(conditioner: ReferenceConditioner, reference_unet: UNet2DConditionModel,
-                     use_reference_latent: bool | None = None) -> ReferenceConditioner:
+                     use_reference_latent: bool | None = None, rename=None) -> ReferenceConditioner:
     """FBDM/RPIM for a grown ReferenceNet (or with the reference-latent path turned on): the trained entries kept by
-    block name, the new blocks' and the new path's at zero."""
+    block name (``rename``: old name -> its name in the grown net), the new blocks' and the new path's at zero."""
     old = conditioner.config
     if use_reference_latent is None:
         use_reference_latent = old.use_reference_latent
@@ -213,7 +218,7 @@ def grow_conditioner(conditioner: ReferenceConditioner, reference_unet: UNet2DCo
         if conditioner.config.use_rpim:
             grown.pose_encoder.load_state_dict(conditioner.pose_encoder.state_dict())
         for name, i in conditioner.index.items():
-            j = grown.index[name]
+            j = grown.index[rename(name) if rename else name]
             if conditioner.config.use_fbdm:
                 grown.fbdm_tokens[j].copy_(conditioner.fbdm_tokens[i])
             if conditioner.config.use_rpim:
@@ -249,7 +254,10 @@ def build_models(config: dict) -> dict:
     init = Path(config["init"]) if config.get("init") else None
     if init is not None and not (init / "model_index.json").is_file():
         raise ValueError(f"init {init} is not a saved StandardizePipeline folder")
-    if init is not None and (init / "vae").is_dir() and not config.get("change_vae_factor"):
+    grow = int(config.get("grow_outer_levels") or 0)
+    if grow and init is None:
+        raise ValueError("grow_outer_levels grows a trained Stage I for a finer VAE: give it an init folder")
+    if init is not None and (init / "vae").is_dir() and not (config.get("change_vae_factor") or grow):
         own = AutoencoderKL.from_pretrained(init / "vae", dtype=torch.float32)
         if vae_factor(own) != vae_factor(vae):
             print(f"init {init} draws in its VAE's /{vae_factor(own)} latents and keeps them (the config's VAE is "
@@ -266,6 +274,9 @@ def build_models(config: dict) -> dict:
     factor = vae_factor(vae)
     if init is not None:
         pose_guider = PoseGuider.from_pretrained(init / "pose_guider")
+        if grow and pose_guider.factor != factor * 2 ** grow:
+            raise ValueError(f"init {init} draws in /{pose_guider.factor} latents: grow_outer_levels {grow} fits a "
+                             f"VAE of /{pose_guider.factor // 2 ** grow}, the config's is /{factor}")
         if pose_guider.factor != factor:  # change_vae_factor: warm-started on another factor (the UNets take any)
             print(f"init {init}: its pose guider downsampled by {pose_guider.factor}, the VAE by {factor}; "
                   "the guider keeps its weights and now downsamples by " + str(factor))
@@ -297,6 +308,12 @@ def build_models(config: dict) -> dict:
         denoising_unet = grow_transformer_layers(denoising_unet, layers)
         if conditioner is not None:
             conditioner = grow_conditioner(conditioner, reference_unet)
+    if grow:
+        reference_unet = grow_outer_levels(reference_unet, grow)
+        denoising_unet = grow_outer_levels(denoising_unet, grow)
+        if conditioner is not None:  # the same blocks, the down blocks numbered on by the new levels
+            conditioner = grow_conditioner(conditioner, reference_unet, rename=lambda name: re.sub(
+                r"^down_blocks\.(\d+)", lambda m: f"down_blocks.{int(m.group(1)) + grow}", name))
     # an init that has the path keeps it (its convs are trained weights); reference_latent adds it to one that has not
     if conditioner is not None and config.get("reference_latent") and not conditioner.config.use_reference_latent:
         conditioner = grow_conditioner(conditioner, reference_unet, True)  # the new path at zero: nothing changes yet
