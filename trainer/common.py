@@ -192,6 +192,12 @@ def vae_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def name_after_growth(name: str, levels: int) -> str:
+    """A UNet module's or parameter's name once ``grow_outer_levels`` added ``levels``: the down blocks are numbered on
+    by the new levels (which come first); the up and mid blocks keep their names."""
+    return re.sub(r"^down_blocks\.(\d+)", lambda m: f"down_blocks.{int(m.group(1)) + levels}", name)
+
+
 def grow_outer_levels(unet, levels: int = 1):
     """``unet`` (a diffusers UNet2DConditionModel) with ``levels`` new outer levels for latents ``2 ** levels`` times
     finer (a VAE with that many more halvings): each old level keeps the resolution it learned, so what it knows of a
@@ -225,10 +231,7 @@ def grow_outer_levels(unet, levels: int = 1):
                up_block_types=list(cfg["up_block_types"]) + ["UpBlock2D"] * levels,
                sample_size=cfg["sample_size"] * 2 ** levels if isinstance(cfg["sample_size"], int) else None)
     grown = UNet2DConditionModel.from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
-    state = {}
-    for key, value in unet.state_dict().items():
-        match = re.match(r"down_blocks\.(\d+)\.(.*)", key)
-        state[f"down_blocks.{int(match.group(1)) + levels}.{match.group(2)}" if match else key] = value
+    state = {name_after_growth(key, levels): value for key, value in unet.state_dict().items()}
     missing, unexpected = grown.load_state_dict(state, strict=False)
     new = tuple(f"down_blocks.{i}." for i in range(levels)) + tuple(
         f"up_blocks.{i}." for i in range(n_old, n_old + levels)) + (f"up_blocks.{n_old - 1}.upsamplers.",)

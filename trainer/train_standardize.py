@@ -50,6 +50,7 @@ from .common import (
     image_grid,
     latent_direction_weights,
     load_config,
+    name_after_growth,
     noise_schedule_kwargs,
     prepare_training,
     resolve_resume,
@@ -311,9 +312,9 @@ def build_models(config: dict) -> dict:
     if grow:
         reference_unet = grow_outer_levels(reference_unet, grow)
         denoising_unet = grow_outer_levels(denoising_unet, grow)
-        if conditioner is not None:  # the same blocks, the down blocks numbered on by the new levels
-            conditioner = grow_conditioner(conditioner, reference_unet, rename=lambda name: re.sub(
-                r"^down_blocks\.(\d+)", lambda m: f"down_blocks.{int(m.group(1)) + grow}", name))
+        if conditioner is not None:  # the same blocks under their grown names
+            conditioner = grow_conditioner(conditioner, reference_unet,
+                                           rename=lambda name: name_after_growth(name, grow))
     # an init that has the path keeps it (its convs are trained weights); reference_latent adds it to one that has not
     if conditioner is not None and config.get("reference_latent") and not conditioner.config.use_reference_latent:
         conditioner = grow_conditioner(conditioner, reference_unet, True)  # the new path at zero: nothing changes yet
