@@ -942,6 +942,115 @@ def test_cpu_profile_overrides_reach_every_trainer_config():
     assert scaled[scaled.index("--max_train_steps") + 1] == str(int(profile["vae"]["max_train_steps"] * 0.1))
 
 
+def test_cpu_f4_profile_extends_cpu_and_gives_the_base_its_own_vae(tmp_path, monkeypatch, capsys):
+    """--profile cpu-f4 is the cpu profile with the /4 programme over it: the base reads the base_vae stage's VAE
+    (grown from the shipped base), every other entry as in cpu, the notes after cpu's; its overrides reach the
+    trainers' configs. In a profile whose base reads the world VAE the base_vae stage is skipped, and not budgeted."""
+    import importlib
+    from types import SimpleNamespace
+
+    from trainer import make_demo
+
+    cpu, f4 = make_demo.load_profile("cpu"), make_demo.load_profile("cpu-f4")
+    assert "extends" not in f4 and f4["standardize"] == cpu["standardize"] and f4["pairs"] == cpu["pairs"]
+    assert f4["base"]["train_batch_size"] == cpu["base"]["train_batch_size"]  # merged key by key
+    assert f4["base"]["vae"] == "runs/demo/base_vae/vae" and f4["base"]["grow_outer_levels"] == "auto"
+    assert f4["notes"][:len(cpu["notes"])] == cpu["notes"] and len(f4["notes"]) > len(cpu["notes"])
+    for stage in ("base_vae", "base", "personalizer"):
+        module_name, config_name, extra = make_demo.TRAINERS[stage]
+        module = importlib.import_module(f"trainer.{module_name}")
+        config = module.load_config(module.parse_args(make_demo._config_args(config_name, 1.0, "cpu-f4", extra)),
+                                    module.DEFAULTS)
+        for key, value in make_demo._dotted(f4[config_name]):
+            node = config
+            for part in key.split("."):
+                node = node[part]
+            assert node == value, (stage, key)
+    from trainer import train_vae
+
+    vae = train_vae.load_config(train_vae.parse_args(make_demo._config_args("base_vae", 1.0, "cpu-f4")),
+                                train_vae.DEFAULTS)
+    assert len(vae["vae"]["down_block_types"]) == 3 and vae["vae"]["block_out_channels"] == [16, 32, 64]
+
+    def args(profile):
+        return SimpleNamespace(profile=profile, steps_scale=1.0, set=[], stages="", force=False, force_stages="")
+
+    assert make_demo.base_reads_own_vae(args("cpu-f4"))
+    assert not any(make_demo.base_reads_own_vae(args(p)) for p in ("cpu", "gpu", "h200"))
+    runs = tmp_path / "runs"  # the profile's runs/demo paths move with the recipe's runs (gpu_run's dry run)
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    monkeypatch.setitem(make_demo.OUTPUTS, "base_vae", runs / "base_vae" / "vae")
+    moved = make_demo._config_args("base", 1.0, "cpu-f4")
+    assert f"vae={json.dumps(str(runs / 'base_vae' / 'vae'))}" in moved
+    assert make_demo.base_reads_own_vae(args("cpu-f4"))
+    assert make_demo.main(["--profile", "cpu", "--stages", "base_vae"]) == 0
+    assert "base_vae: skipped" in capsys.readouterr().out and not runs.exists()
+    monkeypatch.setattr(make_demo, "TRAINERS", {k: v for k, v in make_demo.TRAINERS.items()
+                                                if k in ("vae", "base_vae", "base")})
+    assert "base_vae" not in make_demo.stage_budgets(args("cpu"))
+    assert "base_vae" in make_demo.stage_budgets(args("cpu-f4"))
+
+
+def test_the_base_vae_is_seeded_only_where_the_shipped_base_has_its_own(tmp_path, monkeypatch):
+    """--from-shipped: a shipped base with a VAE of another factor than Stage I's gives base_vae its VAE and the
+    world VAE Stage I's; a shipped set on one VAE gives the world VAE that one and base_vae nothing (it trains)."""
+    from diffusers import AutoencoderKL
+
+    from trainer import make_demo
+
+    def vae(levels, seed):
+        torch.manual_seed(seed)
+        return AutoencoderKL(block_out_channels=[8] * levels, down_block_types=["DownEncoderBlock2D"] * levels,
+                             up_block_types=["UpDecoderBlock2D"] * levels, latent_channels=4, norm_num_groups=4)
+
+    def weights(folder):
+        return AutoencoderKL.from_pretrained(folder).state_dict()
+
+    for name, levels in (("one", (3, 3)), ("two", (4, 3))):  # (Stage I's, the base's)
+        shipped, runs = tmp_path / name / "shipped", tmp_path / name / "runs"
+        for part, n, seed in (("standardize", levels[0], 1), ("personalize", levels[1], 2)):
+            vae(n, seed).save_pretrained(shipped / part / "vae")
+        (shipped / "model_card.json").write_text(json.dumps({"budgets": {}, "timings": {}}))
+        monkeypatch.setattr(make_demo, "SHIPPED", shipped)
+        monkeypatch.setattr(make_demo, "RUNS", runs)
+        for stage in ("vae", "base_vae"):
+            monkeypatch.setitem(make_demo.OUTPUTS, stage, runs / stage / "vae")
+        assert make_demo.seed_from_shipped("vae")
+        assert make_demo.seed_from_shipped("base_vae") == (name == "two")
+        world = weights(runs / "vae" / "vae")
+        source = "standardize" if name == "two" else "personalize"
+        assert all(torch.equal(v, world[k]) for k, v in weights(shipped / source / "vae").items())
+        if name == "two":
+            own = weights(runs / "base_vae" / "vae")
+            assert all(torch.equal(v, own[k]) for k, v in weights(shipped / "personalize" / "vae").items())
+
+
+def test_a_run_started_from_a_shipped_model_named_in_its_config_records_its_lineage(tmp_path, monkeypatch):
+    """A profile whose init is a shipped model (the /4 base grown from the shipped base): the run's lineage holds
+    the shipped budget, so the card counts its steps; an init outside the shipped folder, or a run already
+    started, writes nothing."""
+    from trainer import make_demo
+
+    shipped = tmp_path / "shipped"
+    (shipped / "personalize" / "unet").mkdir(parents=True)
+    budget = {"steps": 15700, "batch": 24, "samples": 376800}
+    (shipped / "model_card.json").write_text(json.dumps({"budgets": {"base": budget}, "timings": {"base": 4000.0}}))
+    monkeypatch.setattr(make_demo, "SHIPPED", shipped)
+    config = {"output_dir": str(tmp_path / "base"), "init_unet": str(shipped / "personalize" / "unet")}
+    assert make_demo.record_shipped_init("base", config)
+    lineage = json.loads((tmp_path / "base" / "lineage.json").read_text())
+    assert lineage["budget"] == budget and lineage["wall_s"] == 4000.0 and lineage["from"] == "shipped"
+    assert make_demo.run_budget(tmp_path / "base", {"max_train_steps": 8500, "train_batch_size": 24})[
+        "from"] == "shipped"  # not trained here yet: the shipped budget
+    (tmp_path / "base" / "logs.jsonl").write_text(json.dumps({"step": 100, "loss": 0.2}) + "\n")
+    trained = make_demo.run_budget(tmp_path / "base", {"max_train_steps": 8500, "train_batch_size": 24})
+    assert make_demo.life_steps(trained) == 15800 and trained["samples"] == 376800 + 2400
+    assert not make_demo.record_shipped_init("base", config)  # already started
+    assert not make_demo.record_shipped_init("base", {"output_dir": str(tmp_path / "other"),
+                                                      "init_unet": str(tmp_path / "elsewhere")})
+    assert not (tmp_path / "other").exists()
+
+
 def test_model_card_says_where_stage1_stands():
     from trainer.make_demo import model_card
 
@@ -1490,6 +1599,31 @@ def test_base_grows_its_init_for_a_finer_vae_trains_and_draws(tmp_path):
     with pytest.raises(ValueError, match="name the UNet to start from"):
         train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(
             tmp_path / "n.yaml", {**config, "init_unet": None, "output_dir": str(tmp_path / "none")})]))
+    # "auto": as many levels as the VAE needs (one: the tiny UNet's sample_size is 32, the /1 VAE makes 64-high
+    # latents of 64x64 scenes), and none once the UNet draws at that size (a continuation of the grown base)
+    auto = {**config, "grow_outer_levels": "auto", "output_dir": str(tmp_path / "auto"), "resolution": [64, 64]}
+    grown = train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "a.yaml",
+                                                                                               auto)]))
+    assert UNet2DConditionModel.from_pretrained(grown / "unet").config.block_out_channels == [32, 32, 64]
+    again = {**auto, "init_unet": str(grown / "unet"), "output_dir": str(tmp_path / "again")}
+    kept = train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "k.yaml",
+                                                                                              again)]))
+    assert UNet2DConditionModel.from_pretrained(kept / "unet").config.block_out_channels == [32, 32, 64]
+
+
+def test_levels_to_grow_fits_a_unet_to_a_finer_vae_or_says_why_not():
+    from types import SimpleNamespace
+
+    from trainer.common import levels_to_grow
+
+    def unet(size):
+        return SimpleNamespace(config=SimpleNamespace(sample_size=size))
+
+    assert [levels_to_grow(unet(24), h) for h in (24, 48, 96)] == [0, 1, 2]
+    assert levels_to_grow(unet([24, 16]), 48) == 1
+    for size, height in ((24, 12), (24, 36), (24, 50)):
+        with pytest.raises(ValueError, match="2, 4, ... times finer only"):
+            levels_to_grow(unet(size), height)
 
 
 def test_a_mixed_precision_stage1_step_leaves_autocast_off():
@@ -1788,6 +1922,32 @@ def test_packaged_stage1_shares_the_image_encoder_beside_it(tmp_path):
     c["image_encoder"].save_pretrained(tmp_path / "other" / "image_encoder")
     assert not share_image_encoder(tmp_path / "other")  # a different encoder stays with Stage I
     assert (tmp_path / "other" / "standardize" / "image_encoder").is_dir()
+
+
+def test_cosine_decays_over_its_last_steps_only_with_lr_decay_steps():
+    """lr_decay_steps: warm-up, flat at the full rate, then the cosine over the last N steps to zero; 0 keeps the
+    cosine over every step after the warm-up."""
+    import math
+
+    from trainer.common import cosine_with_warmup
+
+    def rates(**kwargs):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = cosine_with_warmup(optimizer, **kwargs)
+        out = []
+        for _ in range(10):
+            out.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return out
+
+    wsd = rates(warmup=2, total=10, decay=4)
+    assert wsd[:6] == pytest.approx([0.5, 1.0, 1.0, 1.0, 1.0, 1.0])
+    assert wsd[6:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)])
+    whole = rates(warmup=2, total=10)
+    assert whole[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    assert rates(warmup=2, total=10, decay=20) == pytest.approx(whole)  # longer than the run: the whole run decays
+    assert rates(warmup=2, total=10, decay=4, constant=True)[2:] == pytest.approx([1.0] * 8)
 
 
 def test_lr_multipliers_give_a_prefix_its_own_rate_under_the_shared_schedule():

@@ -80,6 +80,10 @@ COMMON_DEFAULTS = {
     # cosine: warm-up then a cosine to zero at max_train_steps; constant: warm-up then flat, so a finished run can be
     # continued with more steps (make_demo --continue-steps) without a schedule that already reached zero
     "lr_schedule": "cosine",
+    # cosine only: the cosine spans the last N steps, flat at the full rate before them (warm-up, stable, decay); 0:
+    # it spans all the steps after the warm-up. A long run stays resumable at full rate and still ends decayed (the
+    # grown /4 base read +0.03 appearance once decayed, docs/training.md)
+    "lr_decay_steps": 0,
     "adam_weight_decay": 1e-2,
     # {parameter-name prefix: factor}: those parameters learn at learning_rate x factor (the schedule scales all
     # alike), e.g. a zero-initialised path added to a trained model ({"pose_guider.hint_proj": 30}); {}: one rate
@@ -196,6 +200,21 @@ def name_after_growth(name: str, levels: int) -> str:
     """A UNet module's or parameter's name once ``grow_outer_levels`` added ``levels``: the down blocks are numbered on
     by the new levels (which come first); the up and mid blocks keep their names."""
     return re.sub(r"^down_blocks\.(\d+)", lambda m: f"down_blocks.{int(m.group(1)) + levels}", name)
+
+
+def levels_to_grow(unet, latent_height: int) -> int:
+    """How many outer levels ``grow_outer_levels`` must add to ``unet`` (a UNet2DConditionModel whose
+    ``sample_size`` is the latent height it was trained at) for latents ``latent_height`` high: 0 where it already
+    draws at that size. Raises ValueError, saying why, where no growth fits (a finer UNet, or not a power of two)."""
+    size = unet.config.sample_size
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    ratio = latent_height / size if size else 0
+    levels = int(round(math.log2(ratio))) if ratio >= 1 else -1
+    if levels < 0 or size * 2 ** levels != latent_height:
+        raise ValueError(f"the UNet to start from draws {size}-high latents, and the VAE makes {latent_height}-high "
+                         "ones: growing outer levels fits a VAE 2, 4, ... times finer only; start from a UNet trained "
+                         "on this VAE or on a coarser one")
+    return levels
 
 
 def grow_outer_levels(unet, levels: int = 1):
@@ -386,13 +405,17 @@ class JsonlLogger:
         return record
 
 
-def cosine_with_warmup(optimizer, warmup: int, total: int, constant: bool = False):
+def cosine_with_warmup(optimizer, warmup: int, total: int, constant: bool = False, decay: int = 0):
+    """A linear warm-up over ``warmup`` steps, then flat (``constant``) or a cosine to zero at ``total``: over all the
+    steps after the warm-up, or with ``decay`` > 0 over the last ``decay`` steps only (flat before them)."""
+    start = max(warmup, total - decay) if decay > 0 else warmup
+
     def factor(step):
         if step < warmup:
             return (step + 1) / max(1, warmup)
-        if constant:
+        if constant or step < start:
             return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
+        progress = (step - start) / max(1, total - start)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -576,7 +599,8 @@ def prepare_training(accelerator, config: dict, model: torch.nn.Module, parts: d
     # times larger), so the schedule counts in those units: built for one process, it would end after 1/N of the run
     n = accelerator.num_processes
     lr_scheduler = cosine_with_warmup(optimizer, config["lr_warmup_steps"] * n, config["max_train_steps"] * n,
-                                      constant=config["lr_schedule"] == "constant")
+                                      constant=config["lr_schedule"] == "constant",
+                                      decay=config.get("lr_decay_steps", 0) * n)
     ema = EMA(ema_target if ema_target is not None else model, config["ema_decay"]) if config["use_ema"] else None
     register_pretrained_hooks(accelerator, parts, ema)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)

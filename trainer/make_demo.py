@@ -34,13 +34,14 @@ CONFIGS = ROOT / "trainer" / "configs"
 RUNS = Path(os.environ.get("SERIALGEN_RUNS") or ROOT / "runs" / "demo")
 DEMO = Path(os.environ.get("SERIALGEN_DEMO_DIR") or ROOT / "assets" / "models" / "demo")
 EVALUATION = Path(os.environ.get("SERIALGEN_EVALUATION_DIR") or ROOT / "assets" / "evaluation")
-STAGES = ("clip", "vae", "base", "standardize", "standard_pose", "sheet_decoder", "pairs", "personalizer",
+STAGES = ("clip", "vae", "base_vae", "base", "standardize", "standard_pose", "sheet_decoder", "pairs", "personalizer",
           "pose_detector", "mask_detector", "package")
 # The evaluation recipe (issue: the paper's Table 2-4 analogues), same profile and budgets as the models they ablate:
 # python -m trainer.make_demo --stages probe,standardize_baseline,personalizer_unpaired,personalizer_raw,evaluate
 EVAL_STAGES = ("probe", "standardize_baseline", "personalizer_unpaired", "personalizer_raw", "evaluate")
 ABLATIONS = RUNS / "ablation"
-OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae", "base": RUNS / "base" / "sdxl",
+OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae", "base_vae": RUNS / "base_vae" / "vae",
+           "base": RUNS / "base" / "sdxl",
            "standardize": RUNS / "standardize" / "pipeline", "sheet_decoder": RUNS / "sheet_decoder" / "vae",
            "standard_pose": RUNS / "standard_pose" / "pose_estimator",
            "pairs": RUNS / "pairs" / "metadata.jsonl",
@@ -53,7 +54,8 @@ OUTPUTS = {"clip": RUNS / "clip" / "image_encoder", "vae": RUNS / "vae" / "vae",
            "evaluate": EVALUATION / "results.json"}
 # stage -> (trainer module, config name, overrides over config + profile). Ablations keep the ablated model's budget.
 TRAINERS = {
-    "clip": ("train_clip", "clip", {}), "vae": ("train_vae", "vae", {}), "base": ("train_text_to_image", "base", {}),
+    "clip": ("train_clip", "clip", {}), "vae": ("train_vae", "vae", {}), "base_vae": ("train_vae", "base_vae", {}),
+    "base": ("train_text_to_image", "base", {}),
     "standardize": ("train_standardize", "standardize", {}),
     "sheet_decoder": ("train_vae", "sheet_decoder", {}),
     "personalizer": ("train_personalizer", "personalizer", {}),
@@ -69,7 +71,8 @@ TRAINERS = {
 }
 
 
-PROFILES = {"gpu": None, "cpu": CONFIGS / "cpu_profile.yaml", "h200": CONFIGS / "h200_profile.yaml"}
+PROFILES = {"gpu": None, "cpu": CONFIGS / "cpu_profile.yaml", "h200": CONFIGS / "h200_profile.yaml",
+            "cpu-f4": CONFIGS / "cpu_f4_profile.yaml"}
 SHIPPED = ROOT / "assets" / "models" / "demo"  # what continued training starts from (not moved with DEMO)
 CONTINUABLE = ("clip", "base", "standardize", "personalizer", "standardize_baseline", "personalizer_unpaired",
                "personalizer_raw")
@@ -77,9 +80,29 @@ LINEAGE = "lineage.json"  # in a stage's run folder: what it started from when t
 
 
 def load_profile(name: str) -> dict:
-    """The per-stage overrides of a hardware profile (read at each stage's start, so a running recipe sees edits)."""
+    """The per-stage overrides of a hardware profile (read at each stage's start, so a running recipe sees edits).
+    A profile that ``extends`` another is merged over it: its entries replace the other's key by key (nested
+    mappings merged), and its ``notes`` follow the other's."""
     path = PROFILES[name]
-    return yaml.safe_load(path.read_text()) if path else {}
+    profile = yaml.safe_load(path.read_text()) if path else {}
+    parent = profile.pop("extends", None)
+    if parent is None:
+        return profile
+    if parent not in PROFILES or parent == name:
+        raise ValueError(f"{path.name}: extends {parent!r}, which is not another profile ({sorted(PROFILES)})")
+    merged = load_profile(parent)
+    notes = merged.get("notes", []) + profile.pop("notes", [])
+    merged = _merged(merged, profile)
+    if notes:
+        merged["notes"] = notes
+    return merged
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def evaluation_settings(profile: str) -> dict:
@@ -95,21 +118,26 @@ def _dotted(values: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
+def _moved(value):
+    """A path under runs/demo/ (a config's or a profile's), moved to RUNS (where the recipe keeps its runs)."""
+    if isinstance(value, str) and (value == "runs/demo" or value.startswith("runs/demo/")):
+        return str(RUNS / value[len("runs/demo/"):]) if value != "runs/demo" else str(RUNS)
+    return value
+
+
 def _relocated(values: dict) -> dict:
-    """The config's paths under runs/demo/, moved to RUNS (where the recipe keeps its runs)."""
-    out = {}
-    for key, value in _dotted(values):
-        if isinstance(value, str) and (value == "runs/demo" or value.startswith("runs/demo/")):
-            out[key] = str(RUNS / value[len("runs/demo/"):]) if value != "runs/demo" else str(RUNS)
-    return out
+    """The config's paths under runs/demo/, moved to RUNS."""
+    return {key: _moved(value) for key, value in _dotted(values) if _moved(value) is not value}
 
 
 def _config_args(name: str, scale: float, profile: str = "gpu", extra: dict | None = None) -> list[str]:
     config = yaml.safe_load((CONFIGS / f"{name}_demo.yaml").read_text())
     overrides = load_profile(profile).get(name, {})
     args = ["--config", str(CONFIGS / f"{name}_demo.yaml")]
-    moved = _relocated(config) if RUNS != ROOT / "runs" / "demo" else {}
-    for key, value in [*moved.items(), *_dotted(overrides), *_dotted(extra or {})]:
+    relocating = RUNS != ROOT / "runs" / "demo"
+    moved = _relocated(config) if relocating else {}
+    profile = ((key, _moved(value) if relocating else value) for key, value in _dotted(overrides))
+    for key, value in [*moved.items(), *profile, *_dotted(extra or {})]:
         args += ["--set", f"{key}={json.dumps(value)}"]
     if scale != 1.0:
         steps = max(10, int(overrides.get("max_train_steps", config["max_train_steps"]) * scale))
@@ -140,6 +168,7 @@ def trainer_invocation(stage: str, args, continuing: bool = False):
 
 # How a trained stage starts from a given model: stage -> (config key, value for a model at ``path``).
 INIT_KEYS = {"standardize": "init", "personalizer": "init_adapter", "base": "init_unet", "vae": "init_vae",
+             "base_vae": "init_vae",
              "clip": "init", "sheet_decoder": "init_vae"}
 
 
@@ -204,10 +233,19 @@ def seed_from_shipped(stage: str) -> bool:
     if out.exists() or not SHIPPED.is_dir():
         return False
     card = _json_file(SHIPPED / "model_card.json", {})
-    if stage == "vae":
+    if stage in ("vae", "base_vae"):
         from diffusers import AutoencoderKL
 
-        AutoencoderKL.from_pretrained(SHIPPED / "personalize" / "vae", dtype=torch.float32).save_pretrained(out)
+        from .common import vae_factor
+
+        # The panels' VAE is the world VAE unless the base has one of its own, with another factor (the /4
+        # programme): then the world VAE is Stage I's (its encoder; its decoder may be Stage I's own, sheet_decoder)
+        panels, stage1 = (AutoencoderKL.from_pretrained(SHIPPED / name / "vae", dtype=torch.float32)
+                          for name in ("personalize", "standardize"))
+        own = vae_factor(panels) != vae_factor(stage1)
+        if stage == "base_vae" and not own:
+            return False
+        (panels if stage == "base_vae" or not own else stage1).save_pretrained(out)
     elif stage == "base":
         from engine.pipelines import PersonalizePipeline
 
@@ -405,6 +443,32 @@ def validate_endpoint(run: Path) -> dict | None:
     return numbers
 
 
+def base_reads_own_vae(args) -> bool:
+    """Whether the profile's base reads a VAE of its own (the base_vae stage's, e.g. /4 where Stage I's is /8: the
+    /4 programme, ``--profile cpu-f4``) rather than the world VAE Stage I reads."""
+    module, trainer_args = trainer_invocation("base", args)
+    return (ROOT / module.load_config(trainer_args, module.DEFAULTS)["vae"]).resolve() == OUTPUTS["base_vae"].resolve()
+
+
+def record_shipped_init(stage: str, config: dict) -> bool:
+    """Where a fresh run of ``stage`` starts from a shipped demo model named in its config (a profile's init under
+    assets/models/demo, e.g. the /4 programme's base grown from the shipped one), writes its lineage as seeding
+    does, so the model card counts the shipped model's steps in the new model's life. Returns whether it wrote."""
+    key = INIT_KEYS.get(_stage_kind(stage))
+    start = config.get(key) if key else None
+    run = Path(config["output_dir"])
+    if not isinstance(start, str) or (run / LINEAGE).exists() or (run / "logs.jsonl").exists():
+        return False
+    if not (ROOT / start).resolve().is_relative_to(SHIPPED.resolve()):
+        return False
+    card = _json_file(SHIPPED / "model_card.json", {})
+    budget = card.get("budgets", {}).get(_stage_kind(stage), {})
+    run.mkdir(parents=True, exist_ok=True)
+    (run / LINEAGE).write_text(json.dumps({"from": "shipped", "budget": budget, "init": start, "wall_s": card.get(
+        "timings", {}).get(_stage_kind(stage), budget.get("wall_s"))}, indent=2))
+    return True
+
+
 def run_stage(stage: str, args, continuing: bool = False) -> None:
     from . import build_pairs
 
@@ -412,6 +476,7 @@ def run_stage(stage: str, args, continuing: bool = False) -> None:
         build_sheet_pairs(args)
     if stage in TRAINERS:
         module, trainer_args = trainer_invocation(stage, args, continuing)
+        record_shipped_init(stage, module.load_config(trainer_args, module.DEFAULTS))
         module.main(trainer_args)
     elif stage == "evaluate":
         evaluate_all(args)
@@ -812,7 +877,7 @@ def stage_budgets(args) -> dict:
     steps and samples are added (``previous_steps``)."""
     budgets = {}
     for stage in STAGES:
-        if stage not in TRAINERS:
+        if stage not in TRAINERS or (stage == "base_vae" and not base_reads_own_vae(args)):
             continue
         module, trainer_args = trainer_invocation(stage, args)
         config = module.load_config(trainer_args, module.DEFAULTS)
@@ -1104,6 +1169,9 @@ def main(argv=None) -> int:
     for stage in stages:
         if stage == "package":
             print(package(args, timings()))
+            continue
+        if stage == "base_vae" and not base_reads_own_vae(args):
+            print(f"base_vae: skipped (the base reads the world VAE in this profile, not {OUTPUTS['base_vae']})")
             continue
         continuing = args.continue_steps is not None and stage in CONTINUABLE
         if OUTPUTS[stage].exists() and not (args.force or continuing or stage in args.force_stages.split(",")):

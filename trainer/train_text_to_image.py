@@ -30,6 +30,7 @@ from .common import (
     figure_weight,
     grow_outer_levels,
     image_grid,
+    levels_to_grow,
     load_config,
     noise_schedule_kwargs,
     prepare_training,
@@ -52,7 +53,8 @@ DEFAULTS = {
              "use_linear_projection": True},
     "init_unet": None,  # a UNet folder to start from (e.g. the shipped demo base's personalize/unet)
     # new outer levels around init_unet's for a VAE 2**n times finer (its levels keep the resolution they learned at:
-    # common.grow_outer_levels; the /4 programme, docs/training.md); 0: init_unet as it is
+    # common.grow_outer_levels; the /4 programme, docs/training.md); 0: init_unet as it is; "auto": as many as make
+    # init_unet draw at the VAE's latent size (none where it already does: a grown base continued stays as it is)
     "grow_outer_levels": 0,
     # a pool of pre-encoded samples (trainer/pool.py; 0: off, every sample rendered and VAE-encoded at its step): its
     # size, its shard size, and every how many steps its oldest shard is replaced by fresh samples (0: never)
@@ -87,10 +89,16 @@ def build(config: dict):
     torch.manual_seed(config["seed"])
     unet = (UNet2DConditionModel.from_pretrained(config["init_unet"], dtype=torch.float32) if config["init_unet"]
             else UNet2DConditionModel.from_config(unet_cfg))
-    if config["grow_outer_levels"]:
+    levels = config["grow_outer_levels"]
+    if levels:
         if not config["init_unet"]:
             raise ValueError("grow_outer_levels grows init_unet: name the UNet to start from, or set it to 0")
-        unet = grow_outer_levels(unet, config["grow_outer_levels"])
+        if levels == "auto":
+            levels = levels_to_grow(unet, h // factor)
+        elif not isinstance(levels, int) or isinstance(levels, bool):
+            raise ValueError(f"grow_outer_levels is a number of levels or 'auto', not {levels!r}")
+        if levels:
+            unet = grow_outer_levels(unet, levels)
     scheduler = DDIMScheduler(**noise_schedule_kwargs(config), set_alpha_to_one=False)
     for module in (vae, te, te2):
         module.requires_grad_(False).eval()
