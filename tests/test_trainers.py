@@ -344,6 +344,11 @@ def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
 
     assert Image.open(out / records[0]["sheet"]).size == (64, 96)
     assert Image.open(out / records[0]["target"]).size == (64, 96)
+    # --ground-truth keeps each target's figure mask (the adapter's figure_loss_weight reads it)
+    for record, item in zip(records, build_pairs.list_items(tmp_path / "images", ground_truth=True)):
+        kept = np.asarray(Image.open(out / record["mask"]), np.float32)
+        truth = np.asarray(Image.open(item["mask"]).convert("L").resize((64, 96), Image.Resampling.BILINEAR), np.float32)
+        assert kept.shape == (96, 64) and 0 < kept.mean() < 255 and np.abs(kept - truth).max() <= 1
     # --colour-match: the sheets as the studio draws them, the pipeline's correction after the model
     matched = build_pairs.main(build_pairs.parse_args(
         ["--standardize", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "matched"),
@@ -632,6 +637,56 @@ def test_personalizer_on_built_pairs(tiny_base, tmp_path):
         z = (sampled / sf - posterior.mean) / posterior.std
         assert z.abs().max() < 6 and abs(float(z.std()) - 1) < 0.2
     assert not torch.equal(latents, again_latents)
+
+
+def test_personalizer_weighs_the_figures_pixels_with_figure_loss_weight(tiny_base, tmp_path, monkeypatch):
+    """figure_loss_weight: each latent pixel's loss weighted 1 + w x the share of it the target's figure covers
+    (synthetic pairs, group scenes: every character's, pair folders built with --ground-truth); a pair folder
+    without masks is refused with what to do; 0 keeps the plain loss."""
+    from PIL import Image
+
+    from trainer import train_personalizer
+
+    left = Image.fromarray(np.uint8(np.r_[[[255] * 2 + [0] * 6] * 4]))  # the left quarter of an 8x4 mask
+    shares = train_personalizer.figure_shares([left, left], 2)
+    assert shares.shape == (2, 1, 2, 4) and shares[0, 0].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]
+    weights = []
+
+    def spy(*args, pixel_weight=None, **kwargs):
+        weights.append(pixel_weight)
+        return real(*args, pixel_weight=pixel_weight, **kwargs)
+
+    real = train_personalizer.diffusion_loss
+    monkeypatch.setattr(train_personalizer, "diffusion_loss", spy)
+    cfg = _personalizer_config(tmp_path, tiny_base)
+    train_personalizer.main(train_personalizer.parse_args(
+        ["--config", cfg, "--set", "figure_loss_weight=3.0", "--set", "group_fraction=0.5", "--max_train_steps", "4",
+         "--set", "validation_steps=100"]))
+    assert len(weights) == 4
+    for w in weights:  # 1 on the background, up to 4 on the figure, both in every batch
+        assert w.shape[1:] == (1, 32, 32) and w.min() == 1.0 and 3.0 < w.max() <= 4.0
+    pairs = write_pair_folder(tmp_path / "pairs", 3, 30)
+    with pytest.raises(ValueError, match="rebuild them with build_pairs --ground-truth"):
+        train_personalizer.main(train_personalizer.parse_args(
+            ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs)), "--output_dir",
+             str(tmp_path / "no-masks"), "--set", "figure_loss_weight=3.0"]))
+    records = [json.loads(line) for line in (pairs / "metadata.jsonl").read_text().splitlines()]
+    for r in records:  # the top half of each target is its figure
+        Image.fromarray(np.uint8(np.r_[[[255] * 64] * 32, [[0] * 64] * 32])).save(pairs / r["target"].replace(
+            "target", "mask"))
+        r["mask"] = r["target"].replace("target", "mask")
+    (pairs / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    weights.clear()
+    train_personalizer.main(train_personalizer.parse_args(
+        ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs)), "--output_dir", str(tmp_path / "masks"),
+         "--set", "figure_loss_weight=3.0", "--set", "validation_steps=100"]))
+    expected = torch.cat([torch.full((2, 1, 16, 32), 4.0), torch.ones(2, 1, 16, 32)], dim=2)
+    assert len(weights) == 2 and all(torch.equal(w, expected[:len(w)]) for w in weights)  # 3 pairs: batches 2, 1
+    weights.clear()
+    train_personalizer.main(train_personalizer.parse_args(
+        ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs)), "--output_dir", str(tmp_path / "plain"),
+         "--set", "validation_steps=100"]))
+    assert weights == [None, None]
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -6,7 +6,8 @@
 ``--images`` is a folder written by ``python -m trainer.synthetic export`` (its ``metadata.jsonl`` gives captions,
 and with ``--ground-truth`` masks and keypoints), or any folder of images with optional ``NAME.txt`` captions.
 Writes ``NNNNNN_sheet.png`` (the standardized reference), ``NNNNNN_target.png`` (the image) and ``metadata.jsonl``
-(sheet, target, caption, source) to ``--out``. With ``--latents`` each sheet's latents (scaled, as the denoiser
+(sheet, target, caption, source) to ``--out``; with ``--ground-truth`` also the target's figure mask
+(``NNNNNN_mask.png``, for the adapter's ``figure_loss_weight``). With ``--latents`` each sheet's latents (scaled, as the denoiser
 made them) are kept too (``NNNNNN_sheet.safetensors``) and, with ``--ground-truth``, the character's true standard
 render (``NNNNNN_standard.png``): the pairs a Stage I decoder is fitted on (``train_vae`` ``latent_pairs``).
 """
@@ -148,6 +149,10 @@ def main(args) -> Path:
                     record["standard"] = f"{index:06d}_standard.png"
                     Image.open(item["standard"]).convert("RGB").resize((w, h), Image.Resampling.LANCZOS).save(
                         out / record["standard"])
+            if mask is not None:  # the target's figure, for a figure-weighted adapter loss (train_personalizer)
+                record["mask"] = f"{index:06d}_mask.png"
+                Image.fromarray(np.uint8(np.clip(mask, 0, 1) * 255)).resize((w, h), Image.Resampling.BILINEAR).save(
+                    out / record["mask"])
             sheet.save(out / sheet_name)
             image.resize((w, h), Image.Resampling.LANCZOS).save(out / target_name)
             records.append(record)

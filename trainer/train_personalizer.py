@@ -37,11 +37,14 @@ from .common import (
     diffusion_loss,
     ema_weights,
     end_training,
+    figure_at_latent_size,
+    figure_weight,
     image_grid,
     load_config,
     prepare_training,
     setup_accelerator,
     training_loop,
+    vae_factor,
 )
 from .synthetic import render_group, render_sample
 from .synthetic.character import character_ids
@@ -66,6 +69,10 @@ DEFAULTS = {
     # Several characters per panel: the share of batches that are group scenes, and how many characters they hold.
     "group_fraction": 0.0,
     "group_sizes": [2, 3],
+    # extra loss weight on the characters' latent pixels (1 + w * figure share; 0: the plain loss), as the base's
+    # figure_loss_weight: the figure is a third of a scene, and the adapter's part of a panel is the figure. Needs
+    # the targets' masks: synthetic pairs have them, a pair folder from build_pairs --ground-truth keeps them.
+    "figure_loss_weight": 0.0,
 }
 
 
@@ -87,11 +94,18 @@ class PairFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.records)
 
+    @property
+    def has_masks(self) -> bool:
+        return all("mask" in r for r in self.records)
+
     def __getitem__(self, index):
         r = self.records[index]
-        return {"sheet": Image.open(self.folder / r["sheet"]).convert("RGB"),
+        item = {"sheet": Image.open(self.folder / r["sheet"]).convert("RGB"),
                 "target": Image.open(self.folder / r["target"]).convert("RGB").resize(self.size),
                 "caption": r["caption"], "index": index}
+        if "mask" in r:  # the target's figure (build_pairs --ground-truth)
+            item["mask"] = Image.open(self.folder / r["mask"]).convert("L").resize(self.size)
+        return item
 
 
 def shard(dataset, accelerator):
@@ -126,7 +140,7 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
                 sheet = s.image
             else:
                 sheet = render_sample(cid, int(rng.integers(2**31)), self.size).image
-            yield {"sheet": sheet, "target": s.image, "caption": s.caption}
+            yield {"sheet": sheet, "target": s.image, "caption": s.caption, "mask": s.mask}
 
 
 class SyntheticGroups(torch.utils.data.IterableDataset):
@@ -142,11 +156,18 @@ class SyntheticGroups(torch.utils.data.IterableDataset):
         while True:
             ids = [int(c) for c in rng.choice(self.ids, size=self.count, replace=False)]
             g = render_group(ids, int(rng.integers(2**31)), self.size)
-            yield {"sheets": g.standards, "target": g.image, "caption": g.caption}
+            figure = Image.fromarray(np.max([np.asarray(m) for m in g.masks], axis=0))  # every character's
+            yield {"sheets": g.standards, "target": g.image, "caption": g.caption, "mask": figure}
 
 
 def collate(items):
     return {k: [item[k] for item in items] for k in items[0]}
+
+
+def figure_shares(masks, factor: int) -> torch.Tensor:
+    """(B, 1, h, w): the share of each latent pixel the figure covers, from the batch's L masks (255 = figure)."""
+    arrays = np.stack([np.asarray(m, np.float32) / 255.0 for m in masks])
+    return figure_at_latent_size(torch.from_numpy(arrays)[:, None], factor)
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -254,7 +275,12 @@ def main(args) -> Path:
     if str(config["pairs"]).startswith("synthetic-"):
         dataset, shuffle = SyntheticPairs(config["num_characters"], (w, h), seed, config["pairs"]), False
     else:
-        dataset, shuffle = shard(PairFolder(config["pairs"], (w, h)), accelerator), True
+        folder = PairFolder(config["pairs"], (w, h))
+        if config["figure_loss_weight"] and not folder.has_masks:
+            raise ValueError(f"figure_loss_weight needs the targets' masks, and the pairs in {config['pairs']} were "
+                             "built without them: rebuild them with build_pairs --ground-truth (make_demo "
+                             "--force-stages pairs), or set figure_loss_weight to 0")
+        dataset, shuffle = shard(folder, accelerator), True
     loader = torch.utils.data.DataLoader(dataset, batch_size=config["train_batch_size"], shuffle=shuffle,
                                          collate_fn=collate, num_workers=config["dataloader_num_workers"],
                                          generator=torch.Generator().manual_seed(seed) if shuffle else None)
@@ -314,9 +340,13 @@ def main(args) -> Path:
         noisy = noise_scheduler.add_noise(latents, noise, t)
         added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device).repeat(b, 1),
                  "image_embeds": [(embeds if masks is not None else embeds.unsqueeze(1)).to(weight_dtype)]}
+        weight = None
+        if config["figure_loss_weight"]:
+            figure = figure_shares(batch["mask"], vae_factor(pipe.vae)).to(latents.device)
+            weight = figure_weight(figure, config["figure_loss_weight"])
         # the base's parameterization
         return diffusion_loss(noise_scheduler, model(noisy, t, prompt_embeds, added, masks), latents, noise, t,
-                              config["snr_gamma"])
+                              config["snr_gamma"], pixel_weight=weight)
 
     def run_validation(step):
         with ema_weights(accelerator.unwrap_model(model).adapter, ema):
