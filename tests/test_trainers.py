@@ -347,7 +347,8 @@ def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
     # --ground-truth keeps each target's figure mask (the adapter's figure_loss_weight reads it)
     for record, item in zip(records, build_pairs.list_items(tmp_path / "images", ground_truth=True)):
         kept = np.asarray(Image.open(out / record["mask"]), np.float32)
-        truth = np.asarray(Image.open(item["mask"]).convert("L").resize((64, 96), Image.Resampling.BILINEAR), np.float32)
+        truth = Image.open(item["mask"]).convert("L").resize((64, 96), Image.Resampling.BILINEAR)
+        truth = np.asarray(truth, np.float32)
         assert kept.shape == (96, 64) and 0 < kept.mean() < 255 and np.abs(kept - truth).max() <= 1
     # --colour-match: the sheets as the studio draws them, the pipeline's correction after the model
     matched = build_pairs.main(build_pairs.parse_args(

@@ -7,9 +7,9 @@
 and with ``--ground-truth`` masks and keypoints), or any folder of images with optional ``NAME.txt`` captions.
 Writes ``NNNNNN_sheet.png`` (the standardized reference), ``NNNNNN_target.png`` (the image) and ``metadata.jsonl``
 (sheet, target, caption, source) to ``--out``; with ``--ground-truth`` also the target's figure mask
-(``NNNNNN_mask.png``, for the adapter's ``figure_loss_weight``). With ``--latents`` each sheet's latents (scaled, as the denoiser
-made them) are kept too (``NNNNNN_sheet.safetensors``) and, with ``--ground-truth``, the character's true standard
-render (``NNNNNN_standard.png``): the pairs a Stage I decoder is fitted on (``train_vae`` ``latent_pairs``).
+(``NNNNNN_mask.png``, for the adapter's ``figure_loss_weight``). With ``--latents`` each sheet's latents (scaled, as
+the denoiser made them) are kept too (``NNNNNN_sheet.safetensors``) and, with ``--ground-truth``, the character's true
+standard render (``NNNNNN_standard.png``): the pairs a Stage I decoder is fitted on (``train_vae`` ``latent_pairs``).
 """
 
 from __future__ import annotations

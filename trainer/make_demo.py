@@ -6,7 +6,8 @@
     python -m trainer.make_demo --profile cpu --from-shipped --continue-steps 2000 --stages standardize,package
                                                      # train on: from runs/ where it survived, else the shipped weights
 
-Stages: clip -> vae -> base -> standardize -> standard_pose (each character's own standard pose, read from its
+Stages: clip -> vae -> base_vae (only where the profile gives the base a VAE of its own: --profile cpu-f4, the /4
+programme) -> base -> standardize -> standard_pose (each character's own standard pose, read from its
 reference's keypoints) -> sheet_decoder (Stage I's own VAE decoder, fitted to its latents) ->
 pairs (our Stage I standardizes synthetic images) -> personalizer -> package (fp16 copies in assets/models/demo,
 Stage I PSNR/SSIM on held-out characters vs the mean-standard baseline, an example grid, and the model card). A
@@ -136,8 +137,8 @@ def _config_args(name: str, scale: float, profile: str = "gpu", extra: dict | No
     args = ["--config", str(CONFIGS / f"{name}_demo.yaml")]
     relocating = RUNS != ROOT / "runs" / "demo"
     moved = _relocated(config) if relocating else {}
-    profile = ((key, _moved(value) if relocating else value) for key, value in _dotted(overrides))
-    for key, value in [*moved.items(), *profile, *_dotted(extra or {})]:
+    profiled = ((key, _moved(value) if relocating else value) for key, value in _dotted(overrides))
+    for key, value in [*moved.items(), *profiled, *_dotted(extra or {})]:
         args += ["--set", f"{key}={json.dumps(value)}"]
     if scale != 1.0:
         steps = max(10, int(overrides.get("max_train_steps", config["max_train_steps"]) * scale))
