@@ -291,15 +291,20 @@ def seed_from_shipped(stage: str) -> bool:
         return False
     run = RUNS / stage
     run.mkdir(parents=True, exist_ok=True)
-    budget = card.get("budgets", {}).get(stage, {})
-    # the shipped model's wall time: in ``timings`` where the shipped card trained the stage itself, in its budget
-    # where that card had kept it from an earlier one (so it survives being seeded again and again)
-    lineage = {"from": "shipped", "budget": budget, "wall_s": card.get("timings", {}).get(stage, budget.get("wall_s"))}
+    lineage = shipped_lineage(stage, card)
     if stage == "standardize":  # the shipped model's learning curve, continued by this run's (learning_curve)
         lineage["curve"] = card.get("learning_curve", [])
     (run / LINEAGE).write_text(json.dumps(lineage, indent=2))
     print(f"{stage}: seeded from the shipped demo model ({out})")
     return True
+
+
+def shipped_lineage(stage: str, card: dict) -> dict:
+    """The lineage of a run that starts from the shipped model of ``stage``: its budget on the shipped ``card`` and
+    its wall time, in ``timings`` where the shipped card trained the stage itself, in its budget where that card had
+    kept it from an earlier one (so it survives being seeded again and again)."""
+    budget = card.get("budgets", {}).get(stage, {})
+    return {"from": "shipped", "budget": budget, "wall_s": card.get("timings", {}).get(stage, budget.get("wall_s"))}
 
 
 # Stages whose run can be one trained outside the recipe (an A/B arm, an experiment resumed by hand): ``adopt_run``.
@@ -462,11 +467,9 @@ def record_shipped_init(stage: str, config: dict) -> bool:
         return False
     if not (ROOT / start).resolve().is_relative_to(SHIPPED.resolve()):
         return False
-    card = _json_file(SHIPPED / "model_card.json", {})
-    budget = card.get("budgets", {}).get(_stage_kind(stage), {})
+    lineage = {**shipped_lineage(_stage_kind(stage), _json_file(SHIPPED / "model_card.json", {})), "init": start}
     run.mkdir(parents=True, exist_ok=True)
-    (run / LINEAGE).write_text(json.dumps({"from": "shipped", "budget": budget, "init": start, "wall_s": card.get(
-        "timings", {}).get(_stage_kind(stage), budget.get("wall_s"))}, indent=2))
+    (run / LINEAGE).write_text(json.dumps(lineage, indent=2))
     return True
 
 
