@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     panels.add_argument("--height", type=int, default=None)
     panels.add_argument("--guidance", type=float, default=None, dest="guidance_scale")
     panels.add_argument("--adapter-scale", type=float, default=None)
+    panels.add_argument("--image-guidance", type=float, default=None, dest="image_guidance_scale",
+                        help="guidance on the sheet apart from the text's (three UNet passes; default: the preset's)")
     panels.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
     panels.add_argument("--batch-size", type=int, default=None, dest="max_batch_size",
                         help="panels per UNet batch (default: all at once)")
@@ -151,6 +153,7 @@ def run_panels(args) -> dict:
     options = engine.generation_options(
         num_inference_steps=args.num_inference_steps, width=args.width, height=args.height,
         guidance_scale=args.guidance_scale, adapter_scale=args.adapter_scale,
+        image_guidance_scale=args.image_guidance_scale,
     )
     output = engine.personalize(
         prompt=prompts, sheet=sheet, regions=regions, negative_prompt=args.negative_prompt, seeds=args.seed,

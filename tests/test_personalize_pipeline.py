@@ -90,6 +90,43 @@ def test_per_block_adapter_scale(pipe):
     assert np.abs(up_only - full).max() > 1e-3 and np.abs(up_only - off).max() > 1e-3
 
 
+
+def test_image_guidance_at_the_text_scale_is_the_two_pass_panel(pipe):
+    """Three passes (negative / text / text + sheet) combined at image scale = text scale give the paper's two-pass
+    panel; another image scale changes it, and the UNet then sees three copies of each panel."""
+    sheet = make_sheet()
+    two_pass = run(pipe, ["a person", "a dog"], sheet=sheet, seeds=[3, 4]).images
+    batches = []
+    handle = pipe.unet.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        same = run(pipe, ["a person", "a dog"], sheet=sheet, seeds=[3, 4], image_guidance_scale=5.0).images
+    finally:
+        handle.remove()
+    assert set(batches) == {6}  # two panels x three passes
+    np.testing.assert_allclose(same, two_pass, atol=2e-4)
+    stronger = run(pipe, ["a person", "a dog"], sheet=sheet, seeds=[3, 4], image_guidance_scale=9.0).images
+    assert np.abs(stronger - two_pass).max() > 1e-2
+
+
+def test_image_guidance_is_affine_in_its_scale(pipe):
+    """One denoising step's latents are affine in the guided noise, which is affine in the image scale: the steps
+    from scale 0 to 5 and from 5 to 10 are equal (the formula, not just a change)."""
+    def latents(scale):
+        return run(pipe, "a person", sheet=make_sheet(), seeds=2, num_inference_steps=1, output_type="latent",
+                   image_guidance_scale=scale).images.float()
+
+    low, mid, high = latents(0.0), latents(5.0), latents(10.0)
+    assert (mid - low).abs().max() > 1e-3
+    torch.testing.assert_close(high - mid, mid - low, atol=1e-4, rtol=0)
+
+
+def test_image_guidance_leaves_panels_without_a_character_alone(pipe):
+    plain = run(pipe, ["a knight", "an empty street"], sheet=[make_sheet(), None], seeds=[1, 2]).images
+    guided = run(pipe, ["a knight", "an empty street"], sheet=[make_sheet(), None], seeds=[1, 2],
+                 image_guidance_scale=9.0).images
+    np.testing.assert_allclose(guided[1], plain[1], atol=1e-5)
+    assert np.abs(guided[0] - plain[0]).max() > 1e-2
+
 def test_sheet_cache_hit_does_not_rerun_image_encoder(pipe):
     calls = []
     handle = pipe.image_encoder.register_forward_hook(lambda *a: calls.append(1))
@@ -185,6 +222,7 @@ def test_pil_output(pipe):
         ({"negative_prompt": ["a"]}, "1 negative prompts for 2 prompts"),
         ({"num_inference_steps": 0}, "num_inference_steps=0"),
         ({"adapter_scale": "high"}, "adapter_scale='high'"),
+        ({"image_guidance_scale": -1.0}, "image_guidance_scale=-1.0 must be None or a number >= 0"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):

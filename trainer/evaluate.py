@@ -762,6 +762,8 @@ def main(argv=None) -> int:
     run.add_argument("--steps", type=int, default=20)
     run.add_argument("--guidance", type=float, default=None, help="panel CFG scale (default: the preset's)")
     run.add_argument("--adapter-scale", type=float, default=None, help="IP-Adapter scale (default: the preset's)")
+    run.add_argument("--image-guidance", type=float, default=None,
+                     help="guidance on the sheet apart from the text's (default: the preset's)")
     run.add_argument("--size", default="128x192")
     run.add_argument("--clip", default=None, help="a CLIPModel folder for the paper's CLIP-I/T (full preset)")
     run.add_argument("--device", default=None)
@@ -945,7 +947,8 @@ def _run(args) -> int:
     w, h = (int(v) for v in args.size.split("x"))
     out = Path(args.out)
     options = {**({"guidance_scale": args.guidance} if args.guidance is not None else {}),
-               **({"adapter_scale": args.adapter_scale} if args.adapter_scale is not None else {})}
+               **({"adapter_scale": args.adapter_scale} if args.adapter_scale is not None else {}),
+               **({"image_guidance_scale": args.image_guidance} if args.image_guidance is not None else {})}
     results = run_protocol(variants, probe, args.characters, args.seeds, (w, h), args.steps, clip, out, **options)
     accuracy_file = Path(args.probe).parent / "probe_accuracy.json"
     probe_accuracy = json.loads(accuracy_file.read_text()) if accuracy_file.is_file() else None

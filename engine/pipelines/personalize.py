@@ -185,6 +185,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
     def check_panel_inputs(
         self, prompt, sheet, negative_prompt, seeds, num_inference_steps, height, width, guidance_scale,
         adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs, regions=None,
+        image_guidance_scale=None,
     ) -> list[str]:
         """Validates the call and returns the prompt list; every problem raises ``ValueError`` naming the value."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -205,6 +206,11 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
         if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
             raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 0")
+        if image_guidance_scale is not None and (
+            not isinstance(image_guidance_scale, (int, float)) or isinstance(image_guidance_scale, bool)
+            or image_guidance_scale < 0
+        ):
+            raise ValueError(f"image_guidance_scale={image_guidance_scale!r} must be None or a number >= 0")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
@@ -250,6 +256,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         width: int = 512,
         guidance_scale: float = 5.0,
         adapter_scale: float | dict = 1.0,
+        image_guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         max_batch_size: int | None = None,
         output_type: str = "pil",
@@ -274,6 +281,12 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                 uses ``seeds[i] + j``. Noise is drawn on the CPU, so a seed gives the same panel on any device and in
                 any batch.
             adapter_scale: a number, or per-block scales as in ``set_ip_adapter_scale`` (``{"up": {"block_0": ...}}``).
+            image_guidance_scale: guidance on the sheet apart from the text's. ``None`` (the paper's): one scale,
+                ``guidance_scale``, for text and sheet together (two UNet passes). A number ``s``: three passes, and
+                ``eps = eps(neg, none) + guidance_scale * (eps(text, none) - eps(neg, none)) + s * (eps(text, sheet) -
+                eps(text, none))`` (InstructPix2Pix's two-condition guidance), so ``s`` above ``guidance_scale``
+                pulls the panel further towards the sheet; ``s == guidance_scale`` gives the two-pass result. Panels
+                without a character keep two passes.
             max_batch_size: panels per UNet batch (``None``: all panels of a kind in one batch).
             callback_on_step_end: ``fn(pipe, step, timestep, kwargs) -> dict``; ``pipe.current_run`` and
                 ``pipe.num_runs`` tell which batch is running.
@@ -282,9 +295,11 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         prompts = self.check_panel_inputs(
             prompt, sheet, negative_prompt, seeds, num_inference_steps, height, width, guidance_scale,
             adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs, regions,
+            image_guidance_scale,
         )
         n, k = len(prompts), num_images_per_prompt
         self._guidance_scale = guidance_scale
+        self._image_guidance_scale = image_guidance_scale
         self._guidance_rescale = 0.0
         self._clip_skip = None
         self._cross_attention_kwargs = None
@@ -414,14 +429,25 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         size = max_batch_size or len(sample_embeds)
         return [g[s : s + size] for g in groups for s in range(0, len(g), size) if g]
 
-    def _image_embeds_for_run(self, embeds: list | None, batch: int) -> list[torch.Tensor] | None:
+    def _passes(self, with_sheet: bool) -> tuple[tuple[bool, bool], ...]:
+        """The UNet passes of one denoising step, each (text, sheet): whether it sees the prompt (else the negative)
+        and the sheet (else the unconditional image). Two with classifier-free guidance, three with a separate
+        image guidance scale on panels with a character, one without guidance."""
+        if not self.do_classifier_free_guidance:
+            return ((True, True),)
+        if with_sheet and self._image_guidance_scale is not None:
+            return ((False, False), (True, False), (True, True))
+        return ((False, False), (True, True))
+
+    def _image_embeds_for_run(self, embeds: list | None, batch: int, passes=None) -> list[torch.Tensor] | None:
         if not self.has_adapter:
             return None
+        passes = passes or self._passes(embeds is not None)
         if embeds is not None and isinstance(embeds[0], tuple):
             # several characters: [batch, characters, tokens, dim], one image per character for the masked path
             cond = torch.stack([torch.cat([e.cond for e in group]) for group in embeds])
             uncond_b = torch.stack([torch.cat([e.uncond for e in group]) for group in embeds])
-            stacked = torch.cat([uncond_b, cond]) if self.do_classifier_free_guidance else cond
+            stacked = torch.cat([cond if sheet else uncond_b for _, sheet in passes])
             return [stacked.to(device=self._execution_device, dtype=self.unet.dtype)]
         if embeds is None:
             # A panel without a character: the adapter is switched off (scale 0), any embeddings of the right shape do.
@@ -431,7 +457,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         else:
             cond = torch.cat([e.cond for e in embeds])
             uncond_b = torch.cat([e.uncond for e in embeds])
-        stacked = torch.cat([uncond_b, cond]) if self.do_classifier_free_guidance else cond
+        stacked = torch.cat([cond if sheet else uncond_b for _, sheet in passes])
         # diffusers expects [batch, num_images, ...] per adapter.
         return [stacked.unsqueeze(1).to(device=self._execution_device, dtype=self.unet.dtype)]
 
@@ -456,21 +482,20 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         dtype = self.unet.dtype  # the text encoders may run in another precision than the UNet
         latents = torch.cat(noise).to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
-        # 7. Prepare added conditions
-        add_text_embeds, add_time_ids = pooled, time_ids.repeat(batch, 1)
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
-            add_text_embeds = torch.cat([negative_pooled, add_text_embeds])
-            add_time_ids = torch.cat([add_time_ids, add_time_ids])
+        # 7. Prepare added conditions, one batch of ``batch`` per pass
+        passes = self._passes(image_embeds is not None)
+        prompt_embeds = torch.cat([prompt_embeds if text else negative_embeds for text, _ in passes])
+        add_text_embeds = torch.cat([pooled if text else negative_pooled for text, _ in passes])
+        add_time_ids = time_ids.repeat(batch * len(passes), 1)
         prompt_embeds = prompt_embeds.to(dtype)
         added_cond_kwargs = {"text_embeds": add_text_embeds.to(dtype), "time_ids": add_time_ids.to(dtype)}
-        ip_embeds = self._image_embeds_for_run(image_embeds, batch)
+        ip_embeds = self._image_embeds_for_run(image_embeds, batch, passes)
         if ip_embeds is not None:
             added_cond_kwargs["image_embeds"] = ip_embeds
             self.set_ip_adapter_scale(adapter_scale if image_embeds is not None else 0.0)
         attention_kwargs = None
         if masks is not None and ip_embeds is not None:
-            masks = torch.cat([masks, masks]) if self.do_classifier_free_guidance else masks
+            masks = torch.cat([masks] * len(passes))
             attention_kwargs = {"ip_adapter_masks": [masks.to(device=device, dtype=dtype)]}
 
         # 8. Denoising loop
@@ -478,7 +503,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
-                model_input = torch.cat([latents] * 2) if self.do_classifier_free_guidance else latents
+                model_input = torch.cat([latents] * len(passes))
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 noise_pred = self.unet(
                     model_input,
@@ -488,7 +513,11 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                     cross_attention_kwargs=attention_kwargs,
                     return_dict=False,
                 )[0]
-                if self.do_classifier_free_guidance:
+                if len(passes) == 3:
+                    noise_uncond, noise_text, noise_sheet = noise_pred.chunk(3)
+                    noise_pred = (noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                                  + self._image_guidance_scale * (noise_sheet - noise_text))
+                elif len(passes) == 2:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
