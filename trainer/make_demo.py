@@ -302,9 +302,12 @@ def seed_from_shipped(stage: str) -> bool:
 def shipped_lineage(stage: str, card: dict) -> dict:
     """The lineage of a run that starts from the shipped model of ``stage``: its budget on the shipped ``card`` and
     its wall time, in ``timings`` where the shipped card trained the stage itself, in its budget where that card had
-    kept it from an earlier one (so it survives being seeded again and again)."""
+    kept it from an earlier one (so it survives being seeded again and again; the card's ``timings`` may then still
+    hold a stale entry of another run of the stage, which is not the kept model's)."""
     budget = card.get("budgets", {}).get(stage, {})
-    return {"from": "shipped", "budget": budget, "wall_s": card.get("timings", {}).get(stage, budget.get("wall_s"))}
+    kept = budget.get("from") == "shipped"
+    wall = budget.get("wall_s") if kept else card.get("timings", {}).get(stage, budget.get("wall_s"))
+    return {"from": "shipped", "budget": budget, "wall_s": wall}
 
 
 # Stages whose run can be one trained outside the recipe (an A/B arm, an experiment resumed by hand): ``adopt_run``.
