@@ -123,6 +123,26 @@ def test_cli_panels_writes_images_and_manifest(tmp_path, tiny_overrides, capsys)
     assert np.abs(alone - first).max() <= 1
 
 
+
+def test_cli_image_guidance_reaches_the_panels(tmp_path, tiny_overrides, capsys):
+    from PIL import Image
+
+    sheet = tmp_path / "sheet.png"
+    make_sheet().save(sheet)
+    drawn = {}
+    for name, extra in (("plain", []), ("guided", ["--image-guidance", "9"])):
+        code = cli_main(["panels", "--sheet", str(sheet), "--prompt", "running", "--seed", "7", "--out",
+                         str(tmp_path / name), *_cli_args(tiny_overrides), *extra])
+        assert code == 0
+        drawn[name] = np.asarray(Image.open(tmp_path / name / "panel_000.png")).astype(int)
+    manifest = json.loads((tmp_path / "guided" / "panels.json").read_text())
+    assert manifest["options"]["image_guidance_scale"] == 9.0
+    assert np.abs(drawn["guided"] - drawn["plain"]).max() > 2
+    code = cli_main(["panels", "--sheet", str(sheet), "--prompt", "x", "--out", str(tmp_path / "bad"),
+                     *_cli_args(tiny_overrides), "--image-guidance", "-1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "image_guidance_scale=-1.0 must be None or a number >= 0" in err and "Traceback" not in err
+
 def test_cli_named_sheets_draw_group_panels_from_script_tags(tmp_path, tiny_overrides, capsys):
     from PIL import Image
 
