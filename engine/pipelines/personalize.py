@@ -70,6 +70,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
     """
 
     sheet_cache_size = 32
+    _image_guidance_scale = None  # per call (``__call__``'s image_guidance_scale)
 
     def __init__(
         self,
