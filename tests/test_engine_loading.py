@@ -123,7 +123,6 @@ def test_cli_panels_writes_images_and_manifest(tmp_path, tiny_overrides, capsys)
     assert np.abs(alone - first).max() <= 1
 
 
-
 def test_cli_image_guidance_reaches_the_panels(tmp_path, tiny_overrides, capsys):
     from PIL import Image
 
@@ -142,6 +141,7 @@ def test_cli_image_guidance_reaches_the_panels(tmp_path, tiny_overrides, capsys)
                      *_cli_args(tiny_overrides), "--image-guidance", "-1"])
     err = capsys.readouterr().err
     assert code == 2 and "image_guidance_scale=-1.0 must be None or a number >= 0" in err and "Traceback" not in err
+
 
 def test_cli_named_sheets_draw_group_panels_from_script_tags(tmp_path, tiny_overrides, capsys):
     from PIL import Image

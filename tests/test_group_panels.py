@@ -70,7 +70,6 @@ def test_group_panel_is_deterministic_and_reads_each_sheet(pipe):
     assert three.shape == a.shape
 
 
-
 def test_group_panel_takes_image_guidance(pipe):
     red, blue = make_sheet((200, 40, 40)), make_sheet((40, 40, 200), seed=1)
     two_pass = run(pipe, "two friends talking", sheet=[[red, blue]], seeds=3).images
@@ -78,6 +77,7 @@ def test_group_panel_takes_image_guidance(pipe):
     np.testing.assert_allclose(same, two_pass, atol=2e-4)  # each character's masks follow it into the third pass
     stronger = run(pipe, "two friends talking", sheet=[[red, blue]], seeds=3, image_guidance_scale=9.0).images
     assert np.abs(stronger - two_pass).max() > 1e-3
+
 
 def test_group_panels_batch_like_single_panels(pipe):
     red, blue = make_sheet((200, 40, 40)), make_sheet((40, 40, 200), seed=1)

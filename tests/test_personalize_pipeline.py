@@ -90,7 +90,6 @@ def test_per_block_adapter_scale(pipe):
     assert np.abs(up_only - full).max() > 1e-3 and np.abs(up_only - off).max() > 1e-3
 
 
-
 def test_image_guidance_at_the_text_scale_is_the_two_pass_panel(pipe):
     """Three passes (negative / text / text + sheet) combined at image scale = text scale give the paper's two-pass
     panel; another image scale changes it, and the UNet then sees three copies of each panel."""
@@ -126,6 +125,7 @@ def test_image_guidance_leaves_panels_without_a_character_alone(pipe):
                  image_guidance_scale=9.0).images
     np.testing.assert_allclose(guided[1], plain[1], atol=1e-5)
     assert np.abs(guided[0] - plain[0]).max() > 1e-2
+
 
 def test_sheet_cache_hit_does_not_rerun_image_encoder(pipe):
     calls = []

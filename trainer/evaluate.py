@@ -946,9 +946,9 @@ def _run(args) -> int:
     clip = ClipScorer.from_pretrained(args.clip) if args.clip else None
     w, h = (int(v) for v in args.size.split("x"))
     out = Path(args.out)
-    options = {**({"guidance_scale": args.guidance} if args.guidance is not None else {}),
-               **({"adapter_scale": args.adapter_scale} if args.adapter_scale is not None else {}),
-               **({"image_guidance_scale": args.image_guidance} if args.image_guidance is not None else {})}
+    # None keeps the preset's default (Engine.generation_options drops it)
+    options = dict(guidance_scale=args.guidance, adapter_scale=args.adapter_scale,
+                   image_guidance_scale=args.image_guidance)
     results = run_protocol(variants, probe, args.characters, args.seeds, (w, h), args.steps, clip, out, **options)
     accuracy_file = Path(args.probe).parent / "probe_accuracy.json"
     probe_accuracy = json.loads(accuracy_file.read_text()) if accuracy_file.is_file() else None

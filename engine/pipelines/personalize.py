@@ -440,10 +440,10 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             return ((False, False), (True, False), (True, True))
         return ((False, False), (True, True))
 
-    def _image_embeds_for_run(self, embeds: list | None, batch: int, passes=None) -> list[torch.Tensor] | None:
+    def _image_embeds_for_run(self, embeds: list | None, batch: int, passes) -> list[torch.Tensor] | None:
+        """The adapter's image embeddings for one UNet batch, one block of ``batch`` per pass (``_passes``)."""
         if not self.has_adapter:
             return None
-        passes = passes or self._passes(embeds is not None)
         if embeds is not None and isinstance(embeds[0], tuple):
             # several characters: [batch, characters, tokens, dim], one image per character for the masked path
             cond = torch.stack([torch.cat([e.cond for e in group]) for group in embeds])
