@@ -1275,7 +1275,11 @@ def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_i
     with torch.no_grad():
         estimator.mlp[-1].bias.fill_(0.5)
     estimator.save_pretrained(shipped / "standardize" / "pose_estimator")
+    # it has no budget: its time lives in the card's timings, carried into the runs' for the next card
+    (shipped / "model_card.json").write_text(json.dumps({"timings": {"standard_pose": 314.0}}))
+    (runs / "timings.json").write_text(json.dumps({"pairs": 584.1}))
     assert make_demo.seed_from_shipped("standard_pose")
+    assert json.loads((runs / "timings.json").read_text()) == {"pairs": 584.1, "standard_pose": 314.0}
     assert torch.equal(StandardPoseEstimator.from_pretrained(make_demo.OUTPUTS["standard_pose"]).mlp[-1].bias,
                        estimator.mlp[-1].bias)
     make_demo.run_stage("pairs", Namespace(profile="cpu", pairs=2))

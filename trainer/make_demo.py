@@ -295,6 +295,13 @@ def seed_from_shipped(stage: str) -> bool:
     if stage == "standardize":  # the shipped model's learning curve, continued by this run's (learning_curve)
         lineage["curve"] = card.get("learning_curve", [])
     (run / LINEAGE).write_text(json.dumps(lineage, indent=2))
+    if stage not in TRAINERS and lineage["wall_s"] is not None:
+        # a stage with no budget (standard_pose) has its time only in the card's timings, which packaging writes
+        # from runs/timings.json: carry the shipped one there, or the next card loses its row (it did once)
+        timings_path = RUNS / "timings.json"
+        timings = _json_file(timings_path, {})
+        timings.setdefault(stage, lineage["wall_s"])
+        timings_path.write_text(json.dumps(timings, indent=2))
     print(f"{stage}: seeded from the shipped demo model ({out})")
     return True
 
