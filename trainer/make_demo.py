@@ -1090,7 +1090,7 @@ def model_card(card: dict) -> str:
         "| stage | steps | batch | samples seen | objective | wall time (s) |", "|---|---|---|---|---|---|",
         *[f"| {k} | {b.get('steps', '-')} | {b.get('batch', '-')} | {b.get('samples', '-')} | "
           f"{b.get('prediction_type', '-')} | "
-          + (f"{b.get('wall_s', '-')} (the shipped model's, kept) |" if b.get("from") == "shipped"
+          + (f"{b.get('wall_s') or 'not recorded'} (the shipped model's, kept) |" if b.get("from") == "shipped"
              else f"{card['timings'].get(k, '-')} |")
           for k in STAGES if k in card["timings"] or k in card["budgets"] for b in [card["budgets"].get(k, {})]],
         *(["", "How this run went (the profile's `notes`):", "",
