@@ -346,7 +346,6 @@ def test_evaluate_oracle_variant_feeds_the_ground_truth_standard_render(tiny_pro
         assert np.array_equal(np.asarray(sheet), np.asarray(truth))
 
 
-
 def test_evaluate_text_variant_describes_the_character_in_words_instead_of_a_sheet(tiny_probe, tiny_overrides,
                                                                                    tmp_path, monkeypatch):
     """``NAME=:text``: no sheet; each prompt carries the test character's description (``caption, appearance``, the
@@ -375,6 +374,36 @@ def test_evaluate_text_variant_describes_the_character_in_words_instead_of_a_she
         appearance = render_sample(cid, 90_000 + k, (64, 96)).appearance
         assert sheet is None and prompts == [f"{c}, {appearance}" for c in captions]
     assert calls[0][0] != calls[1][0]  # each character its own words
+
+
+def test_evaluate_sheet_and_text_variant_gives_stage1s_sheet_and_the_words(tiny_probe, tiny_overrides, tmp_path,
+                                                                           monkeypatch):
+    """``NAME=:sheet+text``: Stage I's sheet and the character's description in every prompt, both routes at once
+    (the bound on describing a character in its prompts); the panels are ranked by their sheets as two-stage ones."""
+    from engine.engine import Engine
+    from trainer.evaluate import main, protocol_prompts
+    from trainer.synthetic import render_sample
+    from trainer.synthetic.character import character_ids
+
+    calls, standardized = [], []
+    real_generate, real_standardize = Engine.generate_panels, Engine.standardize_reference
+    monkeypatch.setattr(Engine, "generate_panels", lambda self, c, sheet=None, **k: calls.append((list(c), sheet)) or
+                        real_generate(self, c, sheet=sheet, **k))
+    monkeypatch.setattr(Engine, "standardize_reference", lambda self, *a, **k: standardized.append(
+        real_standardize(self, *a, **k)) or standardized[-1])
+    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
+            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path), "--variant", "both=:sheet+text"]
+    for name, path in tiny_overrides.items():
+        args += ["--override", f"{name}={path}"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "results.json").read_text())["results"]["both"]
+    assert "consistency_rank_acc" in summary
+    assert len(standardized) == 2 and len(calls) == 2
+    captions = [c for _, _, c in protocol_prompts()]
+    for k, ((prompts, sheet), cid, result) in enumerate(zip(calls, character_ids("test", 2), standardized)):
+        appearance = render_sample(cid, 90_000 + k, (64, 96)).appearance
+        assert sheet is result.sheet and prompts == [f"{c}, {appearance}" for c in captions]
+
 
 class _ColourScorer:
     """An engine whose consistency score is closeness of mean colour (what a score that knows colours would say)."""

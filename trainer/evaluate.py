@@ -5,7 +5,7 @@
     python -m trainer.evaluate encoder --image-encoder assets/models/demo/image_encoder [--n-train 1500 --n-test 500]
     python -m trainer.evaluate run --preset demo --probe runs/demo/probe/probe --out eval/ \
         [--variant "one-stage paired=runs/unpaired/adapter/ip-adapter.safetensors:raw"] [--variant "oracle=:oracle"]
-        [--variant "words=:text"] [--clip PATH]
+        [--variant "words=:text"] [--variant "sheet and words=:sheet+text"] [--clip PATH]
     python -m trainer.evaluate groups --preset demo --probe runs/demo/probe/probe --out eval/groups [--groups 8]
     python -m trainer.evaluate vae --vae assets/models/demo/personalize/vae --probe runs/demo/probe/probe
 
@@ -398,8 +398,10 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
                  steps: int = 20, clip=None, out: Path | None = None, **panel_options) -> dict:
     """Every variant on the same characters, prompts and seeds. A variant: {"name", "engine", "standardize"}, where
     ``standardize`` is True (the sheet is Stage I's), False (the raw reference), "oracle" (the ground-truth standard
-    render: Stage I made perfect, so the gap to the two-stage row is Stage I's share of what panels miss) or "text" (no
-    sheet; the character's description appended to every prompt: what the base draws from words alone).
+    render: Stage I made perfect, so the gap to the two-stage row is Stage I's share of what panels miss), "text" (no
+    sheet; the character's description appended to every prompt: what the base draws from words alone) or
+    "sheet+text" (Stage I's sheet and the description in words: what the two routes give together, the bound on
+    describing a character in its prompts).
     ``panel_options`` (e.g. ``guidance_scale``, ``adapter_scale``) replace the preset's panel defaults."""
     from engine.metrics import remove_background
 
@@ -416,6 +418,9 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
                 sheet = reference_sample.standard
             elif variant["standardize"] == "text":  # no sheet: the character described in words, as the base trained
                 sheet = None
+                captions = [f"{c}, {reference_sample.appearance}" for c in captions]
+            elif variant["standardize"] == "sheet+text":  # Stage I's sheet and the words together
+                sheet = engine.standardize_reference(reference, seed=k, num_inference_steps=steps).sheet
                 captions = [f"{c}, {reference_sample.appearance}" for c in captions]
             elif variant["standardize"]:
                 sheet = engine.standardize_reference(reference, seed=k, num_inference_steps=steps).sheet
@@ -751,10 +756,11 @@ def main(argv=None) -> int:
     run.add_argument("--override", action="append", default=[], metavar="NAME=PATH")
     run.add_argument("--probe", required=True, help="a trained AttributeProbe folder (python -m trainer.train_probes)")
     run.add_argument("--variant", action="append", default=[],
-                     metavar="NAME=ADAPTER[:raw|:oracle|:text|:STANDARDIZER]",
+                     metavar="NAME=ADAPTER[:raw|:oracle|:text|:sheet+text|:STANDARDIZER]",
                      help="an adapter to compare (empty: the preset's); ':raw' feeds it the raw reference (one-stage), "
                           "':oracle' the ground-truth standard render (a perfect Stage I), ':text' no sheet but the "
                           "character's description in words after each prompt (what the base draws from text alone), "
+                          "':sheet+text' Stage I's sheet and the words together, "
                           "':FOLDER' uses another Stage I (e.g. without FBDM/RPIM). Default: the preset's adapter "
                           "two-stage and one-stage")
     run.add_argument("--characters", type=int, default=10)
@@ -931,10 +937,10 @@ def _run(args) -> int:
     specs = [("two-stage (ours)", None, True, None), ("one-stage (raw reference)", None, False, None)]
     if args.variant:
         specs = []
-        for item in args.variant:  # NAME=ADAPTER[:raw | :oracle | :text | :STANDARDIZER_FOLDER]
+        for item in args.variant:  # NAME=ADAPTER[:raw | :oracle | :text | :sheet+text | :STANDARDIZER_FOLDER]
             name, _, rest = item.partition("=")
             path, _, mode = rest.partition(":")
-            named = {"raw": False, "oracle": "oracle", "text": "text"}  # else mode is another Stage I's folder
+            named = {"raw": False, "oracle": "oracle", "text": "text", "sheet+text": "sheet+text"}  # else a Stage I
             standardize = named.get(mode, True)
             specs.append((name, path or None, standardize, mode if mode and mode not in named else None))
     variants = []
