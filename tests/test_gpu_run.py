@@ -50,7 +50,10 @@ def test_dry_run_trains_packages_and_the_engine_runs_what_comes_back(tmp_path):
     assert len(files) <= 8 and all(f.stat().st_size <= 15 * 2**20 for f in files)
     report = json.loads((tmp_path / "out" / "gpu_run.json").read_text())
     assert report["dry_run"] and {"clip", "base", "standardize", "pairs", "personalizer"} <= set(report["timings"])
-    assert "Stage I on 8 held-out test characters" in (tmp_path / "out" / "README.md").read_text()
+    card = (tmp_path / "out" / "README.md").read_text()
+    # measured at the dry run's 2 sampling steps (make_demo --eval-steps), and the card says so
+    assert "Stage I on 8 held-out test characters (128x192, 2 DDIM steps)" in card
+    assert "One panel at 128x192, 2 DDIM steps with CFG" in card
     gpu_run.unpack(tmp_path / "out", tmp_path / "demo")
     engine = load_engine("demo", device="cpu", overrides=packaged_overrides(tmp_path / "demo"))
     sheet = engine.standardize_reference(render_sample(3, 1, (128, 192)).image, num_inference_steps=2, seed=0).sheet

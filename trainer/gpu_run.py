@@ -113,7 +113,7 @@ def train(out: Path, dry_run: bool = False) -> list[Path]:
         scratch = Path(tempfile.mkdtemp(prefix="serialgen-dry-"))
         env.update(SERIALGEN_RUNS=str(scratch / "runs"), SERIALGEN_DEMO_DIR=str(scratch / "demo"),
                    SERIALGEN_EVALUATION_DIR=str(scratch / "evaluation"))
-        profile = ["--profile", "h200", "--pairs", "2", "--eval-n", "8", *DRY_RUN_SETTINGS]
+        profile = ["--profile", "h200", "--pairs", "2", "--eval-n", "8", "--eval-steps", "2", *DRY_RUN_SETTINGS]
     demo = Path(env.get("SERIALGEN_DEMO_DIR") or ROOT / "assets" / "models" / "demo")
     started = time.perf_counter()
     _make_demo([*profile, "--from-shipped", "--continue-steps", "2" if dry_run else "1000000", "--force-stages",

@@ -642,24 +642,28 @@ def package(args, timings: dict) -> Path:
         probe = AttributeProbe.from_pretrained(OUTPUTS["probe"]).eval()
     # the sheets as the studio draws them (the preset's colour correction after the model), and the model alone
     colour_match = engine.preset.standardize_defaults.get("colour_match", 0.0)
-    quality, shown = standardization_quality(engine.standardize, n=args.eval_n, examples=2, probe=probe,
-                                             colour_match=colour_match)
+    # sampling steps of every measurement and figure below (None: the preset's own, 20): the card prints them
+    steps = getattr(args, "eval_steps", None)
+    quality_steps = steps or engine.preset.standardize_defaults["num_inference_steps"]
+    quality, shown = standardization_quality(engine.standardize, n=args.eval_n, steps=quality_steps, examples=2,
+                                             probe=probe, colour_match=colour_match)
     quality["colour_match"] = colour_match
     if colour_match:
-        alone, _ = standardization_quality(engine.standardize, n=args.eval_n, probe=probe)
+        alone, _ = standardization_quality(engine.standardize, n=args.eval_n, steps=quality_steps, probe=probe)
         quality["model_alone"] = _card_row(alone)
     stage1 = engine.standardize
     if stage1.pose_estimator is not None:  # what drawing each character's own standard pose adds
         estimator = stage1.pose_estimator
         stage1.register_modules(pose_estimator=None)
         try:
-            fixed, _ = standardization_quality(stage1, n=args.eval_n, probe=probe, colour_match=colour_match)
+            fixed, _ = standardization_quality(stage1, n=args.eval_n, steps=quality_steps, probe=probe,
+                                               colour_match=colour_match)
         finally:
             stage1.register_modules(pose_estimator=estimator)
         quality["average_pose"] = _card_row(fixed)
     if stage1.pose_detector is not None:  # what the studio makes of an upload: the detectors find figure and keypoints
-        uploads, _ = standardization_quality(stage1, n=args.eval_n, probe=probe, colour_match=colour_match,
-                                             reference="upload")
+        uploads, _ = standardization_quality(stage1, n=args.eval_n, steps=quality_steps, probe=probe,
+                                             colour_match=colour_match, reference="upload")
         quality["uploads"] = _card_row(uploads)
     from .evaluate import vae_ceiling
 
@@ -673,20 +677,21 @@ def package(args, timings: dict) -> Path:
     for i, cid in enumerate(character_ids("test", 3)):
         ref = render_sample(cid, 7 + i, (128, 192)).image
         start = time.perf_counter()
-        sheet = engine.standardize_reference(ref, seed=i).sheet
-        panels = engine.generate_panels(prompts, sheet=sheet, seeds=i).images
+        sheet = engine.standardize_reference(ref, seed=i, num_inference_steps=steps).sheet
+        panels = engine.generate_panels(prompts, sheet=sheet, seeds=i, num_inference_steps=steps).images
         timings.setdefault("example_seconds", []).append(round(time.perf_counter() - start, 2))
         rows.append([ref, sheet, *panels])
     latency = []
+    panel_steps = steps or engine.preset.defaults["num_inference_steps"]
     for seed in range(3):  # one panel at the demo size, 20 DDIM steps with CFG, the sheet's embedding cached
         start = time.perf_counter()
-        engine.generate_panels(prompts[:1], sheet=rows[0][1], seeds=seed)
+        engine.generate_panels(prompts[:1], sheet=rows[0][1], seeds=seed, num_inference_steps=panel_steps)
         latency.append(time.perf_counter() - start)
     panel_seconds = round(sorted(latency)[1], 2)
     (demo / "figures").mkdir(exist_ok=True)
     image_grid(rows, (128, 192)).save(demo / "figures" / "examples.png")
     image_grid([list(t) for t in shown], (128, 192)).save(demo / "figures" / "stage1.png")
-    bundled = bundled_examples(engine, prompts, demo / "figures" / "bundled.png")
+    bundled = bundled_examples(engine, prompts, demo / "figures" / "bundled.png", steps)
     curve = learning_curve(RUNS / "standardize", demo / "figures" / "stage1_curve.png")
     from .evaluate import embedding_probe, reference_reading
 
@@ -697,14 +702,14 @@ def package(args, timings: dict) -> Path:
         from .evaluate import group_protocol
 
         groups = group_protocol(engine, probe, n_groups=max(1, args.eval_n // 5), scenes=3, count=2,
-                                out=demo / "figures")
+                                steps=panel_steps, out=demo / "figures")
     panels = None
     if probe is not None:  # the panels protocol (trainer.evaluate run, two-stage) and the ceiling of the base's VAE
         from .evaluate import panel_vae_ceiling, run_protocol
 
         settings = evaluation_settings(args.profile)
         panels = run_protocol([{"name": "two-stage", "engine": engine, "standardize": True}], probe,
-                              settings["characters"], settings["seeds"])["two-stage"]
+                              settings["characters"], settings["seeds"], steps=panel_steps)["two-stage"]
         panels["vae_ceiling"] = panel_vae_ceiling(engine.personalize.vae, probe, n=max(1, args.eval_n // 2))
     detectors = {kind: json.loads((OUTPUTS[f"{kind}_detector"].parent / "detector_accuracy.json").read_text())
                  for kind in ("pose", "mask")}
@@ -712,7 +717,7 @@ def package(args, timings: dict) -> Path:
             "groups": groups, "panels": panels,
             "learning_curve": curve, "detectors": detectors, "size_mb": round(size_mb, 2), "timings": timings,
             "budgets": stage_budgets(args),
-            "panel_seconds": panel_seconds,
+            "panel_seconds": panel_seconds, "panel_steps": panel_steps,
             "hardware": _hardware(), "steps_scale": args.steps_scale,
             "profile": args.profile, "pairs": _pairs(args), "notes": load_profile(args.profile).get("notes", [])}
     (demo / "model_card.json").write_text(json.dumps(card, indent=2))
@@ -723,9 +728,10 @@ def package(args, timings: dict) -> Path:
 BUNDLED = ROOT / "assets" / "examples"
 
 
-def bundled_examples(engine, prompts: list[str], path: Path) -> dict:
+def bundled_examples(engine, prompts: list[str], path: Path, steps: int | None = None) -> dict:
     """The studio's bundled characters (Kai, Leo, Mia): reference -> sheet (seed 0) -> four panels as a grid, and
-    how much their sheets differ (mean absolute pixel difference of each pair, /255: a person tells them apart)."""
+    how much their sheets differ (mean absolute pixel difference of each pair, /255: a person tells them apart).
+    ``steps``: sampling steps (None: the preset's)."""
     import numpy as np
     from PIL import Image
 
@@ -734,8 +740,8 @@ def bundled_examples(engine, prompts: list[str], path: Path) -> dict:
     rows, sheets = [], {}
     for file in sorted(BUNDLED.glob("*.png")):
         reference = Image.open(file).convert("RGB")
-        sheet = engine.standardize_reference(reference, seed=0).sheet
-        panels = engine.generate_panels(prompts, sheet=sheet, seeds=0).images
+        sheet = engine.standardize_reference(reference, seed=0, num_inference_steps=steps).sheet
+        panels = engine.generate_panels(prompts, sheet=sheet, seeds=0, num_inference_steps=steps).images
         rows.append([reference, sheet, *panels])
         sheets[file.stem] = np.asarray(sheet.convert("RGB"), np.float32)
     image_grid(rows, (128, 192)).save(path)
@@ -1086,7 +1092,8 @@ def model_card(card: dict) -> str:
         f"Hardware: {card['hardware']}; profile `{card['profile']}` (`--profile {card['profile']}`), steps scale "
         f"{card['steps_scale']}; {card['pairs']} Stage II pairs built by our Stage I.",
         f"Size on disk: {card['size_mb']} MB (fp16; one copy of the image encoder, which both stages read). "
-        f"One panel at 128x192, 20 DDIM steps with CFG: {card['panel_seconds']} s (median of 3, this machine).", "",
+        f"One panel at 128x192, {card.get('panel_steps', 20)} DDIM steps with CFG: {card['panel_seconds']} s "
+        "(median of 3, this machine).", "",
         "| stage | steps | batch | samples seen | objective | wall time (s) |", "|---|---|---|---|---|---|",
         *[f"| {k} | {b.get('steps', '-')} | {b.get('batch', '-')} | {b.get('samples', '-')} | "
           f"{b.get('prediction_type', '-')} | "
@@ -1142,6 +1149,9 @@ def main(argv=None) -> int:
     parser.add_argument("--pairs", type=int, default=None,
                         help="synthetic images standardized into Stage II pairs (default: 20000, or the profile's)")
     parser.add_argument("--eval-n", type=int, default=40)
+    parser.add_argument("--eval-steps", type=int, default=None,
+                        help="sampling steps of the package stage's measurements and figures (default: the demo "
+                             "preset's, 20; the card says how many): the GPU run's dry run samples 2")
     parser.add_argument("--force", action="store_true", help="rerun stages whose output exists")
     parser.add_argument("--from-shipped", action="store_true",
                         help="a stage not run here whose run is gone (runs/ did not survive) takes the shipped demo "
