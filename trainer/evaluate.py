@@ -419,11 +419,10 @@ def run_protocol(variants: list[dict], probe, n_characters: int = 10, seeds: int
             elif variant["standardize"] == "text":  # no sheet: the character described in words, as the base trained
                 sheet = None
                 captions = [f"{c}, {reference_sample.appearance}" for c in captions]
-            elif variant["standardize"] == "sheet+text":  # Stage I's sheet and the words together
+            elif variant["standardize"]:  # Stage I's sheet ("sheet+text": and the words together)
                 sheet = engine.standardize_reference(reference, seed=k, num_inference_steps=steps).sheet
-                captions = [f"{c}, {reference_sample.appearance}" for c in captions]
-            elif variant["standardize"]:
-                sheet = engine.standardize_reference(reference, seed=k, num_inference_steps=steps).sheet
+                if variant["standardize"] == "sheet+text":
+                    captions = [f"{c}, {reference_sample.appearance}" for c in captions]
             else:
                 sheet = reference
             panels, scenes = [], []
