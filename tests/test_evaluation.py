@@ -291,6 +291,15 @@ def test_vae_ceiling_scores_what_the_vae_keeps(tiny_probe):
     assert faded["rendered"] == panels["rendered"] and faded["through_vae"] != panels["rendered"]
 
 
+def _tiny_run_args(probe, overrides: dict, out, *extra: str) -> list[str]:
+    """``trainer.evaluate run`` on the tiny models: 2 characters, 1 seed, 1 step, 64x96, with ``extra`` options."""
+    args = ["run", "--preset", "demo", "--probe", str(probe), "--characters", "2", "--seeds", "1", "--steps", "1",
+            "--size", "64x96", "--device", "cpu", "--out", str(out), *extra]
+    for name, path in overrides.items():
+        args += ["--override", f"{name}={path}"]
+    return args
+
+
 def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny_std_dir, tmp_path, capsys,
                                                 monkeypatch):
     from engine.engine import Engine
@@ -302,11 +311,7 @@ def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny
                         lambda self, *a, **k: standardized.append(1) or real(self, *a, **k))
 
     overrides = {**tiny_overrides, "standardize": str(tiny_std_dir)}
-    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
-            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path)]
-    for name, path in overrides.items():
-        args += ["--override", f"{name}={path}"]
-    assert main(args) == 0
+    assert main(_tiny_run_args(tiny_probe, overrides, tmp_path)) == 0
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert set(results) == {"two-stage (ours)", "one-stage (raw reference)"}
     for r in results.values():
@@ -332,11 +337,8 @@ def test_evaluate_oracle_variant_feeds_the_ground_truth_standard_render(tiny_pro
     monkeypatch.setattr(Engine, "generate_panels", lambda self, c, sheet=None, **k: sheets.append(sheet) or
                         options.append(k) or real(self, c, sheet=sheet, **k))
     monkeypatch.setattr(Engine, "standardize_reference", lambda self, *a, **k: standardized.append(1))
-    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
-            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path), "--variant", "perfect sheet=:oracle",
-            "--guidance", "2.5", "--adapter-scale", "0.7"]
-    for name, path in tiny_overrides.items():
-        args += ["--override", f"{name}={path}"]
+    args = _tiny_run_args(tiny_probe, tiny_overrides, tmp_path, "--variant", "perfect sheet=:oracle",
+                          "--guidance", "2.5", "--adapter-scale", "0.7")
     assert main(args) == 0
     assert set(json.loads((tmp_path / "results.json").read_text())["results"]) == {"perfect sheet"}
     assert not standardized and len(sheets) == 2
@@ -361,11 +363,7 @@ def test_evaluate_text_variant_describes_the_character_in_words_instead_of_a_she
     monkeypatch.setattr(Engine, "generate_panels", lambda self, c, sheet=None, **k: calls.append((list(c), sheet)) or
                         real(self, c, sheet=sheet, **k))
     monkeypatch.setattr(Engine, "standardize_reference", lambda self, *a, **k: standardized.append(1))
-    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
-            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path), "--variant", "words=:text"]
-    for name, path in tiny_overrides.items():
-        args += ["--override", f"{name}={path}"]
-    assert main(args) == 0
+    assert main(_tiny_run_args(tiny_probe, tiny_overrides, tmp_path, "--variant", "words=:text")) == 0
     summary = json.loads((tmp_path / "results.json").read_text())["results"]["words"]
     assert "consistency_rank_acc" not in summary and 0.0 <= summary["appearance_acc"] <= 1.0
     assert not standardized and len(calls) == 2
@@ -391,11 +389,7 @@ def test_evaluate_sheet_and_text_variant_gives_stage1s_sheet_and_the_words(tiny_
                         real_generate(self, c, sheet=sheet, **k))
     monkeypatch.setattr(Engine, "standardize_reference", lambda self, *a, **k: standardized.append(
         real_standardize(self, *a, **k)) or standardized[-1])
-    args = ["run", "--preset", "demo", "--probe", str(tiny_probe), "--characters", "2", "--seeds", "1", "--steps", "1",
-            "--size", "64x96", "--device", "cpu", "--out", str(tmp_path), "--variant", "both=:sheet+text"]
-    for name, path in tiny_overrides.items():
-        args += ["--override", f"{name}={path}"]
-    assert main(args) == 0
+    assert main(_tiny_run_args(tiny_probe, tiny_overrides, tmp_path, "--variant", "both=:sheet+text")) == 0
     summary = json.loads((tmp_path / "results.json").read_text())["results"]["both"]
     assert "consistency_rank_acc" in summary
     assert len(standardized) == 2 and len(calls) == 2
