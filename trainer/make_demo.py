@@ -643,7 +643,7 @@ def package(args, timings: dict) -> Path:
     # the sheets as the studio draws them (the preset's colour correction after the model), and the model alone
     colour_match = engine.preset.standardize_defaults.get("colour_match", 0.0)
     # sampling steps of every measurement and figure below (None: the preset's own, 20): the card prints them
-    steps = getattr(args, "eval_steps", None)
+    steps = args.eval_steps
     quality_steps = steps or engine.preset.standardize_defaults["num_inference_steps"]
     quality, shown = standardization_quality(engine.standardize, n=args.eval_n, steps=quality_steps, examples=2,
                                              probe=probe, colour_match=colour_match)
@@ -683,7 +683,7 @@ def package(args, timings: dict) -> Path:
         rows.append([ref, sheet, *panels])
     latency = []
     panel_steps = steps or engine.preset.defaults["num_inference_steps"]
-    for seed in range(3):  # one panel at the demo size, 20 DDIM steps with CFG, the sheet's embedding cached
+    for seed in range(3):  # one panel at the demo size, panel_steps DDIM steps with CFG, the sheet's embedding cached
         start = time.perf_counter()
         engine.generate_panels(prompts[:1], sheet=rows[0][1], seeds=seed, num_inference_steps=panel_steps)
         latency.append(time.perf_counter() - start)
