@@ -500,3 +500,67 @@ def test_base_loss_is_fixed_and_a_text_blind_base_scores_no_text_gap():
         pipe.unet.add_embedding.linear_1.weight[:, :text_dim].zero_()
     blind = base_loss(pipe, n=6, size=(64, 96), batch=3)
     assert blind["gap_text"] == 0.0 and blind["loss"] != first["loss"]
+
+
+def test_gate_failures_by_the_margins():
+    from trainer.make_demo import gate_failures
+
+    shipped = {"appearance_acc": 0.270, "background_acc": 0.95, "consistency_rank_acc": 0.806}
+    assert gate_failures({**shipped, "appearance_acc": 0.290}, shipped) == []
+    assert gate_failures({**shipped, "appearance_acc": 0.290, "consistency_rank_acc": 0.78}, shipped) == []
+    [failure] = gate_failures({**shipped, "appearance_acc": 0.279}, shipped)  # inside the protocol's noise
+    assert "appearance 0.279 is not above the shipped 0.270" in failure
+    [failure] = gate_failures({**shipped, "appearance_acc": 0.30, "consistency_rank_acc": 0.77}, shipped)
+    assert "consistency 0.770 fell" in failure
+    assert len(gate_failures({**shipped, "background_acc": 0.7}, shipped)) == 2
+    assert gate_failures({**shipped, "appearance_acc": 0.1}, None) == []  # nothing shipped: only the floor
+    assert "background accuracy 0.700" in gate_failures({**shipped, "background_acc": 0.7}, None)[0]
+
+
+def test_package_if_better_measures_the_set_in_runs_against_the_shipped_card(tiny_probe, tiny_engine_dir,
+                                                                             tiny_std_dir, tmp_path, monkeypatch):
+    """make_demo --package-if-better on tiny models: the set in runs/ is assembled and measured by the panels
+    protocol; the shipped set (the same models here) is re-measured where its card used another protocol, so the
+    two rows are equal and nothing packages; against a card that reads lower, it packages."""
+    import shutil
+
+    from trainer import make_demo
+
+    runs, shipped_dir = tmp_path / "runs", tmp_path / "shipped"
+    detectors = make_demo.ROOT / "assets" / "models" / "demo" / "detectors"
+    outputs = {"standardize": tiny_std_dir, "base": tiny_engine_dir / "sdxl", "probe": tiny_probe,
+               "personalizer": tiny_engine_dir / "adapter" / "ip-adapter.safetensors",
+               "pose_detector": detectors / "pose.onnx", "mask_detector": detectors / "mask.onnx",
+               **{stage: runs / "absent" / stage for stage in ("vae", "sheet_decoder", "standard_pose")}}
+    for stage, path in outputs.items():
+        monkeypatch.setitem(make_demo.OUTPUTS, stage, path)
+    shutil.copytree(tiny_engine_dir / "image_encoder", runs / "clip" / "image_encoder")
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    monkeypatch.setattr(make_demo, "SHIPPED", shipped_dir)
+    monkeypatch.setattr(make_demo, "evaluation_settings", lambda profile: {"characters": 2, "seeds": 1})
+    from trainer import evaluate
+
+    real_protocol = evaluate.run_protocol  # the protocol as the gate calls it, at the tiny models' size
+    monkeypatch.setattr(evaluate, "run_protocol", lambda *a, **k: real_protocol(*a, size=(64, 96), **k))
+    make_demo.assemble(shipped_dir)  # what "shipped" holds: the same models, as packaging writes them
+    card = {"panels": {"appearance_acc": 0.9, "background_acc": 1.0, "consistency_rank_acc": 1.0, "characters": 5,
+                       "seeds": 4}, "panel_steps": 20}
+    (shipped_dir / "model_card.json").write_text(json.dumps(card))
+    packaged = []
+    monkeypatch.setattr(make_demo, "package", lambda args, timings: packaged.append(1) or shipped_dir)
+    monkeypatch.setattr(make_demo, "GATE_BACKGROUND_FLOOR", 0.0)  # tiny models draw no scene
+    argv = ["--stages", "package", "--package-if-better", "--eval-steps", "1"]
+
+    assert make_demo.main(argv) == 0
+    report = json.loads((runs / "gate.json").read_text())
+    assert report["candidate"] == report["shipped"]  # re-measured on this protocol, not the card's 0.9
+    assert report["candidate"]["characters"] == 2 and report["candidate"]["prompts"] == 20
+    assert [f.split(" is not above")[0] for f in report["failures"]] == [
+        f"appearance {report['candidate']['appearance_acc']:.3f}"]
+    assert packaged == [] and not (runs / "candidate").exists()
+
+    row = report["candidate"]
+    card = {"panels": {**row, "appearance_acc": row["appearance_acc"] - 0.05}, "panel_steps": 1}
+    (shipped_dir / "model_card.json").write_text(json.dumps(card))
+    assert make_demo.main(argv) == 0
+    assert json.loads((runs / "gate.json").read_text())["failures"] == [] and packaged == [1]
