@@ -1,6 +1,7 @@
 """Each trainer: 2 steps on CPU with tiny configs, loadable artifacts, resume from the saved step."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -1079,6 +1080,40 @@ def test_the_base_vae_is_seeded_only_where_the_shipped_base_has_its_own(tmp_path
         if name == "two":
             own = weights(runs / "base_vae" / "vae")
             assert all(torch.equal(v, own[k]) for k, v in weights(shipped / "personalize" / "vae").items())
+
+
+def test_a_stage_named_after_being_seeded_in_an_earlier_call_trains(tmp_path, monkeypatch):
+    """--from-shipped seeds the stages a call does not run; a later call that names one trains it (the seed is
+    removed first) instead of calling the shipped copy done; a trained run is done, and --continue-steps continues
+    from the seed."""
+    from trainer import make_demo
+
+    shipped, runs = tmp_path / "shipped", tmp_path / "runs"
+    (shipped / "adapter").mkdir(parents=True)
+    (shipped / "adapter" / "ip-adapter.safetensors").write_bytes(b"shipped adapter")
+    (shipped / "model_card.json").write_text(json.dumps({"budgets": {"personalizer": {"steps": 9500}}}))
+    monkeypatch.setattr(make_demo, "SHIPPED", shipped)
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    output = runs / "personalizer" / "adapter" / "ip-adapter.safetensors"
+    monkeypatch.setitem(make_demo.OUTPUTS, "personalizer", output)
+    trained = []
+
+    def run_stage(stage, args, continuing=False):
+        trained.append((stage, continuing, output.exists()))
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_bytes(b"trained here")
+        (runs / stage / "logs.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+
+    monkeypatch.setattr(make_demo, "run_stage", run_stage)
+    assert make_demo.seed_from_shipped("personalizer") and make_demo.seeded_only("personalizer")
+    assert make_demo.main(["--stages", "personalizer"]) == 0
+    assert trained == [("personalizer", False, False)]  # the seed was gone when the stage trained
+    assert output.read_bytes() == b"trained here" and not make_demo.seeded_only("personalizer")
+    assert make_demo.main(["--stages", "personalizer"]) == 0 and len(trained) == 1  # trained: done
+    shutil.rmtree(runs / "personalizer")
+    assert make_demo.seed_from_shipped("personalizer")
+    assert make_demo.main(["--stages", "personalizer", "--continue-steps", "5"]) == 0
+    assert trained[-1] == ("personalizer", True, True)  # continuing starts from the seed
 
 
 def test_a_run_started_from_a_shipped_model_named_in_its_config_records_its_lineage(tmp_path, monkeypatch):

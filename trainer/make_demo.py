@@ -293,7 +293,7 @@ def seed_from_shipped(stage: str) -> bool:
         return False
     run = RUNS / stage
     run.mkdir(parents=True, exist_ok=True)
-    lineage = shipped_lineage(stage, card)
+    lineage = {**shipped_lineage(stage, card), "seeded": True}  # not trained here (seeded_only)
     if stage == "standardize":  # the shipped model's learning curve, continued by this run's (learning_curve)
         lineage["curve"] = card.get("learning_curve", [])
     (run / LINEAGE).write_text(json.dumps(lineage, indent=2))
@@ -306,6 +306,15 @@ def seed_from_shipped(stage: str) -> bool:
         timings_path.write_text(json.dumps(timings, indent=2))
     print(f"{stage}: seeded from the shipped demo model ({out})")
     return True
+
+
+def seeded_only(stage: str) -> bool:
+    """Whether ``stage``'s run in runs/ is only the shipped model that ``--from-shipped`` seeded there (nothing trained
+    since). A stage named in ``--stages`` is then trained, not taken as done: seeding it in an earlier call (one that
+    ran other stages) must not turn a later ``--stages base`` into "done" with the shipped base (it did once, in a
+    /4 programme run split over calls)."""
+    run = RUNS / stage
+    return bool((_json_file(run / LINEAGE, {}) or {}).get("seeded")) and not (run / "logs.jsonl").exists()
 
 
 def shipped_lineage(stage: str, card: dict) -> dict:
@@ -1282,6 +1291,9 @@ def main(argv=None) -> int:
             print(f"base_vae: skipped (the base reads the world VAE in this profile, not {OUTPUTS['base_vae']})")
             continue
         continuing = args.continue_steps is not None and stage in CONTINUABLE
+        if stage in TRAINERS and not continuing and seeded_only(stage):
+            print(f"{stage}: {OUTPUTS[stage]} is the shipped model, seeded by --from-shipped: training the stage")
+            shutil.rmtree(RUNS / stage)
         if OUTPUTS[stage].exists() and not (args.force or continuing or stage in args.force_stages.split(",")):
             print(f"{stage}: done ({OUTPUTS[stage]})")
             continue
