@@ -651,6 +651,16 @@ GATE_CONSISTENCY_SLACK = 0.03
 GATE_BACKGROUND_FLOOR = 0.8
 
 
+def two_stage_panels(engine, probe, profile: str, steps: int) -> dict:
+    """The panels protocol's two-stage row (``trainer.evaluate run``) on the profile's characters and seeds: what the
+    card's ``panels`` holds and what ``--package-if-better`` compares, measured one way for both."""
+    from .evaluate import run_protocol
+
+    settings = evaluation_settings(profile)
+    return run_protocol([{"name": "two-stage", "engine": engine, "standardize": True}], probe,
+                        settings["characters"], settings["seeds"], steps=steps)["two-stage"]
+
+
 def gate_failures(candidate: dict, shipped: dict | None) -> list[str]:
     """Why the ``candidate`` panels row does not beat the ``shipped`` one (the card's ``panels``); empty: it does."""
     failures = []
@@ -673,8 +683,6 @@ def gate(args) -> bool:
     from engine import load_engine
     from engine.models.probe import AttributeProbe
 
-    from .evaluate import run_protocol
-
     if not OUTPUTS["probe"].exists():
         raise SystemExit(f"--package-if-better measures panels with the evaluation's probe, and {OUTPUTS['probe']} "
                          "is not trained: run make_demo --stages probe first")
@@ -687,8 +695,7 @@ def gate(args) -> bool:
     probe = AttributeProbe.from_pretrained(OUTPUTS["probe"]).eval()
 
     def measure(engine) -> dict:
-        return run_protocol([{"name": "two-stage", "engine": engine, "standardize": True}], probe,
-                            settings["characters"], settings["seeds"], steps=steps)["two-stage"]
+        return two_stage_panels(engine, probe, args.profile, steps)
 
     row = measure(engine)
     shipped_card = _json_file(SHIPPED / "model_card.json", {}) or {}
@@ -793,11 +800,9 @@ def package(args, timings: dict) -> Path:
                                 steps=panel_steps, out=demo / "figures")
     panels = None
     if probe is not None:  # the panels protocol (trainer.evaluate run, two-stage) and the ceiling of the base's VAE
-        from .evaluate import panel_vae_ceiling, run_protocol
+        from .evaluate import panel_vae_ceiling
 
-        settings = evaluation_settings(args.profile)
-        panels = run_protocol([{"name": "two-stage", "engine": engine, "standardize": True}], probe,
-                              settings["characters"], settings["seeds"], steps=panel_steps)["two-stage"]
+        panels = two_stage_panels(engine, probe, args.profile, panel_steps)
         panels["vae_ceiling"] = panel_vae_ceiling(engine.personalize.vae, probe, n=max(1, args.eval_n // 2))
     detectors = {kind: json.loads((OUTPUTS[f"{kind}_detector"].parent / "detector_accuracy.json").read_text())
                  for kind in ("pose", "mask")}
