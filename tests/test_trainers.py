@@ -1222,6 +1222,40 @@ def test_continue_from_shipped_or_from_the_latest_checkpoint(standardize_run, tm
     assert "init" not in make_demo.continue_overrides("standardize", {**config, "init": "other"}, 300)
 
 
+def test_a_continued_base_keeps_the_vae_it_learned_in(tmp_path, monkeypatch):
+    """A base continued (from runs/ or the shipped set) reads its own pipeline's VAE, not the profile's: the shipped
+    base draws in a /4 VAE of its own where --profile cpu and h200 name the /8 world VAE; a resumed run reads the
+    VAE its checkpoints learned in. A UNet given a VAE of another factor than its pipeline's is refused."""
+    from diffusers import AutoencoderKL
+
+    from trainer import make_demo
+    from trainer.train_text_to_image import _check_latent_factor
+
+    runs = tmp_path / "runs" / "demo"
+    sdxl = runs / "base" / "sdxl"
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    monkeypatch.setitem(make_demo.OUTPUTS, "base", sdxl)
+
+    def vae(blocks: int, path: Path) -> None:
+        AutoencoderKL(block_out_channels=[8] * blocks, down_block_types=["DownEncoderBlock2D"] * blocks,
+                      up_block_types=["UpDecoderBlock2D"] * blocks, latent_channels=4, norm_num_groups=4,
+                      layers_per_block=1).save_pretrained(path)
+
+    vae(3, sdxl / "vae")  # /4
+    (sdxl / "unet").mkdir()
+    config = {"output_dir": str(runs / "base"), "lr_warmup_steps": 100, "vae": "runs/demo/vae/vae"}
+    fresh = make_demo.continue_overrides("base", config, 500)
+    assert fresh["vae"] == str(sdxl / "vae") and fresh["init_unet"] == str(sdxl / "unet")
+    (runs / "base" / "checkpoint-250").mkdir()
+    (runs / "base" / "config.json").write_text(json.dumps({"vae": "runs/demo/base_vae/vae", "max_train_steps": 250}))
+    assert make_demo.continue_overrides("base", config, 500) == {"lr_schedule": "constant", "max_train_steps": 750,
+                                                                 "vae": "runs/demo/base_vae/vae"}
+    _check_latent_factor(str(sdxl / "unet"), 4, "own")
+    with pytest.raises(ValueError, match=r"learned in the latents of its pipeline's /4 VAE .* is /8: set vae to"):
+        _check_latent_factor(str(sdxl / "unet"), 8, "runs/demo/vae/vae")
+    _check_latent_factor(str(tmp_path / "loose_unet"), 8, "any")  # no pipeline around it: nothing to compare
+
+
 def test_make_demo_fits_stage1s_own_decoder_and_builds_the_adapters_pairs_with_it(standardize_run, tmp_path,
                                                                                      monkeypatch):
     """make_demo's sheet_decoder stage: Stage I's latents on training characters -> a decoder fitted to them (the

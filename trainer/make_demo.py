@@ -206,15 +206,22 @@ def continue_overrides(stage: str, config: dict, steps: int) -> dict:
         # the checkpoint holds trained weights only: the model they load into is built from the run's recorded init
         # (a seeded shipped model: its architecture and latent basis), not from scratch as the recipe's config says
         key = INIT_KEYS.get(_stage_kind(stage))
-        recorded = _json_file(Path(config["output_dir"]) / "config.json", {}).get(key)
+        run_config = _json_file(Path(config["output_dir"]) / "config.json", {})
+        recorded = run_config.get(key)
         if recorded and not config.get(key):
             overrides[key] = recorded
+        if _stage_kind(stage) == "base" and run_config.get("vae"):
+            overrides["vae"] = run_config["vae"]  # its checkpoints learned in that VAE's latents
         return overrides
     source = OUTPUTS[stage] if OUTPUTS[stage].exists() else _shipped_output(stage)
     if source is None:
         raise ValueError(f"{stage}: nothing to continue from (no run in {config['output_dir']}, nothing shipped)")
     key, value = _init_value(stage, source)
     overrides.update({key: value, "max_train_steps": steps, "lr_warmup_steps": min(config["lr_warmup_steps"], 50)})
+    if _stage_kind(stage) == "base" and (source / "vae").is_dir():
+        # a base continues in the latents it learned, whatever VAE the profile names for a fresh base: the shipped
+        # base draws in a /4 VAE of its own (the /4 programme) where --profile cpu and h200 name the /8 world VAE
+        overrides["vae"] = str(source / "vae")
     return overrides
 
 

@@ -99,6 +99,8 @@ def build(config: dict):
             raise ValueError(f"grow_outer_levels is a number of levels or 'auto', not {levels!r}")
         if levels:
             unet = grow_outer_levels(unet, levels)
+    elif config["init_unet"]:
+        _check_latent_factor(config["init_unet"], factor, config["vae"])
     scheduler = DDIMScheduler(**noise_schedule_kwargs(config), set_alpha_to_one=False)
     for module in (vae, te, te2):
         module.requires_grad_(False).eval()
@@ -108,6 +110,19 @@ def build(config: dict):
     pipe = PersonalizePipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok2, unet=unet,
                                scheduler=scheduler, force_zeros_for_empty_prompt=False)
     return pipe
+
+
+def _check_latent_factor(init_unet, factor: int, vae_path) -> None:
+    """A UNet started from a pipeline's ``unet`` folder learned in the latents of that pipeline's VAE: given a VAE of
+    another factor (a /4 base given the /8 world VAE, without ``grow_outer_levels``) it would train without error
+    and draw nothing."""
+    own = Path(init_unet).parent / "vae"
+    if (own / "config.json").is_file() and Path(init_unet).name == "unet":
+        own_factor = vae_factor(AutoencoderKL.from_pretrained(own))
+        if own_factor != factor:
+            raise ValueError(f"init_unet {init_unet} learned in the latents of its pipeline's /{own_factor} VAE ({own}),"
+                             f" and vae {vae_path} is /{factor}: set vae to {own} (or grow_outer_levels: auto to grow "
+                             "it for a finer VAE)")
 
 
 def texts_for(batch, rng) -> list[str]:
