@@ -120,9 +120,9 @@ def _check_latent_factor(init_unet, factor: int, vae_path) -> None:
     if (own / "config.json").is_file() and Path(init_unet).name == "unet":
         own_factor = vae_factor(AutoencoderKL.from_pretrained(own))
         if own_factor != factor:
-            raise ValueError(f"init_unet {init_unet} learned in the latents of its pipeline's /{own_factor} VAE ({own}),"
-                             f" and vae {vae_path} is /{factor}: set vae to {own} (or grow_outer_levels: auto to grow "
-                             "it for a finer VAE)")
+            raise ValueError(f"init_unet {init_unet} learned in the latents of its pipeline's /{own_factor} VAE "
+                             f"({own}), and vae {vae_path} is /{factor}: set vae to {own} (or grow_outer_levels: auto "
+                             "to grow it for a finer VAE)")
 
 
 def texts_for(batch, rng) -> list[str]:
