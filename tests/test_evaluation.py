@@ -517,6 +517,46 @@ def test_gate_failures_by_the_margins():
     assert "background accuracy 0.700" in gate_failures({**shipped, "background_acc": 0.7}, None)[0]
 
 
+def test_assemble_ships_the_unet_trained_with_the_adapter(tiny_engine_dir, tiny_std_dir, tmp_path, monkeypatch):
+    """A personalizer run that trained the base's layers too (train_unet) writes unet/ beside adapter/: the packaged
+    panels' pipeline carries that UNet, not the base's; without it, the base's."""
+    import shutil
+
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from trainer import make_demo
+
+    runs = tmp_path / "runs"
+    adapter = runs / "personalizer" / "adapter" / "ip-adapter.safetensors"
+    adapter.parent.mkdir(parents=True)
+    shutil.copy(tiny_engine_dir / "adapter" / "ip-adapter.safetensors", adapter)
+    detectors = make_demo.ROOT / "assets" / "models" / "demo" / "detectors"
+    outputs = {"standardize": tiny_std_dir, "base": tiny_engine_dir / "sdxl", "personalizer": adapter,
+               "pose_detector": detectors / "pose.onnx", "mask_detector": detectors / "mask.onnx",
+               **{stage: runs / "absent" / stage for stage in ("vae", "sheet_decoder", "standard_pose")}}
+    for stage, path in outputs.items():
+        monkeypatch.setitem(make_demo.OUTPUTS, stage, path)
+    shutil.copytree(tiny_engine_dir / "image_encoder", runs / "clip" / "image_encoder")
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+    base = UNet2DConditionModel.from_pretrained(tiny_engine_dir / "sdxl" / "unet")
+
+    def packaged_unet(folder):
+        make_demo.assemble(folder)
+        return UNet2DConditionModel.from_pretrained(folder / "personalize" / "unet").state_dict()
+
+    plain = packaged_unet(tmp_path / "plain")
+    assert all(torch.equal(v, base.state_dict()[k].half()) for k, v in plain.items())
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if "attentions." in name:
+                param.add_(0.5)
+    base.save_pretrained(runs / "personalizer" / "unet")
+    joint = packaged_unet(tmp_path / "joint")
+    assert all(torch.equal(v, base.state_dict()[k].half()) for k, v in joint.items())
+    assert any(not torch.equal(joint[k], plain[k]) for k in joint)
+
+
 def test_package_if_better_measures_the_set_in_runs_against_the_shipped_card(tiny_probe, tiny_engine_dir,
                                                                              tiny_std_dir, tmp_path, monkeypatch):
     """make_demo --package-if-better on tiny models: the set in runs/ is assembled and measured by the panels

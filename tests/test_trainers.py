@@ -580,6 +580,31 @@ def test_personalizer_trains_resumes_and_its_adapter_loads_through_the_engine(ti
     assert out.images.shape == (2, 64, 64, 3)
 
 
+def test_personalizer_trains_the_bases_attention_with_the_adapter_and_resumes_it(tiny_base, tmp_path):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from trainer import train_personalizer
+
+    cfg = _personalizer_config(tmp_path, tiny_base)
+    args = ["--config", cfg, "--set", "train_unet=attention", "--set", "use_ema=false"]
+    train_personalizer.main(train_personalizer.parse_args(args + ["--set", "lr_multipliers={unet: 0.5}"]))
+    base = UNet2DConditionModel.from_pretrained(tiny_base / "sdxl" / "unet").state_dict()
+    trained = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet").state_dict()
+    assert trained.keys() == base.keys()  # a plain UNet: the adapter's modules are not in it
+    changed = {k for k in base if not torch.equal(base[k], trained[k])}
+    assert changed and all("attentions." in k for k in changed)  # its transformer blocks learned, nothing else
+    checkpoint = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "checkpoint-2" / "unet").state_dict()
+    assert all(torch.equal(checkpoint[k], trained[k]) for k in base)  # no EMA: the last step's weights
+    # resumed: the checkpoint's UNet is loaded, not the base's again
+    config = train_personalizer.load_config(train_personalizer.parse_args(args), train_personalizer.DEFAULTS)
+    _, model = train_personalizer.build(config)
+    model.unet_part.load_pretrained_weights(tmp_path / "run" / "checkpoint-2" / "unet")
+    assert all(torch.equal(model.unet.state_dict()[k], trained[k]) for k in base)
+    with pytest.raises(ValueError, match="train_unet"):
+        train_personalizer.AdapterTrainer(model.unet, 8, 0, "convolutions")
+
+
 def test_personalizer_trains_on_group_scenes_under_regional_conditioning(tiny_base, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

@@ -3,7 +3,8 @@
     python -m trainer.train_personalizer --config trainer/configs/personalizer_demo.yaml
     accelerate launch -m trainer.train_personalizer --config ...
 
-Only the adapter trains (MLP projection + to_k_ip/to_v_ip); the SDXL-shaped base and the image encoder are frozen.
+Only the adapter trains (MLP projection + to_k_ip/to_v_ip); the SDXL-shaped base and the image encoder are frozen,
+unless ``train_unet`` names base layers to train with it (then ``unet/`` is written too).
 Data: a ``trainer.build_pairs`` folder (the paper's recipe: sheets made by our Stage I), or for the ablations
 ``pairs: synthetic-oracle`` (ground-truth standard renders), ``synthetic-raw`` (one-stage paired: another picture of
 the character) or ``synthetic-unpaired`` (one-stage unpaired: the target itself). Condition dropout: text, image, or both. Writes
@@ -73,6 +74,12 @@ DEFAULTS = {
     # figure_loss_weight: the figure is a third of a scene, and the adapter's part of a panel is the figure. Needs
     # the targets' masks: synthetic pairs have them, a pair folder from build_pairs --ground-truth keeps them.
     "figure_loss_weight": 0.0,
+    # The base's own layers trained with the adapter: None (the paper's IP-Adapter: only the adapter), "attention"
+    # (the base's transformer blocks too) or "all" (the whole UNet). The base learned to draw from words; its layers
+    # after the adapter's keys and values may read the sheet's tokens better once they learn from them too. A set
+    # trained so ships its UNet with the adapter (``unet/`` beside ``adapter/``). ``lr_multipliers: {unet: f}`` sets
+    # the UNet's rate apart.
+    "train_unet": None,
 }
 
 
@@ -175,15 +182,55 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2)
 
 
-class AdapterTrainer(torch.nn.Module):
-    """The frozen UNet with the trainable adapter installed; ``adapter`` holds exactly the trained parameters."""
+UNET_CHOICES = (None, "attention", "all")
 
-    def __init__(self, unet, image_embed_dim: int, seed: int):
-        super().__init__()
-        unet.requires_grad_(False)
+
+def base_unet_state(unet) -> dict:
+    """The UNet's own weights, without the adapter modules installed in it (its attention processors and
+    ``encoder_hid_proj``)."""
+    return {k: v for k, v in unet.state_dict().items()
+            if ".processor." not in k and not k.startswith("encoder_hid_proj.")}
+
+
+class UNetPart:
+    """The base UNet of an ``AdapterTrainer`` as a checkpoint part (``register_pretrained_hooks``): saved and loaded
+    as a plain diffusers UNet folder, the installed adapter left out (it is its own part)."""
+
+    def __init__(self, unet):
         self.unet = unet
+
+    def save_pretrained(self, folder):
+        from diffusers import UNet2DConditionModel
+
+        plain = UNet2DConditionModel.from_config(self.unet.config)
+        plain.load_state_dict(base_unet_state(self.unet))
+        plain.save_pretrained(folder)
+
+    def load_pretrained_weights(self, folder):
+        from diffusers import UNet2DConditionModel
+
+        loaded = UNet2DConditionModel.from_pretrained(folder).state_dict()
+        self.unet.load_state_dict(loaded, strict=False)
+
+
+class AdapterTrainer(torch.nn.Module):
+    """The UNet with the trainable adapter installed; ``adapter`` holds the adapter's parameters. The UNet is frozen
+    unless ``train_unet`` names its layers to train too (``UNET_CHOICES``)."""
+
+    def __init__(self, unet, image_embed_dim: int, seed: int, train_unet: str | None = None):
+        super().__init__()
+        if train_unet not in UNET_CHOICES:
+            raise ValueError(f"train_unet: {train_unet!r} is not one of {', '.join(map(str, UNET_CHOICES))}")
+        unet.requires_grad_(False)
+        for name, param in unet.named_parameters():  # before the adapter is installed: the base's own layers only
+            if train_unet == "all" or (train_unet == "attention" and "attentions." in name):
+                param.requires_grad_(True)
+        # the adapter registered first, so its parameters (installed in the UNet too) are named adapter.*, and an
+        # lr_multipliers prefix "unet" reaches only the base's own layers
         self.adapter = IPAdapterModules.install(unet, image_embed_dim=image_embed_dim, seed=seed)
         self.adapter.requires_grad_(True)
+        self.unet, self.train_unet = unet, train_unet
+        self.unet_part = UNetPart(unet) if train_unet else None
 
     def forward(self, noisy, t, prompt_embeds, added_cond_kwargs, ip_adapter_masks=None):
         dtype = self.unet.dtype  # the frozen encoders' outputs may be in another precision (mixed precision)
@@ -203,7 +250,7 @@ def build(config: dict):
                           feature_extractor=clip_processor(size))
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False).eval()
-    return pipe, AdapterTrainer(pipe.unet, encoder.config.hidden_size, config["seed"])
+    return pipe, AdapterTrainer(pipe.unet, encoder.config.hidden_size, config["seed"], config["train_unet"])
 
 
 @torch.no_grad()
@@ -267,9 +314,19 @@ def main(args) -> Path:
         module.to(accelerator.device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     w, h = config["resolution"]
+    # with the base's layers trained too, the EMA and the checkpoints hold them (the EMA keyed over the whole model)
+    joint = model.train_unet is not None
+    parts = {"adapter": "adapter", **({"unet": "unet_part"} if joint else {})}
     model, optimizer, lr_scheduler, ema, start = prepare_training(
-        accelerator, config, model, {"adapter": "adapter"}, params=model.adapter.parameters(),
-        ema_target=model.adapter)
+        accelerator, config, model, parts, params=None if joint else model.adapter.parameters(),
+        ema_target=model if joint else model.adapter)
+
+    def averaged_module():  # what the EMA averages
+        unwrapped = accelerator.unwrap_model(model)
+        return unwrapped if joint else unwrapped.adapter
+
+    def averaged():  # the EMA's weights swapped into it
+        return ema_weights(averaged_module(), ema)
 
     seed = config["seed"] * 1_000_003 + start + accelerator.process_index
     if str(config["pairs"]).startswith("synthetic-"):
@@ -349,17 +406,20 @@ def main(args) -> Path:
                               config["snr_gamma"], pixel_weight=weight)
 
     def run_validation(step):
-        with ema_weights(accelerator.unwrap_model(model).adapter, ema):
+        with averaged():
             pipe.set_progress_bar_config(disable=True)
             validate(pipe, config, step, out / "validation")
 
     training_loop(accelerator=accelerator, config=config, model=model, optimizer=optimizer,
                   lr_scheduler=lr_scheduler, batches=batches(), loss_fn=loss_fn, start_step=start, ema=ema,
-                  ema_module=lambda: accelerator.unwrap_model(model).adapter, validate=run_validation)
+                  ema_module=averaged_module, validate=run_validation)
     final = out / "adapter"
     if accelerator.is_main_process:
-        with ema_weights(accelerator.unwrap_model(model).adapter, ema) as adapter:
-            adapter.save_pretrained(final)
+        with averaged():
+            trained = accelerator.unwrap_model(model)
+            trained.adapter.save_pretrained(final)
+            if joint:
+                trained.unet_part.save_pretrained(out / "unet")
     end_training(accelerator)
     return final / "ip-adapter.safetensors"
 
