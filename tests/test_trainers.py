@@ -601,6 +601,13 @@ def test_personalizer_trains_the_bases_attention_with_the_adapter_and_resumes_it
     _, model = train_personalizer.build(config)
     model.unet_part.load_pretrained_weights(tmp_path / "run" / "checkpoint-2" / "unet")
     assert all(torch.equal(model.unet.state_dict()[k], trained[k]) for k in base)
+    from trainer.common import param_groups
+
+    plain, slow = param_groups(model, [p for p in model.parameters() if p.requires_grad], {
+        "learning_rate": 1.0, "lr_multipliers": {"unet": 0.5}})
+    adapter = {id(p) for p in model.adapter.parameters()}
+    assert slow["lr"] == 0.5 and not adapter & {id(p) for p in slow["params"]}  # the multiplier: the base's only
+    assert {id(p) for p in plain["params"]} == adapter
     with pytest.raises(ValueError, match="train_unet"):
         train_personalizer.AdapterTrainer(model.unet, 8, 0, "convolutions")
 

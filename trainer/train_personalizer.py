@@ -210,7 +210,9 @@ class UNetPart:
         from diffusers import UNet2DConditionModel
 
         loaded = UNet2DConditionModel.from_pretrained(folder).state_dict()
-        self.unet.load_state_dict(loaded, strict=False)
+        unexpected = self.unet.load_state_dict(loaded, strict=False).unexpected_keys  # missing: the adapter's
+        if unexpected:
+            raise ValueError(f"{folder} is not this run's UNet: {len(unexpected)} weights it does not have")
 
 
 class AdapterTrainer(torch.nn.Module):
