@@ -517,6 +517,23 @@ def test_gate_failures_by_the_margins():
     assert "background accuracy 0.700" in gate_failures({**shipped, "background_acc": 0.7}, None)[0]
 
 
+def _runs_of_tiny_models(monkeypatch, runs, tiny_engine_dir, tiny_std_dir, personalizer, **more):
+    """make_demo's OUTPUTS and RUNS pointed at the tiny models (the shipped detectors; no fine-tuned decoder, sheet
+    decoder or standard-pose estimator), as ``assemble`` reads them."""
+    import shutil
+
+    from trainer import make_demo
+
+    detectors = make_demo.ROOT / "assets" / "models" / "demo" / "detectors"
+    outputs = {"standardize": tiny_std_dir, "base": tiny_engine_dir / "sdxl", "personalizer": personalizer,
+               "pose_detector": detectors / "pose.onnx", "mask_detector": detectors / "mask.onnx", **more,
+               **{stage: runs / "absent" / stage for stage in ("vae", "sheet_decoder", "standard_pose")}}
+    for stage, path in outputs.items():
+        monkeypatch.setitem(make_demo.OUTPUTS, stage, path)
+    shutil.copytree(tiny_engine_dir / "image_encoder", runs / "clip" / "image_encoder")
+    monkeypatch.setattr(make_demo, "RUNS", runs)
+
+
 def test_assemble_ships_the_unet_trained_with_the_adapter(tiny_engine_dir, tiny_std_dir, tmp_path, monkeypatch):
     """A personalizer run that trained the base's layers too (train_unet) writes unet/ beside adapter/: the packaged
     panels' pipeline carries that UNet, not the base's; without it, the base's."""
@@ -531,14 +548,7 @@ def test_assemble_ships_the_unet_trained_with_the_adapter(tiny_engine_dir, tiny_
     adapter = runs / "personalizer" / "adapter" / "ip-adapter.safetensors"
     adapter.parent.mkdir(parents=True)
     shutil.copy(tiny_engine_dir / "adapter" / "ip-adapter.safetensors", adapter)
-    detectors = make_demo.ROOT / "assets" / "models" / "demo" / "detectors"
-    outputs = {"standardize": tiny_std_dir, "base": tiny_engine_dir / "sdxl", "personalizer": adapter,
-               "pose_detector": detectors / "pose.onnx", "mask_detector": detectors / "mask.onnx",
-               **{stage: runs / "absent" / stage for stage in ("vae", "sheet_decoder", "standard_pose")}}
-    for stage, path in outputs.items():
-        monkeypatch.setitem(make_demo.OUTPUTS, stage, path)
-    shutil.copytree(tiny_engine_dir / "image_encoder", runs / "clip" / "image_encoder")
-    monkeypatch.setattr(make_demo, "RUNS", runs)
+    _runs_of_tiny_models(monkeypatch, runs, tiny_engine_dir, tiny_std_dir, adapter)
     base = UNet2DConditionModel.from_pretrained(tiny_engine_dir / "sdxl" / "unet")
 
     def packaged_unet(folder):
@@ -562,20 +572,11 @@ def test_package_if_better_measures_the_set_in_runs_against_the_shipped_card(tin
     """make_demo --package-if-better on tiny models: the set in runs/ is assembled and measured by the panels
     protocol; the shipped set (the same models here) is re-measured where its card used another protocol, so the
     two rows are equal and nothing packages; against a card that reads lower, it packages."""
-    import shutil
-
     from trainer import make_demo
 
     runs, shipped_dir = tmp_path / "runs", tmp_path / "shipped"
-    detectors = make_demo.ROOT / "assets" / "models" / "demo" / "detectors"
-    outputs = {"standardize": tiny_std_dir, "base": tiny_engine_dir / "sdxl", "probe": tiny_probe,
-               "personalizer": tiny_engine_dir / "adapter" / "ip-adapter.safetensors",
-               "pose_detector": detectors / "pose.onnx", "mask_detector": detectors / "mask.onnx",
-               **{stage: runs / "absent" / stage for stage in ("vae", "sheet_decoder", "standard_pose")}}
-    for stage, path in outputs.items():
-        monkeypatch.setitem(make_demo.OUTPUTS, stage, path)
-    shutil.copytree(tiny_engine_dir / "image_encoder", runs / "clip" / "image_encoder")
-    monkeypatch.setattr(make_demo, "RUNS", runs)
+    _runs_of_tiny_models(monkeypatch, runs, tiny_engine_dir, tiny_std_dir,
+                         tiny_engine_dir / "adapter" / "ip-adapter.safetensors", probe=tiny_probe)
     monkeypatch.setattr(make_demo, "SHIPPED", shipped_dir)
     monkeypatch.setattr(make_demo, "evaluation_settings", lambda profile: {"characters": 2, "seeds": 1})
     from trainer import evaluate

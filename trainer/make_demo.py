@@ -622,7 +622,14 @@ def assemble(demo: Path) -> float:
 
     demo.mkdir(parents=True, exist_ok=True)
     std = StandardizePipeline.from_pretrained(OUTPUTS["standardize"])
-    base = PersonalizePipeline.from_pretrained(OUTPUTS["base"])
+    joint = OUTPUTS["personalizer"].parent.parent / "unet"  # the base's layers trained with the adapter (train_unet)
+    if joint.is_dir():
+        from diffusers import UNet2DConditionModel
+
+        base = PersonalizePipeline.from_pretrained(OUTPUTS["base"], unet=UNet2DConditionModel.from_pretrained(joint))
+        print(f"package: the panels' UNet is the one trained with the adapter ({joint})")
+    else:
+        base = PersonalizePipeline.from_pretrained(OUTPUTS["base"])
     if OUTPUTS["vae"].exists():
         for name, pipe in (("standardize", std), ("base", base)):
             if adopt_decoder(pipe, OUTPUTS["vae"]):
@@ -634,12 +641,6 @@ def assemble(demo: Path) -> float:
 
         std.register_modules(pose_estimator=StandardPoseEstimator.from_pretrained(OUTPUTS["standard_pose"]))
         print(f"package: Stage I draws each character's own standard pose ({OUTPUTS['standard_pose']})")
-    joint = OUTPUTS["personalizer"].parent.parent / "unet"  # the base's layers trained with the adapter (train_unet)
-    if joint.is_dir():
-        from diffusers import UNet2DConditionModel
-
-        base.register_modules(unet=UNet2DConditionModel.from_pretrained(joint))
-        print(f"package: the panels' UNet is the one trained with the adapter ({joint})")
     std.to(torch.float16).save_pretrained(demo / "standardize")
     base.to(torch.float16).save_pretrained(demo / "personalize")
     CLIPVisionModelWithProjection.from_pretrained(RUNS / "clip" / "image_encoder").to(torch.float16).save_pretrained(
