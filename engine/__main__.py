@@ -70,6 +70,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     panels.add_argument("--adapter-scale", type=float, default=None)
     panels.add_argument("--image-guidance", type=float, default=None, dest="image_guidance_scale",
                         help="guidance on the sheet apart from the text's (three UNet passes; default: the preset's)")
+    panels.add_argument("--guidance-rescale", type=float, default=None,
+                        help="0-1: pulls guided predictions back to the conditioned one's spread (default: the preset's)")
+    panels.add_argument("--reference-scale", type=float, default=None,
+                        help="reference attention: the panel's self-attention also reads the sheet's UNet features "
+                             "(one more UNet pass per step; 0 off; default: the preset's)")
     panels.add_argument("--num-images", type=int, default=1, dest="num_images_per_prompt")
     panels.add_argument("--batch-size", type=int, default=None, dest="max_batch_size",
                         help="panels per UNet batch (default: all at once)")
@@ -153,7 +158,8 @@ def run_panels(args) -> dict:
     options = engine.generation_options(
         num_inference_steps=args.num_inference_steps, width=args.width, height=args.height,
         guidance_scale=args.guidance_scale, adapter_scale=args.adapter_scale,
-        image_guidance_scale=args.image_guidance_scale,
+        image_guidance_scale=args.image_guidance_scale, reference_scale=args.reference_scale,
+        guidance_rescale=args.guidance_rescale,
     )
     output = engine.personalize(
         prompt=prompts, sheet=sheet, regions=regions, negative_prompt=args.negative_prompt, seeds=args.seed,

@@ -123,24 +123,29 @@ def test_cli_panels_writes_images_and_manifest(tmp_path, tiny_overrides, capsys)
     assert np.abs(alone - first).max() <= 1
 
 
-def test_cli_image_guidance_reaches_the_panels(tmp_path, tiny_overrides, capsys):
+@pytest.mark.parametrize("flag, key, value, message", [
+    ("--image-guidance", "image_guidance_scale", 9.0, "image_guidance_scale=-1.0 must be None or a number >= 0"),
+    ("--reference-scale", "reference_scale", 20.0, "reference_scale=-1.0 must be a number >= 0"),
+    ("--guidance-rescale", "guidance_rescale", 1.0, "guidance_rescale=-1.0 must be a number between 0 and 1"),
+])
+def test_cli_panel_options_reach_the_panels(tmp_path, tiny_overrides, capsys, flag, key, value, message):
     from PIL import Image
 
     sheet = tmp_path / "sheet.png"
     make_sheet().save(sheet)
     drawn = {}
-    for name, extra in (("plain", []), ("guided", ["--image-guidance", "9"])):
+    for name, extra in (("plain", []), ("option", [flag, str(value)])):
         code = cli_main(["panels", "--sheet", str(sheet), "--prompt", "running", "--seed", "7", "--out",
                          str(tmp_path / name), *_cli_args(tiny_overrides), *extra])
         assert code == 0
         drawn[name] = np.asarray(Image.open(tmp_path / name / "panel_000.png")).astype(int)
-    manifest = json.loads((tmp_path / "guided" / "panels.json").read_text())
-    assert manifest["options"]["image_guidance_scale"] == 9.0
-    assert np.abs(drawn["guided"] - drawn["plain"]).max() > 2
+    manifest = json.loads((tmp_path / "option" / "panels.json").read_text())
+    assert manifest["options"][key] == value
+    assert np.abs(drawn["option"] - drawn["plain"]).max() > 2
     code = cli_main(["panels", "--sheet", str(sheet), "--prompt", "x", "--out", str(tmp_path / "bad"),
-                     *_cli_args(tiny_overrides), "--image-guidance", "-1"])
+                     *_cli_args(tiny_overrides), flag, "-1"])
     err = capsys.readouterr().err
-    assert code == 2 and "image_guidance_scale=-1.0 must be None or a number >= 0" in err and "Traceback" not in err
+    assert code == 2 and message in err and "Traceback" not in err
 
 
 def test_cli_named_sheets_draw_group_panels_from_script_tags(tmp_path, tiny_overrides, capsys):

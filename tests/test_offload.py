@@ -7,6 +7,7 @@ must equal the unhooked one. (The VAE is diffusers' own: its ``encode``/``decode
 """
 
 import numpy as np
+import pytest
 import torch
 from components import make_sheet, tiny_stage1_components
 from diffusers import AutoencoderKL
@@ -63,11 +64,12 @@ def test_stage1_with_fbdm_and_rpim_uses_each_model_only_through_forward():
     np.testing.assert_array_equal(hooked, expected)
 
 
-def test_stage2_uses_each_model_only_through_forward(tiny_full_engine):
+@pytest.mark.parametrize("reference_scale", [0.0, 20.0])  # reference attention runs the UNet once more a step
+def test_stage2_uses_each_model_only_through_forward(tiny_full_engine, reference_scale):
     pipe = tiny_full_engine.personalize
     sheet = make_sheet((200, 40, 40))
     kwargs = {"prompt": ["running", "a street"], "sheet": [sheet, None], "seeds": [1, 2], "height": 96, "width": 64,
-              "num_inference_steps": 2}
+              "num_inference_steps": 2, "reference_scale": reference_scale}
     expected = [np.asarray(i) for i in pipe(**kwargs).images]
     pipe.clear_sheet_cache()  # the hooked run encodes the sheet again
     handles = park_outside_forward(pipe)

@@ -127,6 +127,51 @@ def test_image_guidance_leaves_panels_without_a_character_alone(pipe):
     assert np.abs(guided[0] - plain[0]).max() > 1e-2
 
 
+def test_reference_attention_reads_the_sheets_features_and_puts_the_processors_back(pipe):
+    red = make_sheet((220, 30, 30))
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 200, (72, 48, 3), dtype=np.uint8))
+    before = {name: type(proc) for name, proc in pipe.unet.attn_processors.items()}
+    prompts, seeds = ["a knight", "an empty street"], [1, 2]
+    plain = run(pipe, prompts, sheet=[red, None], seeds=seeds).images
+    off = run(pipe, prompts, sheet=[red, None], seeds=seeds, reference_scale=0.0).images
+    np.testing.assert_array_equal(off, plain)
+    ref_red = run(pipe, prompts, sheet=[red, None], seeds=seeds, reference_scale=20.0).images
+    assert {name: type(proc) for name, proc in pipe.unet.attn_processors.items()} == before
+    assert np.abs(ref_red[0] - plain[0]).max() > 1e-2  # the panel with the character reads the sheet's features
+    np.testing.assert_allclose(ref_red[1], plain[1], atol=1e-5)  # the one without a character does not
+    again = run(pipe, prompts, sheet=[red, None], seeds=seeds, reference_scale=20.0).images
+    np.testing.assert_array_equal(again, ref_red)  # a seed still reproduces its panel
+    # what is read is the sheet's pixels: a sheet with the same embeddings but other pixels draws another panel
+    embeds = pipe.encode_sheet(red)
+    other_pixels = SheetEmbeds(cond=embeds.cond, uncond=embeds.uncond, key=embeds.key, image=noise)
+    ref_noise = run(pipe, "a knight", sheet=other_pixels, seeds=1, reference_scale=20.0).images
+    assert np.abs(ref_noise[0] - ref_red[0]).max() > 1e-2
+    hand_made = SheetEmbeds(cond=embeds.cond, uncond=embeds.uncond, key="hand-made")
+    with pytest.raises(ValueError, match="reference attention needs the sheet's pixels"):
+        run(pipe, "a knight", sheet=hand_made, seeds=1, reference_scale=20.0)
+    assert {name: type(proc) for name, proc in pipe.unet.attn_processors.items()} == before
+
+
+@pytest.mark.parametrize("image_guidance", [None, 7.0])
+def test_guidance_rescale_pulls_the_guided_prediction_to_the_full_passs_spread(pipe, monkeypatch, image_guidance):
+    from engine.pipelines import personalize
+
+    seen, real = [], personalize.rescale_noise_cfg
+
+    def spy(noise_cfg, noise_full, guidance_rescale):
+        seen.append((noise_cfg.std().item(), noise_full.std().item(), guidance_rescale))
+        return real(noise_cfg, noise_full, guidance_rescale)
+
+    monkeypatch.setattr(personalize, "rescale_noise_cfg", spy)
+    options = {"sheet": make_sheet(), "seeds": 4, "image_guidance_scale": image_guidance, "guidance_scale": 6.0}
+    plain = run(pipe, "a knight", **options).images
+    assert seen == []  # off by default, as in the paper
+    rescaled = run(pipe, "a knight", guidance_rescale=1.0, **options).images
+    assert len(seen) == SIZE["num_inference_steps"] and all(r == 1.0 for *_, r in seen)
+    assert all(abs(cfg - full) > 1e-4 for cfg, full, _ in seen)  # guidance did widen the spread it now rescales
+    assert np.abs(rescaled - plain).max() > 1e-2
+
+
 def test_sheet_cache_hit_does_not_rerun_image_encoder(pipe):
     calls = []
     handle = pipe.image_encoder.register_forward_hook(lambda *a: calls.append(1))
@@ -223,6 +268,8 @@ def test_pil_output(pipe):
         ({"num_inference_steps": 0}, "num_inference_steps=0"),
         ({"adapter_scale": "high"}, "adapter_scale='high'"),
         ({"image_guidance_scale": -1.0}, "image_guidance_scale=-1.0 must be None or a number >= 0"),
+        ({"reference_scale": -0.5}, "reference_scale=-0.5 must be a number >= 0"),
+        ({"guidance_rescale": 1.5}, "guidance_rescale=1.5 must be a number between 0 and 1; 0 switches it off"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):

@@ -769,6 +769,9 @@ def main(argv=None) -> int:
     run.add_argument("--adapter-scale", type=float, default=None, help="IP-Adapter scale (default: the preset's)")
     run.add_argument("--image-guidance", type=float, default=None,
                      help="guidance on the sheet apart from the text's (default: the preset's)")
+    run.add_argument("--guidance-rescale", type=float, default=None, help="0-1 (default: the preset's)")
+    run.add_argument("--reference-scale", type=float, default=None,
+                     help="reference attention on the sheet's UNet features (0 off; default: the preset's)")
     run.add_argument("--size", default="128x192")
     run.add_argument("--clip", default=None, help="a CLIPModel folder for the paper's CLIP-I/T (full preset)")
     run.add_argument("--device", default=None)
@@ -953,7 +956,8 @@ def _run(args) -> int:
     out = Path(args.out)
     # None keeps the preset's default (Engine.generation_options drops it)
     options = dict(guidance_scale=args.guidance, adapter_scale=args.adapter_scale,
-                   image_guidance_scale=args.image_guidance)
+                   image_guidance_scale=args.image_guidance, reference_scale=args.reference_scale,
+                   guidance_rescale=args.guidance_rescale)
     results = run_protocol(variants, probe, args.characters, args.seeds, (w, h), args.steps, clip, out, **options)
     accuracy_file = Path(args.probe).parent / "probe_accuracy.json"
     probe_accuracy = json.loads(accuracy_file.read_text()) if accuracy_file.is_file() else None

@@ -7,20 +7,24 @@ Each panel is SDXL(prompt) + adapter(sheet). Differences from a stock ``StableDi
 * panels without a character (``sheet=None`` entries) run in the same call with the adapter switched off;
 * a panel may hold several characters (a list of sheets): each character's adapter tokens act only inside its
   region (diffusers' ``ip_adapter_masks``; columns from ``engine.regions`` or masks given by the caller);
-* defaults follow the paper (DDIM, 20 steps, 512x768).
+* defaults follow the paper (DDIM, 20 steps, 512x768);
+* optionally (``reference_scale``), the panel's self-attention also reads the sheet's own UNet features
+  (``engine.models.reference_attention``), for one-character panels.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.models.embeddings import ImageProjection
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import rescale_noise_cfg
 from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
@@ -32,7 +36,8 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from ..preprocess.image import load_image, pad_to_square
+from ..models.reference_attention import ReferenceBank, has_self_attention, reference_attention
+from ..preprocess.image import load_image, pad_to_aspect, pad_to_square
 from ..regions import MAX_CHARACTERS, character_regions
 
 MAX_PROMPT_CHARS = 2000
@@ -45,6 +50,7 @@ class SheetEmbeds:
     cond: torch.Tensor  # [1, tokens, dim] hidden states (Full/Plus adapters) or [1, dim] (basic adapter)
     uncond: torch.Tensor
     key: str  # sha256 of the sheet's RGB pixels
+    image: PIL.Image.Image | None = field(default=None, repr=False, compare=False)  # RGB, for reference attention
 
 
 @dataclass
@@ -146,7 +152,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
 
         pixel_values = self.feature_extractor(pad_to_square(image), return_tensors="pt").pixel_values
         cond = self._encode_pixels(pixel_values, hidden_states=state[1])
-        embeds = SheetEmbeds(cond=cond, uncond=self._uncond_embeds(), key=cache_key[0])
+        embeds = SheetEmbeds(cond=cond, uncond=self._uncond_embeds(), key=cache_key[0], image=image)
         self._sheet_cache[cache_key] = embeds
         while len(self._sheet_cache) > self.sheet_cache_size:
             self._sheet_cache.popitem(last=False)
@@ -186,7 +192,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
     def check_panel_inputs(
         self, prompt, sheet, negative_prompt, seeds, num_inference_steps, height, width, guidance_scale,
         adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs, regions=None,
-        image_guidance_scale=None,
+        image_guidance_scale=None, reference_scale=0.0, guidance_rescale=0.0,
     ) -> list[str]:
         """Validates the call and returns the prompt list; every problem raises ``ValueError`` naming the value."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
@@ -212,6 +218,13 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             or image_guidance_scale < 0
         ):
             raise ValueError(f"image_guidance_scale={image_guidance_scale!r} must be None or a number >= 0")
+        if not isinstance(guidance_rescale, (int, float)) or isinstance(guidance_rescale, bool) or not (
+                0 <= guidance_rescale <= 1):
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} must be a number between 0 and 1; 0 switches it off")
+        if not isinstance(reference_scale, (int, float)) or isinstance(reference_scale, bool) or not reference_scale >= 0:
+            raise ValueError(f"reference_scale={reference_scale!r} must be a number >= 0 (0 switches it off)")
+        if reference_scale > 0 and not has_self_attention(self.unet):
+            raise ValueError("reference_scale needs a UNet with self-attention; this one has none: leave it at 0")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
         if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
@@ -256,8 +269,10 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         height: int = 768,
         width: int = 512,
         guidance_scale: float = 5.0,
+        guidance_rescale: float = 0.0,
         adapter_scale: float | dict = 1.0,
         image_guidance_scale: float | None = None,
+        reference_scale: float = 0.0,
         num_images_per_prompt: int = 1,
         max_batch_size: int | None = None,
         output_type: str = "pil",
@@ -281,6 +296,9 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                 in the output so a panel can be redrawn exactly). With per-prompt seeds, image ``j`` of prompt ``i``
                 uses ``seeds[i] + j``. Noise is drawn on the CPU, so a seed gives the same panel on any device and in
                 any batch.
+            guidance_rescale: rescales the guided prediction towards the standard deviation of the fully
+                conditioned one (Lin et al. 2023, section 3.4: keeps zero-terminal-SNR models from over-exposing at
+                high guidance); 0 (the paper's) leaves it alone, 0.7 is the value Lin et al. recommend.
             adapter_scale: a number, or per-block scales as in ``set_ip_adapter_scale`` (``{"up": {"block_0": ...}}``).
             image_guidance_scale: guidance on the sheet apart from the text's. ``None`` (the paper's): one scale,
                 ``guidance_scale``, for text and sheet together (two UNet passes). A number ``s``: three passes, and
@@ -288,6 +306,11 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                 eps(text, none))`` (InstructPix2Pix's two-condition guidance), so ``s`` above ``guidance_scale``
                 pulls the panel further towards the sheet; ``s == guidance_scale`` gives the two-pass result. Panels
                 without a character keep two passes.
+            reference_scale: reference attention (``engine.models.reference_attention``): above 0, each step also
+                runs the sheet's latent through the UNet and the panel's self-attention reads the sheet figure's
+                tokens, weighted ``reference_scale`` times their plain share. One more UNet pass per step over the
+                panels with one character; panels with several characters or none do not use it. Needs the sheet's
+                pixels (a sheet given as ``SheetEmbeds`` from ``encode_sheet`` carries them).
             max_batch_size: panels per UNet batch (``None``: all panels of a kind in one batch).
             callback_on_step_end: ``fn(pipe, step, timestep, kwargs) -> dict``; ``pipe.current_run`` and
                 ``pipe.num_runs`` tell which batch is running.
@@ -296,12 +319,12 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         prompts = self.check_panel_inputs(
             prompt, sheet, negative_prompt, seeds, num_inference_steps, height, width, guidance_scale,
             adapter_scale, num_images_per_prompt, max_batch_size, callback_on_step_end_tensor_inputs, regions,
-            image_guidance_scale,
+            image_guidance_scale, reference_scale, guidance_rescale,
         )
         n, k = len(prompts), num_images_per_prompt
         self._guidance_scale = guidance_scale
         self._image_guidance_scale = image_guidance_scale
-        self._guidance_rescale = 0.0
+        self._guidance_rescale = float(guidance_rescale)
         self._clip_skip = None
         self._cross_attention_kwargs = None
         self._denoising_end = None
@@ -363,6 +386,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                 image_embeds=[sample_embeds[i] for i in indices] if with_sheet else None,
                 masks=torch.stack([sample_masks[i] for i in indices]) if group else None,
                 adapter_scale=adapter_scale,
+                reference_scale=reference_scale if with_sheet and not group else 0.0,
                 seeds=[sample_seeds[i] for i in indices],
                 height=height,
                 width=width,
@@ -465,7 +489,7 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
     def _denoise(
         self, indices, prompt_embeds, negative_embeds, pooled, negative_pooled, time_ids, image_embeds,
         adapter_scale, seeds, height, width, num_inference_steps, callback_on_step_end,
-        callback_on_step_end_tensor_inputs, masks=None,
+        callback_on_step_end_tensor_inputs, masks=None, reference_scale=0.0,
     ) -> torch.Tensor:
         device = self._execution_device
         batch = len(indices)
@@ -499,11 +523,16 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
             masks = torch.cat([masks] * len(passes))
             attention_kwargs = {"ip_adapter_masks": [masks.to(device=device, dtype=dtype)]}
 
-        # 8. Denoising loop
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
+        # 8. Denoising loop (with reference attention: one more pass per step records the sheet's features)
+        reference = None
+        if reference_scale > 0:
+            reference = self._prepare_reference(image_embeds, seeds, passes, height, width, reference_scale)
+        with self.progress_bar(total=len(timesteps)) as progress_bar, self._reference_context(reference):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     break
+                if reference is not None:
+                    self._record_reference(reference, t, prompt_embeds, added_cond_kwargs, batch)
                 model_input = torch.cat([latents] * len(passes))
                 model_input = self.scheduler.scale_model_input(model_input, t)
                 noise_pred = self.unet(
@@ -521,6 +550,10 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                 elif len(passes) == 2:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + self.guidance_scale * (noise_text - noise_uncond)
+                if len(passes) > 1 and self.guidance_rescale > 0:
+                    # towards the spread of the pass that sees everything (the text, and the sheet where there is one)
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_sheet if len(passes) == 3 else noise_text,
+                                                   self.guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
 
                 if callback_on_step_end is not None:
@@ -537,6 +570,64 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                     latents = outputs.pop("latents", latents)
                 progress_bar.update()
         return latents
+
+    def _sheet_latents(self, embeds: SheetEmbeds, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sheet padded with white to the panel's aspect, as VAE latents ``[1, c, h, w]`` (scaled as the UNet
+        reads them), and its figure mask ``[1, 1, h, w]``: the pixels that are not the sheet's white background."""
+        if embeds.image is None:
+            raise ValueError("reference attention needs the sheet's pixels: pass the sheet image (or SheetEmbeds from "
+                             "encode_sheet), not hand-made embeddings")
+        image = pad_to_aspect(embeds.image, width, height).resize((width, height), PIL.Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+        vae = self.vae
+        dtype = next(iter(vae.encoder.parameters())).dtype
+        latents = vae.encode((pixels * 2 - 1).to(get_module_execution_device(vae), dtype)).latent_dist.mode()
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = (latents - mean) * vae.config.scaling_factor / std
+        else:
+            latents = latents * vae.config.scaling_factor
+        figure = ((1.0 - pixels).amax(dim=1, keepdim=True) > 0.08).float()
+        figure = torch.nn.functional.adaptive_avg_pool2d(figure, latents.shape[-2:])
+        return latents, figure
+
+    def _prepare_reference(self, image_embeds, seeds, passes, height, width, scale) -> dict:
+        """The sheets' latents and figure masks, each with its own noise (seeded from the panel's seed, so a seed
+        still reproduces its panel), and the bank the processors share."""
+        device, dtype = self._execution_device, self.unet.dtype
+        encoded = [self._sheet_latents(e, height, width) for e in image_embeds]
+        latents = torch.cat([lat for lat, _ in encoded]).to(device=device, dtype=dtype)
+        noise = torch.cat([randn_tensor(latents.shape[1:], generator=torch.Generator("cpu").manual_seed(s + 7919),
+                                        dtype=torch.float32)[None] for s in seeds]).to(device=device, dtype=dtype)
+        bank = ReferenceBank(scale)
+        bank.figure = torch.cat([fig for _, fig in encoded])
+        bank.rows = torch.tensor([sheet for _, sheet in passes for _ in seeds])
+        embeds = self._image_embeds_for_run(image_embeds, len(seeds), ((True, True),))
+        return {"bank": bank, "latents": latents, "noise": noise, "image_embeds": embeds}
+
+    def _reference_context(self, reference):
+        return nullcontext() if reference is None else reference_attention(self.unet, reference["bank"])
+
+    def _record_reference(self, reference, t, prompt_embeds, added_cond_kwargs, batch: int) -> None:
+        """One UNet pass over the sheets noised to step ``t``, with no text (SDXL's zeroed empty prompt) and the
+        sheet's image embeddings, that records every self-attention layer's input for the panel's pass."""
+        latents = reference["latents"]
+        timesteps = t.reshape(1).expand(latents.shape[0]).to(latents.device)
+        noisy = self.scheduler.add_noise(latents, reference["noise"], timesteps)
+        noisy = self.scheduler.scale_model_input(noisy, t)
+        added = {"text_embeds": torch.zeros_like(added_cond_kwargs["text_embeds"][:batch]),
+                 "time_ids": added_cond_kwargs["time_ids"][:batch]}
+        if reference["image_embeds"] is not None:
+            added["image_embeds"] = reference["image_embeds"]
+        bank = reference["bank"]
+        bank.mode = "write"
+        try:
+            self.unet(noisy, t, encoder_hidden_states=torch.zeros_like(prompt_embeds[:batch]),
+                      added_cond_kwargs=added, return_dict=False)
+        finally:
+            bank.mode = "read"
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.vae

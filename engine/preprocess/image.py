@@ -90,12 +90,20 @@ def load_image(image, name: str = "image", min_side: int = 1, background=(255, 2
 def pad_to_square(image: Image.Image, fill=(255, 255, 255)) -> Image.Image:
     """Pads to a centred square. Sheets are 2:3 full-body images: CLIP's centre crop would cut off head and feet,
     so the adapter (in training and inference alike) sees the whole sheet padded with its white background."""
-    width, height = image.size
-    side = max(width, height)
-    if width == height:
+    return pad_to_aspect(image, 1, 1, fill)
+
+
+def pad_to_aspect(image: Image.Image, width: int, height: int, fill=(255, 255, 255)) -> Image.Image:
+    """Pads ``image`` (centred, with ``fill``) to the aspect ratio ``width:height``; nothing is cut off."""
+    w, h = image.size
+    if w * height == h * width:
         return image
-    canvas = Image.new(image.mode, (side, side), fill)
-    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    if w * height > h * width:  # too wide: pad top and bottom
+        size = (w, -(-w * height // width))
+    else:
+        size = (-(-h * width // height), h)
+    canvas = Image.new(image.mode, size, fill)
+    canvas.paste(image, ((size[0] - w) // 2, (size[1] - h) // 2))
     return canvas
 
 
