@@ -1731,6 +1731,94 @@ def test_grown_outer_levels_start_as_the_old_unet_on_averaged_features(levels, t
         grow_outer_levels(old, 0)
 
 
+def test_attention_at_an_outer_level_starts_as_the_old_unet_and_the_old_adapter_loads_by_name(tmp_path):
+    """attention_at_levels: transformer blocks where the base had none, zero at first, so the grown UNet with the
+    old adapter (loaded into the processors it was saved from) predicts what the old one predicts."""
+    from components import tiny_sdxl_components
+
+    from engine.models.adapter import IPAdapterModules
+    from trainer.common import attention_at_levels, new_attention_prefixes
+
+    old = tiny_sdxl_components()["unet"].eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in old.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    grown = attention_at_levels(old, [0]).eval()
+    assert grown.config.down_block_types == ["CrossAttnDownBlock2D"] * 2
+    assert grown.config.up_block_types == ["CrossAttnUpBlock2D"] * 2
+    prefixes = new_attention_prefixes(grown, dict(old.config))
+    assert prefixes == ("down_blocks.0.attentions.", "up_blocks.1.attentions.")
+    IPAdapterModules.install(old, image_embed_dim=16, num_tokens=5, seed=0).save_pretrained(tmp_path)
+    modules = IPAdapterModules.install(grown, image_embed_dim=16, num_tokens=5, seed=1)
+    with pytest.raises(ValueError, match="holds 8 cross-attention layers; this UNet takes 11"):
+        modules.load_pretrained_weights(tmp_path)
+    modules.load_pretrained_weights(tmp_path, processor_names=[
+        n for n in modules.processor_names if not n.startswith(prefixes)])
+    kwargs = {"encoder_hidden_states": torch.randn(2, 3, 64),
+              "added_cond_kwargs": {"text_embeds": torch.randn(2, 32), "time_ids": torch.randn(2, 6),
+                                    "image_embeds": [torch.randn(2, 1, 5, 16)]}}
+    sample = torch.randn(2, 4, 16, 16)
+    with torch.no_grad():
+        expected = old(sample, torch.tensor([3, 900]), **kwargs).sample
+        out = grown(sample, torch.tensor([3, 900]), **kwargs).sample
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+        grown.down_blocks[0].attentions[0].proj_out.weight.normal_()  # the new blocks do act once they are not zero
+        assert (grown(sample, torch.tensor([3, 900]), **kwargs).sample - expected).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="level 1 is not an attention-free level"):
+        attention_at_levels(old, [1])
+
+
+def test_personalizer_trains_attention_it_adds_at_an_outer_level_and_ships_it(tiny_base, tmp_path):
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    from engine.pipelines import PersonalizePipeline
+    from trainer import train_personalizer
+
+    cfg = _personalizer_config(tmp_path, tiny_base)
+    init = train_personalizer.main(train_personalizer.parse_args(
+        ["--config", cfg, "--output_dir", str(tmp_path / "init")]))  # an adapter of the base as it is
+    args = ["--config", cfg, "--set", "attention_levels=[0]", "--set", "train_unet=new", "--set", "use_ema=false",
+            "--set", f"init_adapter={init}", "--set", "group_fraction=0.5", "--set", "group_sizes=[2]"]
+    config = train_personalizer.load_config(train_personalizer.parse_args(args), train_personalizer.DEFAULTS)
+    _, model = train_personalizer.build(config)
+    train_personalizer.load_init_adapter(model, init)
+    saved = load_file(init)
+    old = [n for n in model.adapter.processor_names if not n.startswith(model.new_prefixes)]
+    image_proj = [k for k in saved if k.startswith("image_proj.")]
+    assert len(old) == (len(saved) - len(image_proj)) // 2 < len(model.adapter.processor_names)
+    by_name = dict(zip(model.adapter.processor_names, model.adapter.processors))
+    for index, name in enumerate(old):  # the init's layers are where they were, the new ones start fresh
+        torch.testing.assert_close(by_name[name].to_k_ip[0].weight, saved[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"])
+
+    adapter = train_personalizer.main(train_personalizer.parse_args(args))
+    base = UNet2DConditionModel.from_pretrained(tiny_base / "sdxl" / "unet").state_dict()
+    grown = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet")
+    state = grown.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())  # the base's own weights did not move
+    new = [k for k in state if k not in base]
+    assert new and all(k.startswith(("down_blocks.0.attentions.", "up_blocks.1.attentions.")) for k in new)
+    assert all(state[k].abs().max() > 0 for k in new if k.endswith("proj_out.weight"))  # no longer zero: trained
+    # what assemble ships: the run's UNet with its adapter, loaded by stock diffusers
+    pipe = PersonalizePipeline.from_pretrained(tiny_base / "sdxl", unet=grown)
+    pipe.load_ip_adapter(str(adapter.parent), subfolder="", weight_name=adapter.name,
+                         image_encoder_folder=str(tiny_base / "image_encoder"))
+    shipped = load_file(adapter)
+    assert len(shipped) == len(image_proj) + 2 * len(model.adapter.processor_names)
+    loaded = [p for p in pipe.unet.attn_processors.values() if hasattr(p, "to_k_ip")]
+    for index, proc in enumerate(loaded):  # stock diffusers numbers them as we saved them, new blocks included
+        torch.testing.assert_close(proc.to_k_ip[0].weight, shipped[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"])
+    from components import make_sheet
+
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe("a", sheet=make_sheet(), seeds=1, height=64, width=64, num_inference_steps=2,
+                output_type="np").images.shape == (1, 64, 64, 3)
+    with pytest.raises(ValueError, match="set train_unet"):
+        train_personalizer.AdapterTrainer(UNet2DConditionModel.from_pretrained(tiny_base / "sdxl" / "unet"), 8, 0,
+                                          None, ("down_blocks.0.attentions.",))
+
+
 @pytest.mark.filterwarnings("ignore")
 def test_base_grows_its_init_for_a_finer_vae_trains_and_draws(tmp_path):
     """train_text_to_image with grow_outer_levels: the tiny /2 base's UNet grown for a /1 VAE trains, saves a base

@@ -279,6 +279,46 @@ def grow_outer_levels(unet, levels: int = 1):
     return grown
 
 
+def attention_at_levels(unet, levels: list[int]):
+    """``unet`` with transformer blocks (self-attention, the text's and an adapter's cross-attention) added at the
+    attention-free ``levels`` (0 is the outermost): ``DownBlock2D`` there becomes ``CrossAttnDownBlock2D`` and the
+    matching ``UpBlock2D`` a ``CrossAttnUpBlock2D``, with their resnets and samplers as they were. The new blocks'
+    output projections start at zero, so the grown UNet computes exactly the old one until they train: the adapter
+    can then read the sheet at a finer level than the base's own attention (the demo base's sits at 12x8 and 6x4)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(unet.config)
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    for level in levels:
+        if not 0 <= level < len(down) or down[level] != "DownBlock2D" or up[len(up) - 1 - level] != "UpBlock2D":
+            raise ValueError(f"attention_levels: level {level} is not an attention-free level of this UNet "
+                             f"(down blocks {down})")
+        down[level], up[len(up) - 1 - level] = "CrossAttnDownBlock2D", "CrossAttnUpBlock2D"
+    config.update(down_block_types=down, up_block_types=up)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    grown = UNet2DConditionModel.from_config(config).to(device=unet.device, dtype=unet.dtype)
+    result = grown.load_state_dict(unet.state_dict(), strict=False)
+    new = tuple([f"down_blocks.{lv}.attentions." for lv in levels]
+                + [f"up_blocks.{len(up) - 1 - lv}.attentions." for lv in levels])
+    stray = [k for k in result.missing_keys if not k.startswith(new)]
+    if result.unexpected_keys or stray:
+        raise ValueError(f"growing attention lost weights: {(result.unexpected_keys + stray)[:3]}")
+    with torch.no_grad():
+        for name, module in grown.named_modules():
+            if name.startswith(new) and name.endswith("proj_out"):
+                module.weight.zero_()
+                module.bias.zero_()
+    return grown
+
+
+def new_attention_prefixes(unet, base_config) -> tuple[str, ...]:
+    """The module-name prefixes of ``unet``'s transformer blocks that a UNet of ``base_config`` lacks."""
+    down, up = unet.config.down_block_types, unet.config.up_block_types
+    return tuple([f"down_blocks.{i}.attentions." for i, (a, b) in enumerate(zip(down, base_config["down_block_types"]))
+                  if a != b] + [f"up_blocks.{i}.attentions." for i, (a, b) in
+                                enumerate(zip(up, base_config["up_block_types"])) if a != b])
+
+
 def figure_at_latent_size(mask: torch.Tensor, factor: int) -> torch.Tensor:
     """A (B, 1, H, W) mask in [0, 1] as the share of each ``factor`` x ``factor`` latent pixel it covers."""
     return torch.nn.functional.avg_pool2d(mask.float(), factor)

@@ -27,13 +27,14 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from engine.models.adapter import IPAdapterModules
+from engine.models.adapter import IPAdapterModules, read_adapter_file
 from engine.pipelines.personalize import PersonalizePipeline
 from engine.preprocess.image import clip_processor, pad_to_square
 from engine.regions import character_regions
 
 from .common import (
     COMMON_DEFAULTS,
+    attention_at_levels,
     base_parser,
     diffusion_loss,
     ema_weights,
@@ -42,6 +43,7 @@ from .common import (
     figure_weight,
     image_grid,
     load_config,
+    new_attention_prefixes,
     prepare_training,
     setup_accelerator,
     training_loop,
@@ -80,6 +82,11 @@ DEFAULTS = {
     # trained so ships its UNet with the adapter (``unet/`` beside ``adapter/``). ``lr_multipliers: {unet: f}`` sets
     # the UNet's rate apart.
     "train_unet": None,
+    # Transformer blocks added to the base at these attention-free levels (0: the outermost) before training
+    # (``trainer.common.attention_at_levels``: zero-initialised, so the grown base starts as the old one), where the
+    # adapter then reads the sheet too: the demo base's own attention sits only at its two inner levels (12x8, 6x4).
+    # Needs ``train_unet`` ("new": only the added blocks train with the adapter).
+    "attention_levels": None,
 }
 
 
@@ -182,7 +189,7 @@ def to_tensor(images) -> torch.Tensor:
     return torch.from_numpy(arrays).permute(0, 3, 1, 2)
 
 
-UNET_CHOICES = (None, "attention", "all")
+UNET_CHOICES = (None, "attention", "all", "new")
 
 
 def base_unet_state(unet) -> dict:
@@ -215,23 +222,39 @@ class UNetPart:
             raise ValueError(f"{folder} is not this run's UNet: {len(unexpected)} weights it does not have")
 
 
+def _contiguous_inputs(module, args):
+    """A GroupNorm's input made contiguous. Growing attention (``attention_levels``) hands some GroupNorms a
+    channels-last-strided input in group batches, and torch's CPU GroupNorm backward crashed on it (SIGSEGV in
+    ``GroupNormBackwardKernelImplChannelsLastInternal``, torch 2.x); ``contiguous`` is a no-op everywhere else."""
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
 class AdapterTrainer(torch.nn.Module):
     """The UNet with the trainable adapter installed; ``adapter`` holds the adapter's parameters. The UNet is frozen
     unless ``train_unet`` names its layers to train too (``UNET_CHOICES``)."""
 
-    def __init__(self, unet, image_embed_dim: int, seed: int, train_unet: str | None = None):
+    def __init__(self, unet, image_embed_dim: int, seed: int, train_unet: str | None = None,
+                 new_prefixes: tuple[str, ...] = ()):
         super().__init__()
         if train_unet not in UNET_CHOICES:
             raise ValueError(f"train_unet: {train_unet!r} is not one of {', '.join(map(str, UNET_CHOICES))}")
+        if new_prefixes and train_unet is None:
+            raise ValueError("attention_levels adds blocks that start at zero: set train_unet (\"new\") to train them")
+        if train_unet == "new" and not new_prefixes:
+            raise ValueError("train_unet: \"new\" trains the blocks attention_levels adds; set attention_levels")
         unet.requires_grad_(False)
         for name, param in unet.named_parameters():  # before the adapter is installed: the base's own layers only
-            if train_unet == "all" or (train_unet == "attention" and "attentions." in name):
+            if (train_unet == "all" or (train_unet == "attention" and "attentions." in name)
+                    or (train_unet == "new" and name.startswith(new_prefixes))):
                 param.requires_grad_(True)
         # the adapter registered first, so its parameters (installed in the UNet too) are named adapter.*, and an
         # lr_multipliers prefix "unet" reaches only the base's own layers
         self.adapter = IPAdapterModules.install(unet, image_embed_dim=image_embed_dim, seed=seed)
         self.adapter.requires_grad_(True)
-        self.unet, self.train_unet = unet, train_unet
+        self.unet, self.train_unet, self.new_prefixes = unet, train_unet, new_prefixes
+        for module in unet.modules():
+            if isinstance(module, torch.nn.GroupNorm):
+                module.register_forward_pre_hook(_contiguous_inputs)
         self.unet_part = UNetPart(unet) if train_unet else None
 
     def forward(self, noisy, t, prompt_embeds, added_cond_kwargs, ip_adapter_masks=None):
@@ -252,7 +275,13 @@ def build(config: dict):
                           feature_extractor=clip_processor(size))
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False).eval()
-    return pipe, AdapterTrainer(pipe.unet, encoder.config.hidden_size, config["seed"], config["train_unet"])
+    new_prefixes = ()
+    if config["attention_levels"]:
+        base_config = dict(pipe.unet.config)
+        pipe.register_modules(unet=attention_at_levels(pipe.unet, list(config["attention_levels"])))
+        new_prefixes = new_attention_prefixes(pipe.unet, base_config)
+    return pipe, AdapterTrainer(pipe.unet, encoder.config.hidden_size, config["seed"], config["train_unet"],
+                                new_prefixes)
 
 
 @torch.no_grad()
@@ -305,13 +334,21 @@ def validate(pipe: PersonalizePipeline, config: dict, step: int, out_dir: Path) 
     pipe.clear_sheet_cache()
 
 
+def load_init_adapter(model: AdapterTrainer, path: Path) -> None:
+    """Starts the adapter from a file; one saved before ``attention_levels`` grew the base belongs to the processors
+    that were there then (the new blocks' keep their fresh weights)."""
+    names = model.adapter.processor_names
+    if len(read_adapter_file(path)["ip_adapter"]) != 2 * len(names):
+        names = [n for n in names if not n.startswith(model.new_prefixes)]
+    model.adapter.load_pretrained_weights(path.parent, path.name, names)
+
+
 def main(args) -> Path:
     config = load_config(args, DEFAULTS)
     accelerator, out, weight_dtype = setup_accelerator(config)
     pipe, model = build(config)
     if config["init_adapter"]:
-        init = Path(config["init_adapter"])
-        model.adapter.load_pretrained_weights(init.parent, init.name)
+        load_init_adapter(model, Path(config["init_adapter"]))
     for module in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.image_encoder):
         module.to(accelerator.device, weight_dtype)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
