@@ -580,8 +580,13 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         image = pad_to_aspect(embeds.image, width, height).resize((width, height), PIL.Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
         vae = self.vae
+        needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast  # as _decode: fp16 SDXL VAEs overflow
+        if needs_upcasting:
+            self.upcast_vae()
         dtype = next(iter(vae.encoder.parameters())).dtype
         latents = vae.encode((pixels * 2 - 1).to(get_module_execution_device(vae), dtype)).latent_dist.mode()
+        if needs_upcasting:
+            vae.to(dtype=torch.float16)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
         if mean is not None and std is not None:
             mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
