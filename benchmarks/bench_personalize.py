@@ -92,6 +92,8 @@ def main(argv=None):
     parser.add_argument("--image-guidance", type=float, default=None,
                         help="our panels with guidance on the sheet apart from the text's (three UNet passes; stock "
                              "diffusers has no such option, so its row keeps two)")
+    parser.add_argument("--reference-scale", type=float, default=0.0,
+                        help="our panels with reference attention (one more UNet pass a step; stock has none)")
     parser.add_argument("--no-stock", action="store_true", help="skip the stock diffusers comparison")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -125,7 +127,8 @@ def main(argv=None):
     common = dict(num_inference_steps=args.steps, height=args.height, width=args.width, guidance_scale=args.guidance)
 
     def run_ours():
-        ours(prompts, sheet=sheet, seeds=seeds, output_type="pil", image_guidance_scale=args.image_guidance, **common)
+        ours(prompts, sheet=sheet, seeds=seeds, output_type="pil", image_guidance_scale=args.image_guidance,
+             reference_scale=args.reference_scale, **common)
 
     ours.clear_sheet_cache()
     cold_s, _ = timed(run_ours, device, 1)
@@ -155,6 +158,7 @@ def main(argv=None):
     name = args.model if args.model != "preset" else f"preset {args.preset}"
     print(f"\nStage II benchmark: {name}, {args.width}x{args.height}, {args.steps} steps, CFG {args.guidance}, "
           f"{'' if args.image_guidance is None else f'image guidance {args.image_guidance} (ours), '}"
+          f"{'' if not args.reference_scale else f'reference attention {args.reference_scale} (ours), '}"
           f"{args.panels} panels/call, {str(dtype).replace('torch.', '')} on {device}"
           f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else f' ({os.cpu_count()} cores)'}"
           f"{', low-VRAM switches' if args.low_vram else ''}; load {load_s:.1f} s; median of {args.repeats}")
