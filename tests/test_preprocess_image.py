@@ -80,3 +80,16 @@ def test_pad_to_square_keeps_the_whole_figure():
     img = Image.new("RGB", (20, 30), (0, 0, 0))
     sq = pad_to_square(img)
     assert sq.size == (30, 30) and sq.getpixel((0, 0)) == (255, 255, 255) and sq.getpixel((15, 15)) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("size, aspect, padded", [((30, 10), (2, 3), (30, 45)), ((20, 30), (3, 1), (90, 30)),
+                                                  ((20, 30), (2, 3), (20, 30))])
+def test_pad_to_aspect_centres_the_image_on_white(size, aspect, padded):
+    from engine.preprocess.image import pad_to_aspect
+
+    img = Image.new("RGB", size, (0, 0, 0))
+    out = np.asarray(pad_to_aspect(img, *aspect))
+    assert out.shape[1::-1] == padded
+    x0, y0 = (padded[0] - size[0]) // 2, (padded[1] - size[1]) // 2
+    assert (out[y0:y0 + size[1], x0:x0 + size[0]] == 0).all()  # the whole image, where it was centred
+    assert (out == 255).all(axis=2).sum() == padded[0] * padded[1] - size[0] * size[1]  # white everywhere else
