@@ -298,8 +298,7 @@ def attention_at_levels(unet, levels: list[int]):
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     grown = UNet2DConditionModel.from_config(config).to(device=unet.device, dtype=unet.dtype)
     result = grown.load_state_dict(unet.state_dict(), strict=False)
-    new = tuple([f"down_blocks.{lv}.attentions." for lv in levels]
-                + [f"up_blocks.{len(up) - 1 - lv}.attentions." for lv in levels])
+    new = new_attention_prefixes(grown, unet.config)
     stray = [k for k in result.missing_keys if not k.startswith(new)]
     if result.unexpected_keys or stray:
         raise ValueError(f"growing attention lost weights: {(result.unexpected_keys + stray)[:3]}")
@@ -313,10 +312,11 @@ def attention_at_levels(unet, levels: list[int]):
 
 def new_attention_prefixes(unet, base_config) -> tuple[str, ...]:
     """The module-name prefixes of ``unet``'s transformer blocks that a UNet of ``base_config`` lacks."""
-    down, up = unet.config.down_block_types, unet.config.up_block_types
-    return tuple([f"down_blocks.{i}.attentions." for i, (a, b) in enumerate(zip(down, base_config["down_block_types"]))
-                  if a != b] + [f"up_blocks.{i}.attentions." for i, (a, b) in
-                                enumerate(zip(up, base_config["up_block_types"])) if a != b])
+    prefixes = []
+    for blocks, key in (("down_blocks", "down_block_types"), ("up_blocks", "up_block_types")):
+        prefixes += [f"{blocks}.{i}.attentions." for i, (grown, base) in
+                     enumerate(zip(unet.config[key], base_config[key])) if grown != base]
+    return tuple(prefixes)
 
 
 def figure_at_latent_size(mask: torch.Tensor, factor: int) -> torch.Tensor:

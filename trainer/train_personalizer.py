@@ -337,10 +337,11 @@ def validate(pipe: PersonalizePipeline, config: dict, step: int, out_dir: Path) 
 def load_init_adapter(model: AdapterTrainer, path: Path) -> None:
     """Starts the adapter from a file; one saved before ``attention_levels`` grew the base belongs to the processors
     that were there then (the new blocks' keep their fresh weights)."""
+    grouped = read_adapter_file(path)
     names = model.adapter.processor_names
-    if len(read_adapter_file(path)["ip_adapter"]) != 2 * len(names):
+    if len(grouped["ip_adapter"]) != 2 * len(names):
         names = [n for n in names if not n.startswith(model.new_prefixes)]
-    model.adapter.load_pretrained_weights(path.parent, path.name, names)
+    model.adapter.load_grouped(grouped, names)
 
 
 def main(args) -> Path:

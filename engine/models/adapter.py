@@ -141,10 +141,31 @@ class IPAdapterModules(torch.nn.Module):
 
     def load_pretrained_weights(self, directory: str | os.PathLike, weight_name: str = ADAPTER_WEIGHT_NAME,
                                 processor_names: list[str] | None = None) -> None:
-        """Loads a file written by :meth:`save_pretrained` into these (installed) modules. ``processor_names``: the
-        processors the file's entries belong to, in its order, where the UNet has more than the file was saved from
-        (transformer blocks added since: those keep their fresh weights); default all of them."""
-        _load_into(self, read_adapter_file(os.path.join(directory, weight_name)), processor_names)
+        """Loads a file written by :meth:`save_pretrained` into these (installed) modules (:meth:`load_grouped`)."""
+        self.load_grouped(read_adapter_file(os.path.join(directory, weight_name)), processor_names)
+
+    @torch.no_grad()
+    def load_grouped(self, grouped: dict, processor_names: list[str] | None = None) -> None:
+        """Loads ``read_adapter_file``'s groups. ``processor_names``: the processors the file's entries belong to, in
+        its order, where the UNet has more than the file was saved from (transformer blocks added since: those keep
+        their fresh weights); default all of them."""
+        proj = {}
+        for key, value in grouped["image_proj"].items():
+            for diffusers_name, h94_name in _FULL_PROJ_TO_H94:
+                if key.startswith(h94_name + "."):
+                    key = diffusers_name + key[len(h94_name):]
+                    break
+            proj[key] = value
+        self.image_proj.load_state_dict(proj)
+        by_name = dict(zip(self.processor_names, self.processors))
+        names = self.processor_names if processor_names is None else processor_names
+        if len(grouped["ip_adapter"]) != 2 * len(names):
+            raise ValueError(f"the adapter file holds {len(grouped['ip_adapter']) // 2} cross-attention layers; "
+                             f"this UNet takes {len(names)}")
+        for index, proc in enumerate(by_name[name] for name in names):
+            key_id = 2 * index + 1
+            proc.to_k_ip[0].weight.copy_(grouped["ip_adapter"][f"{key_id}.to_k_ip.weight"])
+            proc.to_v_ip[0].weight.copy_(grouped["ip_adapter"][f"{key_id}.to_v_ip.weight"])
 
     def save_pretrained(self, save_directory: str | os.PathLike, weight_name: str = ADAPTER_WEIGHT_NAME) -> str:
         """Writes the adapter as one safetensors file that ``pipe.load_ip_adapter(dir, "", weight_name)`` loads."""
@@ -152,27 +173,6 @@ class IPAdapterModules(torch.nn.Module):
         path = os.path.join(save_directory, weight_name)
         save_file(self.h94_state_dict(), path, metadata={"format": "pt", "layout": "h94-ip-adapter-full-257"})
         return path
-
-
-def _load_into(modules: "IPAdapterModules", grouped: dict, processor_names: list[str] | None = None) -> None:
-    proj = {}
-    for key, value in grouped["image_proj"].items():
-        for diffusers_name, h94_name in _FULL_PROJ_TO_H94:
-            if key.startswith(h94_name + "."):
-                key = diffusers_name + key[len(h94_name):]
-                break
-        proj[key] = value
-    modules.image_proj.load_state_dict(proj)
-    by_name = dict(zip(modules.processor_names, modules.processors))
-    names = modules.processor_names if processor_names is None else processor_names
-    if len(grouped["ip_adapter"]) != 2 * len(names):
-        raise ValueError(f"the adapter file holds {len(grouped['ip_adapter']) // 2} cross-attention layers; "
-                         f"this UNet takes {len(names)}")
-    with torch.no_grad():
-        for index, proc in enumerate(by_name[name] for name in names):
-            key_id = 2 * index + 1
-            proc.to_k_ip[0].weight.copy_(grouped["ip_adapter"][f"{key_id}.to_k_ip.weight"])
-            proc.to_v_ip[0].weight.copy_(grouped["ip_adapter"][f"{key_id}.to_v_ip.weight"])
 
 
 def read_adapter_file(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
