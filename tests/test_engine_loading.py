@@ -249,6 +249,23 @@ def test_fp16_sdxl_decodes_in_float32():
     assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16
 
 
+def test_fp16_sdxl_encodes_a_sheet_for_reference_attention_in_float32():
+    from components import make_sheet, tiny_sdxl_components
+
+    from engine.pipelines import PersonalizePipeline, SheetEmbeds
+
+    pipe = PersonalizePipeline(**tiny_sdxl_components(0))
+    pipe.vae.register_to_config(force_upcast=True)
+    pipe.vae.to(torch.float16)
+    seen = []
+    encode = pipe.vae.encode
+    pipe.vae.encode = lambda x, **kw: (seen.append((x.dtype, pipe.vae.dtype)), encode(x, **kw))[1]
+    empty = torch.zeros(1, 1, 4)
+    latents, figure = pipe._sheet_latents(SheetEmbeds(cond=empty, uncond=empty, key="k", image=make_sheet()), 64, 64)
+    assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16
+    assert latents.shape[-2:] == figure.shape[-2:] == (32, 32) and torch.isfinite(latents).all()
+
+
 @pytest.mark.parametrize("dtype, variant", [(torch.float16, "fp16"), (torch.bfloat16, "fp16"), (torch.float32, None)])
 def test_full_fetches_sdxls_fp16_weights_in_half_precision(monkeypatch, dtype, variant):
     from engine.loading import load_personalize

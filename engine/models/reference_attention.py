@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 class ReferenceBank:
     """What the processors share during one generation: the mode, the recorded sheet tokens per layer, which rows
-    of the panel batch read them, the sheet's figure mask and the weight of its tokens."""
+    of the panel batch read them, the sheet's figure mask and the weight of its tokens. ``figure`` and ``rows`` are
+    set once, before the first read: the attention biases built from them are kept for the generation."""
 
     def __init__(self, scale: float = 1.0):
         if not scale >= 0:
@@ -38,10 +39,17 @@ class ReferenceBank:
         self.features: dict[str, torch.Tensor] = {}
         self.figure: torch.Tensor | None = None  # [refs, 1, h, w] in [0, 1] at latent resolution, 1 on the figure
         self.rows: torch.Tensor | None = None  # [rows] bool: which rows of the read batch see the sheet
+        self._biases: dict[tuple, torch.Tensor] = {}  # token_bias per layer shape: the same at every step
 
     def token_bias(self, tokens: int, rows: int, own: int, device, dtype) -> torch.Tensor:
         """``[rows, 1, 1, own + tokens]`` additive logits: 0 on the row's own tokens, ``log(scale)`` on the sheet's
-        figure tokens of rows that read it, -inf elsewhere."""
+        figure tokens of rows that read it, -inf elsewhere. Computed once per shape (layers at one level share it)."""
+        key = (tokens, rows, own, device, dtype)
+        if key not in self._biases:
+            self._biases[key] = self._token_bias(tokens, rows, own).to(device=device, dtype=dtype)
+        return self._biases[key]
+
+    def _token_bias(self, tokens: int, rows: int, own: int) -> torch.Tensor:
         refs = self.figure.shape[0]
         h, w = self.figure.shape[-2:]
         factor = math.sqrt(h * w / tokens)
@@ -55,8 +63,7 @@ class ReferenceBank:
         figure = figure.repeat(rows // refs, 1) & reading
         weight = math.log(self.scale) if self.scale > 0 else -math.inf
         ref_bias = torch.where(figure, torch.tensor(weight), torch.tensor(-math.inf))
-        bias = torch.cat([torch.zeros(rows, own), ref_bias], dim=1)
-        return bias.to(device=device, dtype=dtype)[:, None, None, :]
+        return torch.cat([torch.zeros(rows, own), ref_bias], dim=1)[:, None, None, :]
 
 
 class ReferenceAttnProcessor:

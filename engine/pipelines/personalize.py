@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -579,19 +579,12 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
                              "encode_sheet), not hand-made embeddings")
         image = pad_to_aspect(embeds.image, width, height).resize((width, height), PIL.Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
-        vae = self.vae
-        needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast  # as _decode: fp16 SDXL VAEs overflow
-        if needs_upcasting:
-            self.upcast_vae()
-        dtype = next(iter(vae.encoder.parameters())).dtype
-        latents = vae.encode((pixels * 2 - 1).to(get_module_execution_device(vae), dtype)).latent_dist.mode()
-        if needs_upcasting:
-            vae.to(dtype=torch.float16)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = (latents - mean) * vae.config.scaling_factor / std
+        with self._vae_precision() as vae:
+            dtype = next(iter(vae.encoder.parameters())).dtype
+            latents = vae.encode((pixels * 2 - 1).to(get_module_execution_device(vae), dtype)).latent_dist.mode()
+        stats = self._latents_mean_std(latents)
+        if stats is not None:
+            latents = (latents - stats[0]) * vae.config.scaling_factor / stats[1]
         else:
             latents = latents * vae.config.scaling_factor
         figure = ((1.0 - pixels).amax(dim=1, keepdim=True) > 0.08).float()
@@ -634,20 +627,33 @@ class PersonalizePipeline(StableDiffusionXLPipeline):
         finally:
             bank.mode = "read"
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+    @contextmanager
+    def _vae_precision(self):
+        """The VAE for one encode or decode: in float32 where it is an fp16 VAE that overflows (``force_upcast``, the
+        SDXL VAE), back in fp16 afterwards, as stock diffusers does."""
         vae = self.vae
         needs_upcasting = vae.dtype == torch.float16 and vae.config.force_upcast
         if needs_upcasting:
             self.upcast_vae()
-        latents = latents.to(dtype=next(iter(vae.post_quant_conv.parameters())).dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / vae.config.scaling_factor + mean
-        else:
-            latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
-        if needs_upcasting:
-            vae.to(dtype=torch.float16)
-        return image
+        try:
+            yield vae
+        finally:
+            if needs_upcasting:
+                vae.to(dtype=torch.float16)
+
+    def _latents_mean_std(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The VAE's per-channel latent mean and std shaped as ``like``, where its config has them (else None)."""
+        mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+        if mean is None or std is None:
+            return None
+        return torch.tensor(mean).view(1, -1, 1, 1).to(like), torch.tensor(std).view(1, -1, 1, 1).to(like)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        with self._vae_precision() as vae:
+            latents = latents.to(dtype=next(iter(vae.post_quant_conv.parameters())).dtype)
+            stats = self._latents_mean_std(latents)
+            if stats is not None:
+                latents = latents * stats[1] / vae.config.scaling_factor + stats[0]
+            else:
+                latents = latents / vae.config.scaling_factor
+            return vae.decode(latents.to(get_module_execution_device(vae)), return_dict=False)[0]
