@@ -120,6 +120,31 @@ def test_visibility_rules():
     assert visible_labels(char, None)["top"] == "dress" and "pose" not in visible_labels(char, None)
 
 
+def test_score_panels_reads_each_head_apart():
+    """Per-head accuracy by hand: a probe that reads the top colour right in the first panel only and every other
+    head right everywhere; the second panel is head-only, so it shows no clothes and counts for neither."""
+    from engine.models.probe import APPEARANCE_HEADS, SCENE_HEADS
+    from trainer.evaluate import score_panels
+    from trainer.train_probes import visible_labels
+
+    character = {"hair_style": "short", "hair_color": "red", "skin": "tan", "top": "t-shirt", "top_color": "yellow",
+                 "pattern": "plain", "bottom": "trousers", "bottom_color": "grey"}
+    scenes = [{"pose": "run", "expression": "smile", "view": "front", "framing": "full body", "background": "beach"},
+              {"pose": "sit", "expression": "sad", "view": "front", "framing": "head only", "background": "snow"},
+              {"pose": "jump", "expression": "angry", "view": "side", "framing": "full body", "background": "forest"}]
+    truths = [visible_labels(character, s) for s in scenes]
+    predicted = {h: np.array([t[h] for t in truths], dtype=object) for h in APPEARANCE_HEADS + SCENE_HEADS}
+    predicted["top_color"] = np.array(["yellow", "yellow", "green"], dtype=object)
+    probe = SimpleNamespace(predict=lambda panels: (torch.eye(3), predicted))
+
+    r = score_panels(probe, [None] * 3, character, scenes)
+    assert r["top_color_acc"] == 0.5  # panel 1 hides it; panel 0 right, panel 2 wrong
+    assert all(r[f"{h}_acc"] == 1.0 for h in APPEARANCE_HEADS if h != "top_color")
+    assert r["pose_acc"] == 1.0 and r["background_acc"] == 1.0
+    shown = 8 + 3 + 8  # appearance heads each panel shows: all, hair and skin only (head only), all
+    assert r["appearance_acc"] == pytest.approx((shown - 1) / shown)
+
+
 @pytest.fixture(scope="module")
 def tiny_probe(tmp_path_factory):
     import yaml
@@ -319,6 +344,10 @@ def test_evaluate_cli_end_to_end_on_tiny_models(tiny_probe, tiny_overrides, tiny
         assert r["prompts"] == 20 and 0 <= r["background_acc"] <= 1 and 0 <= r["consistency_rank_acc"] <= 1
     assert "consistency_rank_acc" in (tmp_path / "results.md").read_text()
     assert (tmp_path / "results.md").read_text().startswith("| variant |")
+    heads = (tmp_path / "results.md").read_text().split("| variant (appearance, head by head) |")[1].splitlines()
+    assert heads[0].split("|")[:-1] == [" hair_style ", " hair_color ", " skin ", " top ", " top_color ", " pattern ",
+                                         " bottom ", " bottom_color "]
+    assert heads[2].startswith("| two-stage (ours) | ") and len(heads[2].split("|")) == 11
     assert len(list(tmp_path.glob("examples-*.png"))) == 2
     assert len(standardized) == 2  # the two-stage variant standardizes its references, the one-stage one does not
 

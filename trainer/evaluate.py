@@ -166,7 +166,9 @@ def panel_vae_ceiling(vae, probe, n: int = 40, scenes: int = 8, size=(128, 192))
         images = [s.image for s in samples]
         rows["rendered"].append(score_panels(probe, images, character, attrs))
         rows["through_vae"].append(score_panels(probe, _through_vae(vae, images), character, attrs))
-    keys = ("appearance_acc", "text_acc", "background_acc")
+    from engine.models.probe import APPEARANCE_HEADS
+
+    keys = ("appearance_acc", "text_acc", "background_acc", *(f"{h}_acc" for h in APPEARANCE_HEADS))
     return {name: {key: float(np.nanmean([r[key] for r in per])) for key in keys} for name, per in rows.items()}
 
 
@@ -356,19 +358,21 @@ def sheet_appearance_accuracy(probe, sheets, characters: list[dict]) -> float:
 
 
 def score_panels(probe, panels, character: dict, scenes: list[dict]) -> dict:
-    """Probe metrics of one character's panels: appearance accuracy, text accuracy, feature cosine across panels."""
+    """Probe metrics of one character's panels: appearance accuracy, text accuracy, feature cosine across panels,
+    and each head's accuracy apart (``{head}_acc``, NaN where no panel shows it): which part of the character, or
+    of the prompt, the panels lose."""
     from engine.metrics import average_pairwise
     from engine.models.probe import APPEARANCE_HEADS, SCENE_HEADS
 
     from .train_probes import visible_labels
 
     features, predicted = probe.predict(panels)
-    appearance, text, per_head = [], [], {h: [] for h in SCENE_HEADS}
+    appearance, text, per_head = [], [], {h: [] for h in APPEARANCE_HEADS + SCENE_HEADS}
     for j, scene in enumerate(scenes):
         truth = visible_labels(character, scene)
         appearance += _read_right(predicted, j, truth, APPEARANCE_HEADS)
         text += _read_right(predicted, j, truth, SCENE_HEADS)
-        for h in SCENE_HEADS:
+        for h in per_head:
             per_head[h] += _read_right(predicted, j, truth, (h,))
     return {"appearance_acc": float(np.mean(appearance)), "text_acc": float(np.mean(text)),
             **{f"{h}_acc": float(np.mean(v)) if v else float("nan") for h, v in per_head.items()},
@@ -719,6 +723,14 @@ def results_table(results: dict, probe_accuracy: dict | None = None) -> str:
     lines = ["| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
+    from engine.models.probe import APPEARANCE_HEADS
+
+    heads = [f"{h}_acc" for h in APPEARANCE_HEADS if any(f"{h}_acc" in r for r in results.values())]
+    if heads:  # which part of the character each variant's panels lose
+        lines += ["", "| variant (appearance, head by head) | " + " | ".join(k[:-4] for k in heads) + " |",
+                  "|---" * (len(heads) + 1) + "|"]
+        for name, r in results.items():
+            lines.append(f"| {name} | " + " | ".join(f"{r[k]:.2f}" if k in r else "-" for k in heads) + " |")
     if probe_accuracy:
         lines += ["", "Probe accuracy on real renders (held-out): " +
                   ", ".join(f"{k} {v:.2f}" for k, v in probe_accuracy.items())]
