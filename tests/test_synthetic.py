@@ -178,6 +178,29 @@ def test_head_only_framing_hides_the_body():
     assert set(BODY_LABELS) == {LABELS[k] for k in ("top", "arm", "hand", "lower", "shoes")}
 
 
+@pytest.mark.parametrize("pattern", ["stripes", "checks", "dots", "logo"])
+def test_a_figure_drawn_far_past_the_canvas_costs_only_the_canvas(pattern):
+    """A placement can blow the figure up by orders of magnitude (a crop whose box is almost empty: the placement
+    divides by it); the top's pattern was drawn on a tile of the whole torso, gigabytes at such a scale (a
+    MemoryError killed an adapter run). Now the tile covers the canvas at most."""
+    import dataclasses
+
+    from trainer.synthetic.character import make_character
+    from trainer.synthetic.render import render_figure
+    from trainer.synthetic.skeleton import STANDARD_POSE
+
+    character = dataclasses.replace(make_character(0), pattern=pattern, top="t-shirt")
+    def placement(scale):  # the torso's middle at the canvas centre
+        def place(drawer):
+            joints = drawer.sk.joints
+            return scale, 0.0, (drawer.P(joints["neck"]) + drawer.P(joints["pelvis"])) / 2, (64, 96)
+        return place
+
+    far = render_figure(character, dict(STANDARD_POSE), "front", False, "neutral", (128, 192), placement(1e6))
+    assert far.alpha.shape == (192, 128) and far.alpha.min() == 1.0  # the torso fills the canvas
+    assert (far.labels == LABELS["top"]).all()
+
+
 def test_every_framing_view_and_scene_occurs():
     specs = [sample_scene(c, s) for c in range(100) for s in range(4)]
     assert {s.framing for s in specs} == set(FRAMINGS)

@@ -256,6 +256,14 @@ class FigureDrawer:
         axis = (neck - pelvis) / max(1e-6, float(np.hypot(*(neck - pelvis))))
         normal = np.array([-axis[1], axis[0]])
         lo, hi = np.floor(hull.min(0)), hull.max(0)
+        reach = int(np.ceil(max(hi - lo))) + 2  # how far the stripes run: the whole torso
+        if reach > 4 * max(cv.color_image.size):
+            # a torso blown far past the canvas (a crop whose box is near empty: the placement divides by it) asked
+            # for a tile of gigabytes (a MemoryError in the adapter's training): then the tile covers the canvas
+            # only. Every other figure keeps its whole-torso tile, so the world's renders stay as they were.
+            lo, hi = np.maximum(lo, 0), np.minimum(hi, cv.color_image.size)
+            if (hi <= lo).any():
+                return
         size = int(np.ceil(max(hi - lo))) + 2
         tile = Image.new("RGB", (size, size), self.top)
         mask = Image.new("L", (size, size), 0)
@@ -270,11 +278,11 @@ class FigureDrawer:
         elif c.pattern in ("stripes", "checks"):
             for k in range(-12, 13):
                 p = center + axis * k * step
-                draw.line([tuple(p - normal * size), tuple(p + normal * size)], fill=color,
+                draw.line([tuple(p - normal * reach), tuple(p + normal * reach)], fill=color,
                           width=max(1, int(step * 0.4)))
                 if c.pattern == "checks":
                     q = center + normal * k * step
-                    draw.line([tuple(q - axis * size), tuple(q + axis * size)], fill=color,
+                    draw.line([tuple(q - axis * reach), tuple(q + axis * reach)], fill=color,
                               width=max(1, int(step * 0.4)))
         elif c.pattern == "dots":
             r = 0.07 * self.px
