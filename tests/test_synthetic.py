@@ -190,6 +190,7 @@ def test_a_figure_drawn_far_past_the_canvas_costs_only_the_canvas(pattern):
     from trainer.synthetic.skeleton import STANDARD_POSE
 
     character = dataclasses.replace(make_character(0), pattern=pattern, top="t-shirt")
+
     def placement(scale):  # the torso's middle at the canvas centre
         def place(drawer):
             joints = drawer.sk.joints

@@ -717,14 +717,14 @@ def embedding_probe_table(result: dict) -> str:
 
 
 def results_table(results: dict, probe_accuracy: dict | None = None) -> str:
+    from engine.models.probe import APPEARANCE_HEADS
+
     keys = [k for k in ("appearance_acc", "text_acc", "background_acc", "ap_feature_cos", "consistency_rank_acc",
                         "clip_i", "clip_t", "ap_clip_i")
             if any(k in r for r in results.values())]
     lines = ["| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, r in results.items():
         lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "-" for k in keys) + " |")
-    from engine.models.probe import APPEARANCE_HEADS
-
     heads = [f"{h}_acc" for h in APPEARANCE_HEADS if any(f"{h}_acc" in r for r in results.values())]
     if heads:  # which part of the character each variant's panels lose
         lines += ["", "| variant (appearance, head by head) | " + " | ".join(k[:-4] for k in heads) + " |",
