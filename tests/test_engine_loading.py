@@ -233,8 +233,9 @@ def test_each_stage_runs_in_the_dtype_of_its_weights(policy, device, bf16, stage
     assert resolve_dtype(policy, torch.device(device), stage, bf16_supported=bf16) == expected
 
 
-def test_fp16_sdxl_decodes_in_float32():
-    """SDXL's VAE overflows in fp16 (force_upcast): our __call__ decodes in float32 and leaves the VAE in fp16."""
+def _fp16_sdxl_watching(method: str):
+    """A tiny PersonalizePipeline with an fp16 VAE that overflows (``force_upcast``, as SDXL's), and the list of
+    (input dtype, VAE dtype) each call of ``vae.<method>`` sees."""
     from components import tiny_sdxl_components
 
     from engine.pipelines import PersonalizePipeline
@@ -243,23 +244,24 @@ def test_fp16_sdxl_decodes_in_float32():
     pipe.vae.register_to_config(force_upcast=True)
     pipe.vae.to(torch.float16)
     seen = []
-    decode = pipe.vae.decode
-    pipe.vae.decode = lambda z, **kw: (seen.append((z.dtype, pipe.vae.dtype)), decode(z, **kw))[1]
+    call = getattr(pipe.vae, method)
+    setattr(pipe.vae, method, lambda x, **kw: (seen.append((x.dtype, pipe.vae.dtype)), call(x, **kw))[1])
+    return pipe, seen
+
+
+def test_fp16_sdxl_decodes_in_float32():
+    """SDXL's VAE overflows in fp16 (force_upcast): our __call__ decodes in float32 and leaves the VAE in fp16."""
+    pipe, seen = _fp16_sdxl_watching("decode")
     pipe._decode(torch.randn(1, 4, 8, 8, dtype=torch.float16))
     assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16
 
 
 def test_fp16_sdxl_encodes_a_sheet_for_reference_attention_in_float32():
-    from components import make_sheet, tiny_sdxl_components
+    from components import make_sheet
 
-    from engine.pipelines import PersonalizePipeline, SheetEmbeds
+    from engine.pipelines import SheetEmbeds
 
-    pipe = PersonalizePipeline(**tiny_sdxl_components(0))
-    pipe.vae.register_to_config(force_upcast=True)
-    pipe.vae.to(torch.float16)
-    seen = []
-    encode = pipe.vae.encode
-    pipe.vae.encode = lambda x, **kw: (seen.append((x.dtype, pipe.vae.dtype)), encode(x, **kw))[1]
+    pipe, seen = _fp16_sdxl_watching("encode")
     empty = torch.zeros(1, 1, 4)
     latents, figure = pipe._sheet_latents(SheetEmbeds(cond=empty, uncond=empty, key="k", image=make_sheet()), 64, 64)
     assert seen == [(torch.float32, torch.float32)] and pipe.vae.dtype == torch.float16

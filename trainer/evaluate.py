@@ -159,6 +159,8 @@ def panel_vae_ceiling(vae, probe, n: int = 40, scenes: int = 8, size=(128, 192))
     """What perfect panels score through ``vae``: ``scenes`` scenes of each of ``n`` test characters, rendered and
     rendered-then-encoded-and-decoded, scored by the probe as panels are (``score_panels``: appearance, text and
     per-head accuracy). Every panel the base draws is decoded by this VAE, so its row bounds the panels."""
+    from engine.models.probe import APPEARANCE_HEADS
+
     rows = {"rendered": [], "through_vae": []}
     for k, cid in enumerate(character_ids("test", n)):
         samples = [render_sample(cid, 70_000 + scenes * k + j, size) for j in range(scenes)]
@@ -166,8 +168,6 @@ def panel_vae_ceiling(vae, probe, n: int = 40, scenes: int = 8, size=(128, 192))
         images = [s.image for s in samples]
         rows["rendered"].append(score_panels(probe, images, character, attrs))
         rows["through_vae"].append(score_panels(probe, _through_vae(vae, images), character, attrs))
-    from engine.models.probe import APPEARANCE_HEADS
-
     keys = ("appearance_acc", "text_acc", "background_acc", *(f"{h}_acc" for h in APPEARANCE_HEADS))
     return {name: {key: float(np.nanmean([r[key] for r in per])) for key in keys} for name, per in rows.items()}
 
