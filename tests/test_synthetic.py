@@ -303,6 +303,14 @@ def test_group_scenes_give_each_character_its_own_visible_mask_in_its_slot(ids):
     near = np.asarray(Image.fromarray((sum(masks) > 0).astype(np.uint8) * 255).filter(ImageFilter.MaxFilter(7))) > 0
     diff = np.abs(np.asarray(group.image, int) - scene.astype(int)).max(-1)
     assert diff[~near].max() <= 1 and diff[np.logical_or.reduce(masks)].mean() > 10
+    # the body-part labels: a part wherever a character is visible, none on the scene; each character's own parts
+    from trainer.synthetic.figure import LABELS
+
+    labels = np.asarray(group.labels)
+    assert labels.shape == (size[1], size[0]) and labels[np.logical_or.reduce(masks)].min() > 0
+    assert (labels[~near] == 0).all()
+    for m in masks:
+        assert {LABELS["head"], LABELS["top"]} <= set(np.unique(labels[m]).tolist())
     alone = render_group(ids[:1], 7, size)
     assert alone.caption.startswith("a person") and group.caption.startswith(("two", "three"))
     assert len(group.standards) == len(ids) and group.standards[0].size == size

@@ -351,6 +351,9 @@ def test_build_pairs_with_the_trained_standardize(standardize_run, tmp_path):
         truth = Image.open(item["mask"]).convert("L").resize((64, 96), Image.Resampling.BILINEAR)
         truth = np.asarray(truth, np.float32)
         assert kept.shape == (96, 64) and 0 < kept.mean() < 255 and np.abs(kept - truth).max() <= 1
+        # ... and its body-part labels (lower_loss_weight), the export's resized without mixing parts
+        labels = Image.open(item["labels"]).resize((64, 96), Image.Resampling.NEAREST)
+        assert np.array_equal(np.asarray(Image.open(out / record["labels"])), np.asarray(labels))
     # --colour-match: the sheets as the studio draws them, the pipeline's correction after the model
     matched = build_pairs.main(build_pairs.parse_args(
         ["--standardize", str(final), "--images", str(tmp_path / "images"), "--out", str(tmp_path / "matched"),
@@ -721,6 +724,51 @@ def test_personalizer_weighs_the_figures_pixels_with_figure_loss_weight(tiny_bas
         ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs)), "--output_dir", str(tmp_path / "plain"),
          "--set", "validation_steps=100"]))
     assert weights == [None, None]
+
+
+def test_personalizer_weighs_the_bottom_garment_with_lower_loss_weight(tiny_base, tmp_path, monkeypatch):
+    """lower_loss_weight: on top of the figure's weight, each latent pixel's loss weighted + w x the share of it the
+    target's lower body (label "lower": legs and what they wear) covers: synthetic pairs, group scenes and pair folders with labels; a
+    pair folder without labels is refused with what to do."""
+    from PIL import Image
+
+    from trainer import train_personalizer
+    from trainer.synthetic.figure import LABELS
+
+    lower = np.zeros((4, 8), np.uint8)
+    lower[:, :2], lower[:2, 2:4] = LABELS["lower"], LABELS["top"]  # the left quarter: trousers; beside it, a top
+    shares = train_personalizer.part_shares([Image.fromarray(lower)], "lower", 2)
+    assert shares[0, 0].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]
+    weights = []
+
+    def spy(*args, pixel_weight=None, **kwargs):
+        weights.append(pixel_weight)
+        return real(*args, pixel_weight=pixel_weight, **kwargs)
+
+    real = train_personalizer.diffusion_loss
+    monkeypatch.setattr(train_personalizer, "diffusion_loss", spy)
+    train_personalizer.main(train_personalizer.parse_args(
+        ["--config", _personalizer_config(tmp_path, tiny_base), "--set", "figure_loss_weight=3.0", "--set",
+         "lower_loss_weight=6.0", "--set", "group_fraction=0.5", "--max_train_steps", "4", "--set",
+         "validation_steps=100"]))
+    for w in weights:  # 1 on the scene, up to 4 on the figure, up to 10 on its legs
+        assert w.shape[1:] == (1, 32, 32) and w.min() == 1.0 and 4.0 < w.max() <= 10.0
+    pairs = write_pair_folder(tmp_path / "pairs", 3, 30)
+    with pytest.raises(ValueError, match="lower_loss_weight needs the targets' body-part labels"):
+        train_personalizer.main(train_personalizer.parse_args(
+            ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs)), "--output_dir",
+             str(tmp_path / "no-labels"), "--set", "lower_loss_weight=6.0"]))
+    records = [json.loads(line) for line in (pairs / "metadata.jsonl").read_text().splitlines()]
+    for r in records:  # the bottom quarter of each target is its lower body
+        r["labels"] = r["target"].replace("target", "labels")
+        Image.fromarray(np.uint8(np.r_[[[0] * 64] * 48, [[LABELS["lower"]] * 64] * 16])).save(pairs / r["labels"])
+    (pairs / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    weights.clear()
+    train_personalizer.main(train_personalizer.parse_args(
+        ["--config", _personalizer_config(tmp_path, tiny_base, str(pairs)), "--output_dir", str(tmp_path / "labels"),
+         "--set", "lower_loss_weight=6.0", "--set", "validation_steps=100"]))
+    expected = torch.cat([torch.ones(2, 1, 24, 32), torch.full((2, 1, 8, 32), 7.0)], dim=2)
+    assert len(weights) == 2 and all(torch.equal(w, expected[:len(w)]) for w in weights)
 
 
 @pytest.mark.filterwarnings("ignore")

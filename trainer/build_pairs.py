@@ -7,7 +7,8 @@
 and with ``--ground-truth`` masks and keypoints), or any folder of images with optional ``NAME.txt`` captions.
 Writes ``NNNNNN_sheet.png`` (the standardized reference), ``NNNNNN_target.png`` (the image) and ``metadata.jsonl``
 (sheet, target, caption, source) to ``--out``; with ``--ground-truth`` also the target's figure mask
-(``NNNNNN_mask.png``, for the adapter's ``figure_loss_weight``). With ``--latents`` each sheet's latents (scaled, as
+(``NNNNNN_mask.png``, for the adapter's ``figure_loss_weight``) and its body-part labels where the export has them
+(``NNNNNN_labels.png``, for ``lower_loss_weight``). With ``--latents`` each sheet's latents (scaled, as
 the denoiser made them) are kept too (``NNNNNN_sheet.safetensors``) and, with ``--ground-truth``, the character's true
 standard render (``NNNNNN_standard.png``): the pairs a Stage I decoder is fitted on (``train_vae`` ``latent_pairs``).
 """
@@ -63,6 +64,8 @@ def list_items(folder: Path, ground_truth: bool) -> list[dict]:
                 if ground_truth:
                     item["mask"] = str(folder / rec["files"]["mask"])
                     item["keypoints"] = rec["keypoints"]
+                    if "labels" in rec["files"]:
+                        item["labels"] = str(folder / rec["files"]["labels"])
                     if "standard" in rec["files"]:
                         item["standard"] = str(folder / rec["files"]["standard"])
                 items.append(item)
@@ -153,6 +156,9 @@ def main(args) -> Path:
                 record["mask"] = f"{index:06d}_mask.png"
                 Image.fromarray(np.uint8(np.clip(mask, 0, 1) * 255)).resize((w, h), Image.Resampling.BILINEAR).save(
                     out / record["mask"])
+            if "labels" in item:  # the target's body parts, for a part-weighted adapter loss (lower_loss_weight)
+                record["labels"] = f"{index:06d}_labels.png"
+                Image.open(item["labels"]).resize((w, h), Image.Resampling.NEAREST).save(out / record["labels"])
             sheet.save(out / sheet_name)
             image.resize((w, h), Image.Resampling.LANCZOS).save(out / target_name)
             records.append(record)

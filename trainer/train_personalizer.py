@@ -51,6 +51,7 @@ from .common import (
 )
 from .synthetic import render_group, render_sample
 from .synthetic.character import character_ids
+from .synthetic.figure import LABELS
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
@@ -76,6 +77,11 @@ DEFAULTS = {
     # figure_loss_weight: the figure is a third of a scene, and the adapter's part of a panel is the figure. Needs
     # the targets' masks: synthetic pairs have them, a pair folder from build_pairs --ground-truth keeps them.
     "figure_loss_weight": 0.0,
+    # and on the lower body's (the body-part label "lower": the legs and what they wear), on top of the figure's: the
+    # panels lose the bottom garment's colour most (0.04 against the VAE ceiling's 0.64, docs/training.md 2026-12-07)
+    # and the legs are a fifth of a figure. Needs the targets' labels (synthetic pairs and groups have them;
+    # build_pairs --ground-truth keeps an export's).
+    "lower_loss_weight": 0.0,
     # The base's own layers trained with the adapter: None (the paper's IP-Adapter: only the adapter), "attention"
     # (the base's transformer blocks too) or "all" (the whole UNet). The base learned to draw from words; its layers
     # after the adapter's keys and values may read the sheet's tokens better once they learn from them too. A set
@@ -112,6 +118,10 @@ class PairFolder(torch.utils.data.Dataset):
     def has_masks(self) -> bool:
         return all("mask" in r for r in self.records)
 
+    @property
+    def has_labels(self) -> bool:
+        return all("labels" in r for r in self.records)
+
     def __getitem__(self, index):
         r = self.records[index]
         item = {"sheet": Image.open(self.folder / r["sheet"]).convert("RGB"),
@@ -119,6 +129,8 @@ class PairFolder(torch.utils.data.Dataset):
                 "caption": r["caption"], "index": index}
         if "mask" in r:  # the target's figure (build_pairs --ground-truth)
             item["mask"] = Image.open(self.folder / r["mask"]).convert("L").resize(self.size)
+        if "labels" in r:  # its body parts (build_pairs --ground-truth of an export with labels)
+            item["labels"] = Image.open(self.folder / r["labels"]).resize(self.size, Image.Resampling.NEAREST)
         return item
 
 
@@ -154,7 +166,7 @@ class SyntheticPairs(torch.utils.data.IterableDataset):
                 sheet = s.image
             else:
                 sheet = render_sample(cid, int(rng.integers(2**31)), self.size).image
-            yield {"sheet": sheet, "target": s.image, "caption": s.caption, "mask": s.mask}
+            yield {"sheet": sheet, "target": s.image, "caption": s.caption, "mask": s.mask, "labels": s.labels}
 
 
 class SyntheticGroups(torch.utils.data.IterableDataset):
@@ -171,7 +183,7 @@ class SyntheticGroups(torch.utils.data.IterableDataset):
             ids = [int(c) for c in rng.choice(self.ids, size=self.count, replace=False)]
             g = render_group(ids, int(rng.integers(2**31)), self.size)
             figure = Image.fromarray(np.max([np.asarray(m) for m in g.masks], axis=0))  # every character's
-            yield {"sheets": g.standards, "target": g.image, "caption": g.caption, "mask": figure}
+            yield {"sheets": g.standards, "target": g.image, "caption": g.caption, "mask": figure, "labels": g.labels}
 
 
 def collate(items):
@@ -181,6 +193,13 @@ def collate(items):
 def figure_shares(masks, factor: int) -> torch.Tensor:
     """(B, 1, h, w): the share of each latent pixel the figure covers, from the batch's L masks (255 = figure)."""
     arrays = np.stack([np.asarray(m, np.float32) / 255.0 for m in masks])
+    return figure_at_latent_size(torch.from_numpy(arrays)[:, None], factor)
+
+
+def part_shares(labels, part: str, factor: int) -> torch.Tensor:
+    """(B, 1, h, w): the share of each latent pixel that body part ``part`` (``figure.LABELS``) covers, from the
+    batch's label maps."""
+    arrays = np.stack([(np.asarray(m) == LABELS[part]).astype(np.float32) for m in labels])
     return figure_at_latent_size(torch.from_numpy(arrays)[:, None], factor)
 
 
@@ -377,6 +396,10 @@ def main(args) -> Path:
             raise ValueError(f"figure_loss_weight needs the targets' masks, and the pairs in {config['pairs']} were "
                              "built without them: rebuild them with build_pairs --ground-truth (make_demo "
                              "--force-stages pairs), or set figure_loss_weight to 0")
+        if config["lower_loss_weight"] and not folder.has_labels:
+            raise ValueError(f"lower_loss_weight needs the targets' body-part labels, and the pairs in "
+                             f"{config['pairs']} were built without them: rebuild them with build_pairs --ground-truth "
+                             "from an export (make_demo --force-stages pairs), or set lower_loss_weight to 0")
         dataset, shuffle = shard(folder, accelerator), True
     loader = torch.utils.data.DataLoader(dataset, batch_size=config["train_batch_size"], shuffle=shuffle,
                                          collate_fn=collate, num_workers=config["dataloader_num_workers"],
@@ -441,6 +464,9 @@ def main(args) -> Path:
         if config["figure_loss_weight"]:
             figure = figure_shares(batch["mask"], vae_factor(pipe.vae)).to(latents.device)
             weight = figure_weight(figure, config["figure_loss_weight"])
+        if config["lower_loss_weight"]:
+            lower = part_shares(batch["labels"], "lower", vae_factor(pipe.vae)).to(latents.device)
+            weight = (1 if weight is None else weight) + config["lower_loss_weight"] * lower
         # the base's parameterization
         return diffusion_loss(noise_scheduler, model(noisy, t, prompt_embeds, added, masks), latents, noise, t,
                               config["snr_gamma"], pixel_weight=weight)

@@ -515,6 +515,7 @@ class GroupSample:
     keypoints: list[np.ndarray]
     standards: list[Image.Image]
     caption: str
+    labels: Image.Image | None = None  # L, body-part labels (figure.LABELS) of image, the nearer figure's where they overlap
 
 
 def render_group(character_ids, scene_seed: int, size: tuple[int, int] = DEFAULT_SIZE) -> GroupSample:
@@ -533,6 +534,7 @@ def render_group(character_ids, scene_seed: int, size: tuple[int, int] = DEFAULT
     slot_w = w / len(ids)
     composite = np.asarray(render_background(base, (w, h)), np.float32)
     alphas, keypoints, parts = [], [], []
+    labels = np.zeros((h, w), np.uint8)
     for i, cid in enumerate(ids):
         own = sample_scene(cid, scene_seed)
         spec = dataclasses.replace(own, framing=framing, background=base.background, time=base.time,
@@ -547,6 +549,7 @@ def render_group(character_ids, scene_seed: int, size: tuple[int, int] = DEFAULT
         fig = render_figure(make_character(cid), angles, spec.view, spec.view_mirror, spec.expression, (w, h),
                             placement)
         composite = composite * (1.0 - fig.alpha[..., None]) + fig.color
+        labels = np.where(fig.alpha >= 0.5, fig.labels, labels)
         alphas.append(fig.alpha)
         keypoints.append(fig.keypoints)
         parts.append(POSE_FAMILIES[spec.pose][0])
@@ -558,4 +561,5 @@ def render_group(character_ids, scene_seed: int, size: tuple[int, int] = DEFAULT
     standards = [_standard(cid, (w, h))[0] for cid in ids]
     who = {2: "two people", 3: "three people"}.get(len(ids), "a person")
     caption = f"{who}, {', '.join(parts)}, {PHRASES[base.background]}"
-    return GroupSample(ids, int(scene_seed), image, layout, masks, keypoints, standards, caption)
+    return GroupSample(ids, int(scene_seed), image, layout, masks, keypoints, standards, caption,
+                       Image.fromarray(labels))
