@@ -53,12 +53,22 @@ def test_pool_encodes_each_sample_once_draws_at_random_refreshes_and_resumes(tmp
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_base_trains_from_the_pool_with_the_vaes_latent_distribution(tmp_path):
+def test_base_trains_from_the_pool_with_the_vaes_latent_distribution(tmp_path, monkeypatch):
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     from trainer import train_text_to_image
     from trainer.common import synthetic_batches
+    from trainer.synthetic.figure import LABELS
+
+    weights = []
+
+    def spy(*args, pixel_weight=None, **kwargs):
+        weights.append(pixel_weight)
+        return real(*args, pixel_weight=pixel_weight, **kwargs)
+
+    real = train_text_to_image.diffusion_loss
+    monkeypatch.setattr(train_text_to_image, "diffusion_loss", spy)
 
     base = save_tiny_base(tmp_path / "tiny") / "sdxl"
     config = {"output_dir": str(tmp_path / "run"), "resolution": [64, 64], "num_characters": 10,
@@ -66,7 +76,7 @@ def test_base_trains_from_the_pool_with_the_vaes_latent_distribution(tmp_path):
               "log_steps": 1, "vae": str(base / "vae"), "text_encoder": str(base / "text_encoder"),
               "text_encoder_2": str(base / "text_encoder_2"), "tokenizer": str(base / "tokenizer"),
               "tokenizer_2": str(base / "tokenizer_2"), "init_unet": str(base / "unet"),
-              "pool_size": 4, "pool_shard_size": 4, "figure_loss_weight": 3.0}
+              "pool_size": 4, "pool_shard_size": 4, "figure_loss_weight": 3.0, "lower_loss_weight": 6.0}
     out = train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "b.yaml",
                                                                                              config)]))
     assert (out / "unet").is_dir()
@@ -85,6 +95,17 @@ def test_base_trains_from_the_pool_with_the_vaes_latent_distribution(tmp_path):
     masks = torch.cat([b["mask"] for b in batches])
     torch.testing.assert_close(shard["figure"].float(), torch.nn.functional.avg_pool2d(masks, 2), atol=1e-3, rtol=0)
     assert 0 < float(shard["figure"].float().mean()) < 1
+    # ... and its lower body's (lower_loss_weight): each step's loss weighted 1 + 3 x figure + 6 x lower body, sample
+    # by sample as the pool holds them
+    labels = torch.cat([b["labels"] for b in batches])
+    lower = torch.nn.functional.avg_pool2d((labels == LABELS["lower"]).float()[:, None], 2)
+    torch.testing.assert_close(shard["lower"].float(), lower, atol=1e-3, rtol=0)
+    assert float(lower.sum()) > 0
+    expected = 1 + 3 * shard["figure"].float() + 6 * shard["lower"].float()
+    assert len(weights) == 3
+    for w in weights:
+        for one in w:
+            assert min(float((one - e).abs().max()) for e in expected) < 1e-6
     pool = SamplePool(shards[0].parent, iter(()), None, size=4, shard_size=4, batch_size=1,
                       strings=("caption", "appearance"))  # resumed: nothing to encode
     assert pool.string_values["caption"] == [c for b in batches for c in b["caption"]]
@@ -110,3 +131,11 @@ def test_base_refuses_a_pool_without_figure_masks_when_the_figure_is_weighted(tm
     with pytest.raises(ValueError, match="without figure masks.*delete its pool-rank"):
         train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(tmp_path / "b.yaml",
                                                                                            config)]))
+    # a pool with figure masks but not the lower body's, when the lower body is weighted
+    save_file({"latent_mean": torch.zeros(4, 4, 32, 32, dtype=torch.float16),
+               "latent_std": torch.ones(4, 4, 32, 32, dtype=torch.float16),
+               "figure": torch.zeros(4, 1, 32, 32, dtype=torch.float16)}, str(pool / "shard-000000.safetensors"),
+              metadata={"strings": '{"caption": ["a", "b", "c", "d"], "appearance": ["", "", "", ""]}'})
+    with pytest.raises(ValueError, match="without lower masks, which lower_loss_weight needs: delete its pool-rank"):
+        train_text_to_image.main(train_text_to_image.parse_args(["--config", write_config(
+            tmp_path / "c.yaml", {**config, "lower_loss_weight": 6.0})]))

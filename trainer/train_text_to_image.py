@@ -39,6 +39,7 @@ from .common import (
     training_loop,
     vae_factor,
 )
+from .synthetic.figure import LABELS
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
@@ -62,6 +63,9 @@ DEFAULTS = {
     # extra loss weight on the character's latent pixels (1 + w * figure share; 0: the plain loss). The figure is a
     # third of a scene on average, so the plain loss spends two thirds of its gradient on backgrounds (docs/training.md)
     "figure_loss_weight": 0.0,
+    # and on its lower body's (body-part label "lower": the legs and what they wear), on top of the figure's: the
+    # panels lose the bottom garment's colour most (docs/training.md, 2026-12-07)
+    "lower_loss_weight": 0.0,
     "validation_prompts": ["running, laughing, side view, full body, on a beach, a tall slim person with long red hair",
                            "standing, neutral expression, front view, full body, in a park"],
 }
@@ -133,6 +137,11 @@ def texts_for(batch, rng) -> list[str]:
     return out
 
 
+def lower_body(batch, factor: int) -> torch.Tensor:
+    """(B, 1, h, w): the share of each latent pixel the figure's lower body (label "lower") covers."""
+    return figure_at_latent_size((batch["labels"] == LABELS["lower"]).float()[:, None], factor)
+
+
 def latent_pool(vae, source, config: dict, directory: Path, seed: int):
     """The base's ``SamplePool``: each sample's VAE latent distribution (mean, std), its figure mask at latent size
     and its caption and appearance."""
@@ -143,7 +152,7 @@ def latent_pool(vae, source, config: dict, directory: Path, seed: int):
     def encode(batch):
         dist = vae.encode(batch["image"].to(vae.device, vae.dtype)).latent_dist
         return {"latent_mean": dist.mean, "latent_std": dist.std,
-                "figure": figure_at_latent_size(batch["mask"], factor)}
+                "figure": figure_at_latent_size(batch["mask"], factor), "lower": lower_body(batch, factor)}
 
     return SamplePool(directory, source, encode, size=config["pool_size"], shard_size=config["pool_shard_size"],
                       batch_size=config["train_batch_size"], refresh_steps=config["pool_refresh_steps"],
@@ -165,9 +174,10 @@ def main(args) -> Path:
                              seed=config["seed"] + start + 7919 * accelerator.process_index)
         accelerator.print(f"sample pool: {len(loader)} samples ready in {loader.fill_seconds:.1f} s "
                           f"({loader.encoded} encoded now)")
-        if config["figure_loss_weight"] and "figure" not in loader.tensors:
-            raise ValueError(f"the sample pool in {out} was made without figure masks, which figure_loss_weight "
-                             "needs: delete its pool-rank* folders and run again")
+        for key, name in (("figure", "figure_loss_weight"), ("lower", "lower_loss_weight")):
+            if config[name] and key not in loader.tensors:
+                raise ValueError(f"the sample pool in {out} was made without {key} masks, which {name} needs: "
+                                 "delete its pool-rank* folders and run again")
     rng = np.random.default_rng(config["seed"] + start)
     w, h = config["resolution"]
     sf = pipe.vae.config.scaling_factor
@@ -193,8 +203,11 @@ def main(args) -> Path:
                     added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
                     return_dict=False)[0]
         figure = batch["figure"] if "figure" in batch else figure_at_latent_size(batch["mask"], pipe.vae_scale_factor)
-        return diffusion_loss(noise_scheduler, pred, latents, noise, t, config["snr_gamma"],
-                              pixel_weight=figure_weight(figure.to(latents.device), config["figure_loss_weight"]))
+        weight = figure_weight(figure.to(latents.device), config["figure_loss_weight"])
+        if config["lower_loss_weight"]:
+            lower = batch["lower"] if "lower" in batch else lower_body(batch, pipe.vae_scale_factor)
+            weight = (1 if weight is None else weight) + config["lower_loss_weight"] * lower.to(latents.device)
+        return diffusion_loss(noise_scheduler, pred, latents, noise, t, config["snr_gamma"], pixel_weight=weight)
 
     def run_validation(step):
         with ema_weights(accelerator.unwrap_model(unet), ema):
