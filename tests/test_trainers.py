@@ -155,6 +155,9 @@ def test_figure_weight_moves_the_loss_onto_the_figure_at_the_same_mean_weight():
     only = diffusion_loss(scheduler, pred[:1], x0[:1], noise[:1], t[:1], pixel_weight=figure[:1])
     torch.testing.assert_close(only, err[0, :, 0, :2].mean())
     assert not torch.allclose(expected, plain)
+    lower = torch.flip(figure, dims=(2,))  # the lower body's weight adds to the figure's; either weighs alone
+    torch.testing.assert_close(figure_weight(figure, 3.0, lower, 6.0), 1 + 3 * figure + 6 * lower)
+    torch.testing.assert_close(figure_weight(None, 0.0, lower, 6.0), 1 + 6 * lower)
 
 
 def test_latent_direction_weights_weigh_errors_along_directions_of_little_variance_more():

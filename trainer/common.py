@@ -184,10 +184,22 @@ def diffusion_loss(scheduler, pred: torch.Tensor, latents: torch.Tensor, noise: 
     return (err.mean(dim=tuple(range(1, err.ndim))) * weight).mean()
 
 
-def figure_weight(figure: torch.Tensor, weight: float) -> torch.Tensor | None:
-    """Per-latent-pixel loss weights ``1 + weight * figure`` from the character's mask at latent size (B, 1, h, w, the
-    share of each latent pixel the figure covers); None when ``weight`` is 0 (the plain loss)."""
-    return 1 + weight * figure if weight else None
+def figure_weight(figure: torch.Tensor | None, weight: float, lower: torch.Tensor | None = None,
+                  lower_weight: float = 0.0) -> torch.Tensor | None:
+    """Per-latent-pixel loss weights ``1 + weight * figure + lower_weight * lower`` from the character's mask and its
+    lower body's at latent size (B, 1, h, w, the share of each latent pixel they cover; either may be None where its
+    weight is 0); None when both weights are 0 (the plain loss)."""
+    if not (weight or lower_weight):
+        return None
+    return 1 + (weight * figure if weight else 0) + (lower_weight * lower if lower_weight else 0)
+
+
+def part_at_latent_size(labels: torch.Tensor, part: str, factor: int) -> torch.Tensor:
+    """(B, 1, h, w): the share of each ``factor`` x ``factor`` latent pixel that body part ``part``
+    (``synthetic.figure.LABELS``) covers, from (B, H, W) label maps."""
+    from .synthetic.figure import LABELS
+
+    return figure_at_latent_size((labels == LABELS[part]).float()[:, None], factor)
 
 
 def vae_factor(vae) -> int:

@@ -44,6 +44,7 @@ from .common import (
     image_grid,
     load_config,
     new_attention_prefixes,
+    part_at_latent_size,
     prepare_training,
     setup_accelerator,
     training_loop,
@@ -51,7 +52,6 @@ from .common import (
 )
 from .synthetic import render_group, render_sample
 from .synthetic.character import character_ids
-from .synthetic.figure import LABELS
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
@@ -197,10 +197,8 @@ def figure_shares(masks, factor: int) -> torch.Tensor:
 
 
 def part_shares(labels, part: str, factor: int) -> torch.Tensor:
-    """(B, 1, h, w): the share of each latent pixel that body part ``part`` (``figure.LABELS``) covers, from the
-    batch's label maps."""
-    arrays = np.stack([(np.asarray(m) == LABELS[part]).astype(np.float32) for m in labels])
-    return figure_at_latent_size(torch.from_numpy(arrays)[:, None], factor)
+    """(B, 1, h, w): the share of each latent pixel that body part ``part`` covers, from the batch's L label maps."""
+    return part_at_latent_size(torch.from_numpy(np.stack([np.asarray(m) for m in labels])), part, factor)
 
 
 def to_tensor(images) -> torch.Tensor:
@@ -461,12 +459,12 @@ def main(args) -> Path:
         added = {"text_embeds": pooled, "time_ids": time_ids.to(latents.device).repeat(b, 1),
                  "image_embeds": [(embeds if masks is not None else embeds.unsqueeze(1)).to(weight_dtype)]}
         weight = None
-        if config["figure_loss_weight"]:
-            figure = figure_shares(batch["mask"], vae_factor(pipe.vae)).to(latents.device)
-            weight = figure_weight(figure, config["figure_loss_weight"])
-        if config["lower_loss_weight"]:
-            lower = part_shares(batch["labels"], "lower", vae_factor(pipe.vae)).to(latents.device)
-            weight = (1 if weight is None else weight) + config["lower_loss_weight"] * lower
+        if config["figure_loss_weight"] or config["lower_loss_weight"]:
+            factor = vae_factor(pipe.vae)
+            figure = figure_shares(batch["mask"], factor).to(latents.device) if config["figure_loss_weight"] else None
+            lower = part_shares(batch["labels"], "lower", factor).to(latents.device) if config["lower_loss_weight"] \
+                else None
+            weight = figure_weight(figure, config["figure_loss_weight"], lower, config["lower_loss_weight"])
         # the base's parameterization
         return diffusion_loss(noise_scheduler, model(noisy, t, prompt_embeds, added, masks), latents, noise, t,
                               config["snr_gamma"], pixel_weight=weight)

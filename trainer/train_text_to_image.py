@@ -33,13 +33,13 @@ from .common import (
     levels_to_grow,
     load_config,
     noise_schedule_kwargs,
+    part_at_latent_size,
     prepare_training,
     setup_accelerator,
     synthetic_batches,
     training_loop,
     vae_factor,
 )
-from .synthetic.figure import LABELS
 
 DEFAULTS = {
     **COMMON_DEFAULTS,
@@ -137,14 +137,9 @@ def texts_for(batch, rng) -> list[str]:
     return out
 
 
-def lower_body(batch, factor: int) -> torch.Tensor:
-    """(B, 1, h, w): the share of each latent pixel the figure's lower body (label "lower") covers."""
-    return figure_at_latent_size((batch["labels"] == LABELS["lower"]).float()[:, None], factor)
-
-
 def latent_pool(vae, source, config: dict, directory: Path, seed: int):
-    """The base's ``SamplePool``: each sample's VAE latent distribution (mean, std), its figure mask at latent size
-    and its caption and appearance."""
+    """The base's ``SamplePool``: each sample's VAE latent distribution (mean, std), its figure's and lower body's
+    masks at latent size and its caption and appearance."""
     from .pool import SamplePool
 
     factor = vae_factor(vae)
@@ -152,7 +147,8 @@ def latent_pool(vae, source, config: dict, directory: Path, seed: int):
     def encode(batch):
         dist = vae.encode(batch["image"].to(vae.device, vae.dtype)).latent_dist
         return {"latent_mean": dist.mean, "latent_std": dist.std,
-                "figure": figure_at_latent_size(batch["mask"], factor), "lower": lower_body(batch, factor)}
+                "figure": figure_at_latent_size(batch["mask"], factor),
+                "lower": part_at_latent_size(batch["labels"], "lower", factor)}
 
     return SamplePool(directory, source, encode, size=config["pool_size"], shard_size=config["pool_shard_size"],
                       batch_size=config["train_batch_size"], refresh_steps=config["pool_refresh_steps"],
@@ -203,10 +199,13 @@ def main(args) -> Path:
                     added_cond_kwargs={"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)},
                     return_dict=False)[0]
         figure = batch["figure"] if "figure" in batch else figure_at_latent_size(batch["mask"], pipe.vae_scale_factor)
-        weight = figure_weight(figure.to(latents.device), config["figure_loss_weight"])
+        lower = None
         if config["lower_loss_weight"]:
-            lower = batch["lower"] if "lower" in batch else lower_body(batch, pipe.vae_scale_factor)
-            weight = (1 if weight is None else weight) + config["lower_loss_weight"] * lower.to(latents.device)
+            lower = batch["lower"] if "lower" in batch else part_at_latent_size(batch["labels"], "lower",
+                                                                                 pipe.vae_scale_factor)
+            lower = lower.to(latents.device)
+        weight = figure_weight(figure.to(latents.device), config["figure_loss_weight"], lower,
+                               config["lower_loss_weight"])
         return diffusion_loss(noise_scheduler, pred, latents, noise, t, config["snr_gamma"], pixel_weight=weight)
 
     def run_validation(step):

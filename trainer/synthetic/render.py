@@ -515,7 +515,7 @@ class GroupSample:
     keypoints: list[np.ndarray]
     standards: list[Image.Image]
     caption: str
-    labels: Image.Image | None = None  # L, body-part labels (figure.LABELS) of image, the nearer figure's where they overlap
+    labels: Image.Image | None = None  # L, body-part labels (figure.LABELS) of image; the nearer figure's on overlaps
 
 
 def render_group(character_ids, scene_seed: int, size: tuple[int, int] = DEFAULT_SIZE) -> GroupSample:
