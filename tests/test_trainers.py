@@ -729,7 +729,7 @@ def test_personalizer_weighs_the_figures_pixels_with_figure_loss_weight(tiny_bas
     assert weights == [None, None]
 
 
-def test_personalizer_weighs_the_bottom_garment_with_lower_loss_weight(tiny_base, tmp_path, monkeypatch):
+def test_personalizer_weighs_the_lower_body_with_lower_loss_weight(tiny_base, tmp_path, monkeypatch):
     """lower_loss_weight: on top of the figure's weight, each latent pixel's loss weighted + w x the share of it the
     target's lower body (label "lower": legs and what they wear) covers: synthetic pairs, group scenes and pair folders with labels; a
     pair folder without labels is refused with what to do."""

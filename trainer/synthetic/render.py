@@ -505,7 +505,7 @@ SLOTS = {1: ("centre",), 2: ("left", "right"), 3: ("left", "centre", "right")}
 class GroupSample:
     """Two or three characters in one scene (for several characters per panel): the picture, and per character its
     id, place in the layout, ground-truth mask (what of it is visible, after occlusion), keypoints and standard
-    render."""
+    render; and the picture's body-part labels."""
 
     character_ids: list[int]
     scene_seed: int
