@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_trainers import save_tiny_base, write_config
+from test_trainers import save_tiny_base, spy_pixel_weights, write_config
 from trainer.pool import SamplePool
 
 
@@ -61,14 +61,7 @@ def test_base_trains_from_the_pool_with_the_vaes_latent_distribution(tmp_path, m
     from trainer.common import synthetic_batches
     from trainer.synthetic.figure import LABELS
 
-    weights = []
-
-    def spy(*args, pixel_weight=None, **kwargs):
-        weights.append(pixel_weight)
-        return real(*args, pixel_weight=pixel_weight, **kwargs)
-
-    real = train_text_to_image.diffusion_loss
-    monkeypatch.setattr(train_text_to_image, "diffusion_loss", spy)
+    weights = spy_pixel_weights(monkeypatch, train_text_to_image)
 
     base = save_tiny_base(tmp_path / "tiny") / "sdxl"
     config = {"output_dir": str(tmp_path / "run"), "resolution": [64, 64], "num_characters": 10,

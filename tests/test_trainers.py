@@ -679,6 +679,18 @@ def test_personalizer_on_built_pairs(tiny_base, tmp_path):
     assert not torch.equal(latents, again_latents)
 
 
+def spy_pixel_weights(monkeypatch, module) -> list:
+    """Patch ``module.diffusion_loss`` to record each call's ``pixel_weight`` (the loss still computed): the list."""
+    weights, real = [], module.diffusion_loss
+
+    def spy(*args, pixel_weight=None, **kwargs):
+        weights.append(pixel_weight)
+        return real(*args, pixel_weight=pixel_weight, **kwargs)
+
+    monkeypatch.setattr(module, "diffusion_loss", spy)
+    return weights
+
+
 def test_personalizer_weighs_the_figures_pixels_with_figure_loss_weight(tiny_base, tmp_path, monkeypatch):
     """figure_loss_weight: each latent pixel's loss weighted 1 + w x the share of it the target's figure covers
     (synthetic pairs, group scenes: every character's, pair folders built with --ground-truth); a pair folder
@@ -690,14 +702,7 @@ def test_personalizer_weighs_the_figures_pixels_with_figure_loss_weight(tiny_bas
     left = Image.fromarray(np.uint8(np.r_[[[255] * 2 + [0] * 6] * 4]))  # the left quarter of an 8x4 mask
     shares = train_personalizer.figure_shares([left, left], 2)
     assert shares.shape == (2, 1, 2, 4) and shares[0, 0].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]
-    weights = []
-
-    def spy(*args, pixel_weight=None, **kwargs):
-        weights.append(pixel_weight)
-        return real(*args, pixel_weight=pixel_weight, **kwargs)
-
-    real = train_personalizer.diffusion_loss
-    monkeypatch.setattr(train_personalizer, "diffusion_loss", spy)
+    weights = spy_pixel_weights(monkeypatch, train_personalizer)
     cfg = _personalizer_config(tmp_path, tiny_base)
     train_personalizer.main(train_personalizer.parse_args(
         ["--config", cfg, "--set", "figure_loss_weight=3.0", "--set", "group_fraction=0.5", "--max_train_steps", "4",
@@ -742,14 +747,7 @@ def test_personalizer_weighs_the_lower_body_with_lower_loss_weight(tiny_base, tm
     lower[:, :2], lower[:2, 2:4] = LABELS["lower"], LABELS["top"]  # the left quarter: trousers; beside it, a top
     shares = train_personalizer.part_shares([Image.fromarray(lower)], "lower", 2)
     assert shares[0, 0].tolist() == [[1, 0, 0, 0], [1, 0, 0, 0]]
-    weights = []
-
-    def spy(*args, pixel_weight=None, **kwargs):
-        weights.append(pixel_weight)
-        return real(*args, pixel_weight=pixel_weight, **kwargs)
-
-    real = train_personalizer.diffusion_loss
-    monkeypatch.setattr(train_personalizer, "diffusion_loss", spy)
+    weights = spy_pixel_weights(monkeypatch, train_personalizer)
     train_personalizer.main(train_personalizer.parse_args(
         ["--config", _personalizer_config(tmp_path, tiny_base), "--set", "figure_loss_weight=3.0", "--set",
          "lower_loss_weight=6.0", "--set", "group_fraction=0.5", "--max_train_steps", "4", "--set",
