@@ -534,8 +534,14 @@ def test_base_loss_is_fixed_and_a_text_blind_base_scores_no_text_gap():
 def test_gate_failures_by_the_margins():
     from trainer.make_demo import gate_failures
 
-    shipped = {"appearance_acc": 0.270, "background_acc": 0.95, "consistency_rank_acc": 0.806}
+    shipped = {"appearance_acc": 0.270, "text_acc": 0.371, "background_acc": 0.95, "consistency_rank_acc": 0.806}
     assert gate_failures({**shipped, "appearance_acc": 0.290}, shipped) == []
+    assert gate_failures({**shipped, "appearance_acc": 0.290, "text_acc": 0.352}, shipped) == []
+    # the set measured on 2026-12-08: appearance +0.011, but its panels follow the prompt less
+    [failure] = gate_failures({**shipped, "appearance_acc": 0.281, "text_acc": 0.340}, shipped)
+    assert "text 0.340 fell more than 0.02 below the shipped 0.371" in failure
+    older = {k: v for k, v in shipped.items() if k != "text_acc"}  # a card without the text row: not compared
+    assert gate_failures({**shipped, "appearance_acc": 0.290, "text_acc": 0.1}, older) == []
     assert gate_failures({**shipped, "appearance_acc": 0.290, "consistency_rank_acc": 0.78}, shipped) == []
     [failure] = gate_failures({**shipped, "appearance_acc": 0.279}, shipped)  # inside the protocol's noise
     assert "appearance 0.279 is not above the shipped 0.270" in failure
