@@ -537,7 +537,7 @@ def test_gate_failures_by_the_margins():
     shipped = {"appearance_acc": 0.270, "text_acc": 0.371, "background_acc": 0.95, "consistency_rank_acc": 0.806}
     assert gate_failures({**shipped, "appearance_acc": 0.290}, shipped) == []
     assert gate_failures({**shipped, "appearance_acc": 0.290, "text_acc": 0.352}, shipped) == []
-    # the set measured on 2026-12-08: appearance +0.011, but its panels follow the prompt less
+    # the set measured in the ninth session of 2026-12-07: appearance +0.011, but its panels follow the prompt less
     [failure] = gate_failures({**shipped, "appearance_acc": 0.281, "text_acc": 0.340}, shipped)
     assert "text 0.340 fell more than 0.02 below the shipped 0.371" in failure
     older = {k: v for k, v in shipped.items() if k != "text_acc"}  # a card without the text row: not compared

@@ -661,8 +661,8 @@ def assemble(demo: Path) -> float:
 # not fall by more than 0.03, and background must hold the target. Stage I is not gated: the programme that
 # runs unattended (the /4 one) keeps it. The panels must still follow their prompt: text (the scene heads: pose,
 # expression, view, background) may not fall by more than 0.02, twice its noise between sets that draw alike (the
-# converged adapter continued 2000 steps read 0.011 lower). Added 2026-12-08, when a set passed the gate on appearance
-# +0.011 while its text fell 0.031 and its view 0.10 (docs/training.md, 2026-12-07, ninth session).
+# converged adapter continued 2000 steps read 0.011 lower). Added when a set passed the gate on appearance +0.011
+# while its text fell 0.031 and its view 0.10 (docs/training.md, 2026-12-07, ninth session).
 GATE_APPEARANCE_MARGIN = 0.01
 GATE_CONSISTENCY_SLACK = 0.03
 GATE_TEXT_SLACK = 0.02
